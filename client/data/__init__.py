@@ -1,0 +1,1 @@
+"""The site's data path: DICOM reading, de-identification checks, ingestion, torch datasets."""
