@@ -53,6 +53,7 @@ def _one_of(*choices: str) -> Check:
 
 
 TASKS = ("classification",)
+STRATEGIES = ("fedavg",)
 
 
 def _coerce(key: str, value: Any, typ: type) -> Any:
@@ -66,7 +67,7 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
             f"config key {key!r} must be of type {typ.__name__}, got {value!r} "
             f"({type(value).__name__}); fix it in [tool.flwr.app.config] or your --run-config."
         )
-    if typ is float and not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}.")
     return value
 
@@ -81,6 +82,7 @@ class RunConfig:
     ------
     ConfigError
         On unknown keys (with a "did you mean"), wrong types or out-of-range values.
+
     """
 
     task: str = field(
@@ -88,6 +90,13 @@ class RunConfig:
         metadata=_key("task", "learning task of the site datasets", _one_of(*TASKS)),
     )
     model: str = field(default="cnn", metadata=_key("model", "registered model name"))
+    num_classes: int = field(
+        default=2, metadata=_key("num-classes", "classes the model predicts", _positive)
+    )
+    strategy: str = field(
+        default="fedavg",
+        metadata=_key("strategy", "aggregation strategy", _one_of(*STRATEGIES)),
+    )
     num_server_rounds: int = field(
         default=10, metadata=_key("num-server-rounds", "federated rounds", _positive)
     )
@@ -173,6 +182,7 @@ class RunConfig:
         ------
         ConfigError
             Unknown key (names the closest valid key), wrong type or invalid value.
+
         """
         by_key = {f.metadata["key"]: f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
@@ -184,6 +194,10 @@ class RunConfig:
                 )
             kwargs[by_key[key]] = value
         return cls(**kwargs)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`common.models.get_model` derived from this config."""
+        return {"num_classes": self.num_classes}
 
     def to_run_config(self) -> dict[str, ConfigScalar]:
         """Return the flat kebab-case dictionary (inverse of :meth:`from_run_config`)."""
@@ -218,6 +232,7 @@ class NodeConfig:
         ``device`` key: {DEVICES_HELP}; default ``auto``.
     site_id : str
         Human-readable site name (``site-id``); never leaves the site.
+
     """
 
     dataset_dir: Path | None = None
@@ -234,6 +249,7 @@ class NodeConfig:
         ------
         ConfigError
             When a value has the wrong type or the device string is invalid.
+
         """
 
         def opt_path(key: str) -> Path | None:
@@ -262,6 +278,7 @@ class NodeConfig:
         ConfigError
             When neither ``dataset-dir`` (node config) nor ``sites-dir`` (run config)
             with a ``partition-id`` tells where the data is.
+
         """
         if self.dataset_dir is not None:
             return self.dataset_dir

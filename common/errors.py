@@ -56,6 +56,7 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     str
         A sentence starting with a space, or ``""`` when nothing is close
         (``difflib.get_close_matches`` with cutoff 0.6).
+
     """
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
     return f" Did you mean {close[0]!r}?" if close else ""

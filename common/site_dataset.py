@@ -54,6 +54,7 @@ class SplitArrays:
         int64 ``(N,)`` class indices.
     groups : numpy.ndarray
         int64 ``(N,)`` patient group per image; images of one patient share a group.
+
     """
 
     images: np.ndarray
@@ -70,6 +71,7 @@ class SplitArrays:
         ------
         DataError
             On wrong rank, mismatched lengths, values outside ``[0, 1]`` or negative labels.
+
         """
         images = np.ascontiguousarray(images, dtype=np.float32)
         labels = np.ascontiguousarray(labels, dtype=np.int64).reshape(-1)
@@ -149,6 +151,7 @@ def write_site_dataset(
     DataError
         Unknown split names, no splits, labels outside ``label_names``, or an existing
         ``out_dir`` without ``overwrite``.
+
     """
     out = Path(out_dir)
     if not splits:
@@ -228,6 +231,7 @@ class SiteDataset:
         If the directory or its manifest is missing.
     DataError
         If the manifest is of another format/version or a hash does not match.
+
     """
 
     def __init__(self, path: str | os.PathLike[str], *, verify: bool = False) -> None:
@@ -279,7 +283,7 @@ class SiteDataset:
         return list(self.manifest["splits"])
 
     def count(self, split: str) -> int:
-        """Number of images in ``split`` (0 if absent)."""
+        """Return the number of images in ``split`` (0 if absent)."""
         return int(self.manifest["splits"].get(split, {}).get("count", 0))
 
     def load(self, split: str, *, mmap: bool = True) -> SplitArrays:
@@ -289,14 +293,16 @@ class SiteDataset:
         ------
         DataError
             If the split is absent (names the splits that exist).
+
         """
         if split not in self.manifest["splits"]:
             raise DataError(
                 f"site dataset {self.path} has no {split!r} split; it has {self.splits}"
             )
-        mode = "r" if mmap else None
 
         def arr(kind: str) -> np.ndarray:
-            return np.load(self.path / f"{split}_{kind}.npy", mmap_mode=mode, allow_pickle=False)
+            path = self.path / f"{split}_{kind}.npy"
+            loaded: np.ndarray = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+            return loaded
 
         return SplitArrays(images=arr("images"), labels=arr("labels"), groups=arr("groups"))

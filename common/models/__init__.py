@@ -32,6 +32,7 @@ class ModelSpec:
         Expected input shape without the batch dimension, e.g. ``(1, 28, 28)``.
     factory : Callable[..., nn.Module]
         Builds the module from keyword arguments.
+
     """
 
     name: str
@@ -64,6 +65,7 @@ def check_model_name(name: str) -> None:
     ------
     ModelError
         With the valid names and the closest match.
+
     """
     if name not in _NAMES:
         raise ModelError(
@@ -79,6 +81,7 @@ def get_spec(name: str) -> ModelSpec:
     ------
     ModelError
         If ``name`` is not registered.
+
     """
     check_model_name(name)
     return _registry()[name]
@@ -103,5 +106,6 @@ def get_model(name: str, **cfg: Any) -> nn.Module:
     ------
     ModelError
         If ``name`` is not registered.
+
     """
     return get_spec(name).factory(**cfg)

@@ -26,6 +26,7 @@ class SmallCNN(nn.Module):
     Notes
     -----
     Input ``(N, C, 28, 28)`` float32 in ``[0, 1]``; output ``(N, K)`` float32 logits.
+
     """
 
     def __init__(
@@ -53,7 +54,8 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map ``(N, C, 28, 28)`` images in ``[0, 1]`` to ``(N, K)`` logits."""
-        return self.head(self.features((x - 0.5) / 0.25))
+        out: torch.Tensor = self.head(self.features((x - 0.5) / 0.25))
+        return out
 
 
 def build_cnn(*, in_channels: int = 1, num_classes: int = 2, width: int = 32) -> nn.Module:

@@ -1,0 +1,158 @@
+"""The medfed Flower ``ClientApp`` (Message API): thin glue around client/train.py.
+
+Each handler parses configuration once, prepares the job in one shared place
+(:func:`prepare`), calls plain-PyTorch code and packages the reply. The same app runs
+under the deployment engine (SuperNode, data from node config ``dataset-dir``) and the
+simulation engine (data from run config ``sites-dir`` + ``partition-id``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+
+from client.train import make_optimizer, make_train_loader, train_epochs
+from common.config import NodeConfig, RunConfig
+from common.device import resolve_device
+from common.errors import DataError
+from common.evaluation import evaluate_arrays
+from common.models import get_model, get_spec
+from common.records import load_record, state_to_record
+from common.site_dataset import SiteDataset
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a handler needs, built once per message by :func:`_prepare`."""
+
+    run: RunConfig
+    node: NodeConfig
+    data: SiteDataset
+    model: nn.Module
+    device: torch.device
+    server_round: int
+
+
+def _check_dataset(run: RunConfig, data: SiteDataset) -> None:
+    spec = get_spec(run.model)
+    if data.task != spec.task or data.task != run.task:
+        raise DataError(
+            f"site dataset task {data.task!r} does not match run task {run.task!r} / "
+            f"model {run.model!r} ({spec.task})."
+        )
+    if len(data.label_names) != run.num_classes:
+        raise DataError(
+            f"site dataset has {len(data.label_names)} classes, run config 'num-classes' "
+            f"is {run.num_classes}."
+        )
+    if data.image_shape != spec.input_shape:
+        raise DataError(
+            f"site images are {data.image_shape}, model {run.model!r} expects "
+            f"{spec.input_shape}; re-ingest with the model's input size."
+        )
+
+
+def prepare(content: RecordDict, context: Context) -> Job:
+    """Parse config, open the site dataset, build the model and load the global weights.
+
+    Shared by the train and evaluate handlers (DESIGN section 9, rule 9).
+
+    Parameters
+    ----------
+    content : RecordDict
+        The server's message content: ``arrays`` (global model) and ``config``.
+    context : Context
+        Flower's context with ``run_config`` and ``node_config``.
+
+    Raises
+    ------
+    ConfigError, DataError, ModelError
+        Bad config, a site dataset that does not fit the run, or arrays that do not fit
+        the model. Flower turns the exception into an error reply for the server.
+
+    """
+    run = RunConfig.from_run_config(context.run_config)
+    node = NodeConfig.from_node_config(context.node_config)
+    data = SiteDataset(node.resolve_dataset_dir(run))
+    _check_dataset(run, data)
+    torch.manual_seed(run.seed)
+    model = get_model(run.model, **run.model_kwargs())
+    load_record(model, content.array_records["arrays"])
+    device = resolve_device(node.device)
+    model.to(device)
+    server_round = content.config_records["config"].get("server-round", 0)
+    if not isinstance(server_round, int):
+        raise DataError(f"config 'server-round' must be an int, got {server_round!r}")
+    return Job(run, node, data, model, device, server_round)
+
+
+def _round_seed(job: Job) -> int:
+    """Seed for this site's sampling in this round: differs per round and per site."""
+    site = job.node.partition_id if job.node.partition_id is not None else 0
+    return job.run.seed * 1_000_003 + job.server_round * 1_009 + site
+
+
+def train_content(job: Job) -> RecordDict:
+    """Train the global model on the site's ``train`` split; return the reply content."""
+    split = job.data.load("train")
+    generator = torch.Generator().manual_seed(_round_seed(job))
+    loader = make_train_loader(split, batch_size=job.run.batch_size, generator=generator)
+    optimizer = make_optimizer(
+        job.model,
+        learning_rate=job.run.learning_rate,
+        momentum=job.run.momentum,
+        weight_decay=job.run.weight_decay,
+    )
+    stats = train_epochs(
+        job.model, loader, optimizer=optimizer, epochs=job.run.local_epochs, device=job.device
+    )
+    log.info(
+        "round %d: trained %d steps on %d examples in %.1f s (loss %.4f)",
+        job.server_round,
+        stats.steps,
+        stats.examples,
+        stats.seconds,
+        stats.loss,
+    )
+    metrics = MetricRecord(
+        {
+            "num-examples": len(split),
+            "train-loss": stats.loss,
+            "train-steps": stats.steps,
+            "train-seconds": stats.seconds,
+        }
+    )
+    return RecordDict({"arrays": state_to_record(job.model), "metrics": metrics})
+
+
+def evaluate_content(job: Job) -> RecordDict:
+    """Evaluate the global model on the site's local ``val`` split; return the content."""
+    split = job.data.load("val")
+    metrics = evaluate_arrays(
+        job.model, split.images, split.labels, batch_size=256, device=job.device
+    )
+    values: dict[str, int | float | list[int] | list[float]] = {"num-examples": len(split)}
+    values |= {f"val-{k}": float(v) for k, v in metrics.items() if k != "num-examples"}
+    record = MetricRecord(values)
+    return RecordDict({"metrics": record})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Flower handler: train the received global model locally."""
+    return Message(content=train_content(prepare(msg.content, context)), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Flower handler: evaluate the received global model locally."""
+    return Message(content=evaluate_content(prepare(msg.content, context)), reply_to=msg)

@@ -1,0 +1,1 @@
+"""Everything that runs at the coordinator: the ServerApp, strategies, the round log."""

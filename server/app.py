@@ -1,0 +1,145 @@
+"""The medfed Flower ``ServerApp``: parse config, wait for sites, run the strategy, save.
+
+Runs unchanged on the deployment engine (SuperLink + SuperExec) and the simulation
+engine. Everything it writes goes to the run directory (run config ``run-dir``)::
+
+    config.json            the parsed run config
+    rounds.jsonl           one line per round (server/runlog.py)
+    checkpoints/round-NNN.pt
+    final_model.pt         the global model after the last round
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from common.checkpoint import Checkpoint, save_checkpoint
+from common.config import RunConfig
+from common.device import resolve_device
+from common.errors import FederationError
+from common.evaluation import evaluate_arrays
+from common.models import get_model
+from common.records import state_to_record
+from common.site_dataset import SiteDataset
+from server.runlog import EvaluateFn, RecordingStrategy
+from server.strategy import build_strategy
+
+log = logging.getLogger(__name__)
+
+app = ServerApp()
+
+FINAL_MODEL = "final_model.pt"
+
+
+def wait_for_sites(grid: Grid, *, min_sites: int, timeout: float, poll: float = 1.0) -> int:
+    """Block until ``min_sites`` SuperNodes are connected, at most ``timeout`` seconds.
+
+    Flower's samplers wait forever; a coordinator wants a bounded wait and a clear error.
+
+    Returns
+    -------
+    int
+        The number of connected sites.
+
+    Raises
+    ------
+    FederationError
+        If fewer than ``min_sites`` connected within ``timeout`` seconds.
+
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        connected = len(list(grid.get_node_ids()))
+        if connected >= min_sites:
+            return connected
+        if time.monotonic() >= deadline:
+            raise FederationError(
+                f"only {connected} of the required {min_sites} sites connected within "
+                f"{timeout:.0f} s (run config 'connect-timeout'); check the SuperNodes' "
+                "logs and their connection to the SuperLink, or lower 'min-sites'."
+            )
+        log.info("waiting for sites: %d of %d connected", connected, min_sites)
+        time.sleep(poll)
+
+
+def _central_evaluation(run: RunConfig) -> EvaluateFn | None:
+    """Server-side evaluation on a held-out site dataset, if ``eval-dataset-dir`` is set."""
+    if not run.eval_dataset_dir:
+        return None
+    data = SiteDataset(run.eval_dataset_dir)
+    split_name = next((s for s in ("val", "test", "train") if s in data.splits), None)
+    if split_name is None:
+        raise FederationError(f"eval dataset {run.eval_dataset_dir} has no split")
+    split = data.load(split_name)
+    device = resolve_device("auto")
+    model = get_model(run.model, **run.model_kwargs())
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        metrics = evaluate_arrays(model, split.images, split.labels, batch_size=512, device=device)
+        log.info(
+            "round %d global %s: accuracy %.4f, AUROC %.4f",
+            server_round,
+            split_name,
+            metrics["accuracy"],
+            metrics["auroc"],
+        )
+        return MetricRecord(dict(metrics.items()))
+
+    return evaluate
+
+
+def resolve_run_dir(run: RunConfig, run_id: int) -> Path:
+    """``run-dir`` from the run config, or ``./runs/run-<run_id>``."""
+    return Path(run.run_dir) if run.run_dir else Path.cwd() / "runs" / f"run-{run_id}"
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run ``num-server-rounds`` rounds of the configured strategy."""
+    run = RunConfig.from_run_config(context.run_config)
+    run_dir = resolve_run_dir(run, context.run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(
+        json.dumps(run.to_run_config(), indent=2, sort_keys=True) + "\n"
+    )
+    log.info("run %s: writing logs and checkpoints to %s", context.run_id, run_dir)
+
+    central = _central_evaluation(run)  # fail on a bad eval dataset before any round
+    torch.manual_seed(run.seed)
+    model = get_model(run.model, **run.model_kwargs())
+    meta = {
+        "model": run.model,
+        "model_kwargs": run.model_kwargs(),
+        "task": run.task,
+        "run_config": run.to_run_config(),
+    }
+    strategy = RecordingStrategy(build_strategy(run), run_dir=run_dir, checkpoint_meta=meta)
+
+    connected = wait_for_sites(grid, min_sites=run.min_sites, timeout=run.connect_timeout)
+    log.info("%d sites connected; starting %d rounds", connected, run.num_server_rounds)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=state_to_record(model),
+        num_rounds=run.num_server_rounds,
+        timeout=run.round_timeout,
+        evaluate_fn=strategy.make_evaluate_fn(central),
+    )
+    final_metrics = result.evaluate_metrics_serverapp.get(run.num_server_rounds, MetricRecord())
+    save_checkpoint(
+        run_dir / FINAL_MODEL,
+        Checkpoint(
+            state_dict=result.arrays.to_torch_state_dict(),
+            round=run.num_server_rounds,
+            metrics={k: float(v) for k, v in final_metrics.items()},  # type: ignore[arg-type]
+            **meta,  # type: ignore[arg-type]
+        ),
+    )
+    log.info("final global model saved to %s", run_dir / FINAL_MODEL)

@@ -1,0 +1,212 @@
+"""Per-round observability: a strategy wrapper that writes the round log and checkpoints.
+
+:class:`RecordingStrategy` wraps any Flower Message-API strategy (DESIGN section 9,
+rule 7: add behaviour by wrapping). It notes which sites were sampled, which replied,
+which failed (with the reason they gave) and which dropped (no reply before the round
+deadline), the per-site and aggregated metrics, bytes on the wire and wall times, and
+after every round appends one JSON line to ``rounds.jsonl`` and saves a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from common.checkpoint import Checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+ROUNDS_FILE = "rounds.jsonl"
+EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+
+
+def record_nbytes(arrays: ArrayRecord) -> int:
+    """Return the serialized size of an ``ArrayRecord``'s array payloads (bytes)."""
+    return sum(len(a.data) for a in arrays.values())
+
+
+def _clean(metrics: MetricRecord | dict[str, Any] | None) -> dict[str, Any]:
+    """JSON-safe copy of a metric record (NaN -> None)."""
+    out: dict[str, Any] = {}
+    for k, v in (metrics or {}).items():
+        if isinstance(v, float) and not math.isfinite(v):
+            out[k] = None
+        else:
+            out[k] = v
+    return out
+
+
+@dataclass
+class _Phase:
+    sampled: list[int] = field(default_factory=list)
+    replied: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    per_site: dict[int, dict[str, Any]] = field(default_factory=dict)
+    aggregated: dict[str, Any] = field(default_factory=dict)
+    bytes_down: int = 0
+    bytes_up: int = 0
+    started: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def dropped(self) -> list[int]:
+        return sorted(set(self.sampled) - set(self.replied) - set(self.failed))
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "sampled": sorted(self.sampled),
+            "replied": sorted(self.replied),
+            "failed": {str(k): v for k, v in sorted(self.failed.items())},
+            "dropped": self.dropped,
+            "metrics": _clean(self.aggregated),
+            "sites": {str(k): _clean(v) for k, v in sorted(self.per_site.items())},
+            "bytes-down": self.bytes_down,
+            "bytes-up": self.bytes_up,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+class RecordingStrategy(Strategy):
+    """Wrap ``inner`` and record every round to ``run_dir``.
+
+    Parameters
+    ----------
+    inner : Strategy
+        The strategy that decides sampling and aggregation.
+    run_dir : pathlib.Path
+        Receives ``rounds.jsonl`` and ``checkpoints/round-NNN.pt``.
+    checkpoint_meta : dict
+        ``Checkpoint`` fields other than ``state_dict``/``round``/``metrics`` (model
+        name and kwargs, task, label names, run config), so each checkpoint is
+        self-describing.
+
+    """
+
+    def __init__(self, inner: Strategy, *, run_dir: Path, checkpoint_meta: dict[str, Any]) -> None:
+        self.inner = inner
+        self.run_dir = run_dir
+        self.checkpoint_meta = checkpoint_meta
+        self._train = _Phase()
+        self._evaluate = _Phase()
+        self._round_start = time.perf_counter()
+        self.history: list[dict[str, Any]] = []
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / ROUNDS_FILE).write_text("")  # a run's log starts empty
+
+    # ------------------------------------------------------------- delegation + notes
+    def summary(self) -> None:
+        """Log the wrapped strategy's summary."""
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate, and note the sampled sites and bytes sent down."""
+        self._round_start = time.perf_counter()
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self._train = self._begin(messages)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Note replies, failures and per-site metrics, then delegate."""
+        replies = list(replies)
+        self._collect(self._train, replies)
+        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        self._train.aggregated = dict(metrics or {})
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate, and note the sampled sites."""
+        messages = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
+        self._evaluate = self._begin(messages)
+        return messages
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Note replies and per-site metrics, then delegate."""
+        replies = list(replies)
+        self._collect(self._evaluate, replies)
+        metrics = self.inner.aggregate_evaluate(server_round, replies)
+        self._evaluate.aggregated = dict(metrics or {})
+        return metrics
+
+    @staticmethod
+    def _begin(messages: list[Message]) -> _Phase:
+        phase = _Phase(started=time.perf_counter())
+        for m in messages:
+            phase.sampled.append(m.metadata.dst_node_id)
+            for ar in m.content.array_records.values():
+                phase.bytes_down += record_nbytes(ar)
+        return phase
+
+    @staticmethod
+    def _collect(phase: _Phase, replies: list[Message]) -> None:
+        phase.seconds = time.perf_counter() - phase.started
+        for r in replies:
+            node = r.metadata.src_node_id
+            if r.has_error():
+                phase.failed[node] = r.error.reason or f"error code {r.error.code}"
+                log.warning("site %d failed: %s", node, r.error.reason)
+                continue
+            phase.replied.append(node)
+            for ar in r.content.array_records.values():
+                phase.bytes_up += record_nbytes(ar)
+            for mr in r.content.metric_records.values():
+                phase.per_site[node] = dict(mr)
+        if phase.dropped:
+            log.warning("sites %s sent no reply before the round deadline", phase.dropped)
+
+    # ----------------------------------------------------------------- round closing
+    def make_evaluate_fn(self, central: EvaluateFn | None) -> EvaluateFn:
+        """Return the ``evaluate_fn`` for ``Strategy.start``.
+
+        Flower calls it before round 1 (round 0) and at the end of every round, after
+        aggregation: the right moment to run the optional server-side evaluation, save
+        the checkpoint and append the round's line to the log.
+        """
+
+        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            metrics = central(server_round, arrays) if central else None
+            self._close_round(server_round, arrays, metrics)
+            return metrics
+
+        return evaluate_fn
+
+    def _close_round(
+        self, server_round: int, arrays: ArrayRecord, central: MetricRecord | None
+    ) -> None:
+        line: dict[str, Any] = {
+            "round": server_round,
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            "global": _clean(central),
+        }
+        if server_round > 0:
+            line["wall-seconds"] = round(time.perf_counter() - self._round_start, 3)
+            line["train"] = self._train.as_json()
+            line["evaluate"] = self._evaluate.as_json()
+            ckpt = Checkpoint(
+                state_dict=arrays.to_torch_state_dict(),
+                round=server_round,
+                metrics={k: float(v) for k, v in (central or {}).items()},  # type: ignore[arg-type]
+                **self.checkpoint_meta,
+            )
+            save_checkpoint(self.run_dir / "checkpoints" / f"round-{server_round:03d}.pt", ckpt)
+        with (self.run_dir / ROUNDS_FILE).open("a") as fh:
+            fh.write(json.dumps(line, sort_keys=True) + "\n")
+        self.history.append(line)

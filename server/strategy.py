@@ -1,0 +1,89 @@
+"""Strategy construction from the run config, and metric aggregation that tolerates NaN."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import cast
+
+from flwr.app import MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from common.config import RunConfig
+from common.errors import ConfigError, did_you_mean
+
+
+def aggregate_metrics_nan_aware(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Example-weighted mean of every scalar metric, ignoring sites where it is NaN.
+
+    A site whose validation part holds one class has an undefined AUROC (NaN); Flower's
+    ``aggregate_metricrecords`` would turn the whole mean into NaN. Here each key is
+    averaged over the sites that define it, weighted by ``weight_key``.
+
+    Parameters
+    ----------
+    records : list[RecordDict]
+        Reply contents, each with one ``MetricRecord`` holding ``weight_key``.
+    weight_key : str
+        Usually ``"num-examples"``.
+
+    Returns
+    -------
+    MetricRecord
+        Weighted means; NaN where no site defined the metric. The weight key is summed.
+
+    """
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    total = 0.0
+    for rec in records:
+        metrics = next(iter(rec.metric_records.values()))
+        w = float(cast(float, metrics[weight_key]))
+        total += w
+        for key, value in metrics.items():
+            if key == weight_key or isinstance(value, list):
+                continue
+            v = float(cast(float, value))
+            sums.setdefault(key, 0.0)
+            weights.setdefault(key, 0.0)
+            if math.isfinite(v):
+                sums[key] += w * v
+                weights[key] += w
+    out = MetricRecord({k: (sums[k] / weights[k] if weights[k] else math.nan) for k in sums})
+    out[weight_key] = total
+    return out
+
+
+def _fedavg(run: RunConfig) -> Strategy:
+    return FedAvg(
+        fraction_train=run.fraction_train,
+        fraction_evaluate=run.fraction_evaluate,
+        min_train_nodes=max(1, math.ceil(run.fraction_train * run.min_sites)),
+        min_evaluate_nodes=max(1, math.ceil(run.fraction_evaluate * run.min_sites))
+        if run.fraction_evaluate > 0
+        else 0,
+        min_available_nodes=run.min_sites,
+        train_metrics_aggr_fn=aggregate_metrics_nan_aware,
+        evaluate_metrics_aggr_fn=aggregate_metrics_nan_aware,
+    )
+
+
+_FACTORIES: dict[str, Callable[[RunConfig], Strategy]] = {"fedavg": _fedavg}
+
+
+def build_strategy(run: RunConfig) -> Strategy:
+    """Build the Flower Message-API strategy named by run config ``strategy``.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown strategy name (with a "did you mean").
+
+    """
+    try:
+        factory = _FACTORIES[run.strategy]
+    except KeyError:
+        raise ConfigError(
+            f"unknown strategy {run.strategy!r}.{did_you_mean(run.strategy, _FACTORIES)}"
+        ) from None
+    return factory(run)

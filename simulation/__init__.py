@@ -1,0 +1,1 @@
+"""Researcher tooling: public datasets, partitioners, virtual sites, the simulation driver."""

@@ -1,0 +1,241 @@
+"""Researcher commands: ``medfed simulate``, ``medfed evaluate``, ``medfed download``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from common.config import RunConfig
+from common.errors import ConfigError, MedfedError
+
+log = logging.getLogger(__name__)
+console = Console()
+err_console = Console(stderr=True)
+
+ROUND_RE = re.compile(r"\[ROUND (\d+)/(\d+)\]")
+
+
+def _parse_set(pairs: list[str]) -> dict[str, Any]:
+    """Parse ``key=value`` pairs with TOML value syntax (``lr=0.1``, ``model="cnn"``)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw  # bare strings: --set model=cnn
+        out[key.strip()] = value
+    return out
+
+
+def _fail(exc: MedfedError) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {exc}")
+    return typer.Exit(code=2)
+
+
+def simulate(
+    sites: Annotated[int, typer.Option("--sites", "-n", help="Number of virtual hospitals.")] = 3,
+    partition: Annotated[
+        str, typer.Option(help="How to split the training data: 'iid' or 'dirichlet'.")
+    ] = "dirichlet",
+    alpha: Annotated[
+        float, typer.Option(help="Dirichlet concentration; smaller = more label skew.")
+    ] = 0.5,
+    rounds: Annotated[int, typer.Option(help="Federated rounds (num-server-rounds).")] = 10,
+    dataset: Annotated[str, typer.Option(help="Public dataset to federate.")] = "pneumoniamnist",
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="Data root (default: $MEDFED_DATA_DIR, then ../shared/data)."),
+    ] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Output directory (default: runs/sim-<timestamp>).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for splits, init and sampling.")] = 42,
+    config: Annotated[
+        Path | None, typer.Option(help="TOML file of run-config keys (kebab-case).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a run-config key, e.g. --set local-epochs=2."),
+    ] = None,
+    cpus_per_site: Annotated[
+        int, typer.Option(help="CPU cores per virtual site; 1 runs 2 sites at once on 2 cores.")
+    ] = 1,
+    gpus_per_site: Annotated[
+        float, typer.Option(help="GPU fraction per site (e.g. 0.25 packs 4 sites on a GPU).")
+    ] = 0.0,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 3600.0,
+) -> None:
+    """Run N virtual hospitals on Flower's simulation engine and report per round.
+
+    Splits the dataset's training images into site datasets (IID or Dirichlet label
+    skew), starts a local simulation SuperLink, runs the medfed ServerApp and ClientApps
+    with `flwr run`, shows progress per round, prints the global validation accuracy and
+    AUROC per round, and leaves everything in the run directory: config.json,
+    rounds.jsonl, checkpoints/, final_model.pt, sites/.
+
+    Example: medfed simulate --sites 5 --partition iid --rounds 5 --set local-epochs=2
+    """
+    from simulation.datasets import MEDMNIST, medmnist_path
+    from simulation.engine import run_simulation
+    from simulation.sites import GLOBAL_EVAL, SplitPlan, create_virtual_sites
+    from simulation.summary import read_rounds, summary_table
+
+    try:
+        overrides: dict[str, Any] = {}
+        if config is not None:
+            overrides |= tomllib.loads(config.read_text())
+        overrides |= _parse_set(set_ or [])
+        overrides |= {"num-server-rounds": rounds, "seed": seed, "min-sites": sites}
+        plan = SplitPlan(num_sites=sites, partitioner=partition, alpha=alpha, seed=seed)
+        if dataset not in MEDMNIST:
+            raise ConfigError(f"unknown dataset {dataset!r}; known: {sorted(MEDMNIST)}")
+        npz = medmnist_path(dataset, data_dir)
+        out = (run_dir or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")).resolve()
+        overrides |= {
+            "run-dir": str(out),
+            "sites-dir": str(out / "sites"),
+            "eval-dataset-dir": str(out / "sites" / GLOBAL_EVAL),
+        }
+        run = RunConfig.from_run_config(overrides)  # fail before any work on a bad config
+    except MedfedError as exc:
+        raise _fail(exc) from None
+
+    out.mkdir(parents=True, exist_ok=True)
+    console.print(
+        f"[bold]medfed simulate[/]: {sites} sites, {partition}"
+        f"{f' alpha={alpha}' if partition == 'dirichlet' else ''}, "
+        f"{rounds} rounds, model {run.model} -> {out}"
+    )
+    try:
+        manifests = create_virtual_sites(
+            npz,
+            out / "sites",
+            plan=plan,
+            label_names=MEDMNIST[dataset].label_names,
+            dataset_name=dataset,
+        )
+    except MedfedError as exc:
+        raise _fail(exc) from None
+    for i, m in enumerate(manifests):
+        counts = m["splits"]["train"]["label_counts"]
+        console.print(
+            f"  site-{i}: {m['splits']['train']['count']} train / "
+            f"{m['splits']['val']['count']} val images, labels {counts}"
+        )
+
+    verbose = logging.getLogger().level <= logging.DEBUG
+    with Progress(
+        TextColumn("[bold blue]federated rounds"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("rounds", total=rounds)
+
+        def on_line(line: str) -> None:
+            if m := ROUND_RE.search(line):
+                progress.update(task, completed=int(m.group(1)) - 1)
+            if verbose or "ERROR" in line or "Traceback" in line:
+                progress.console.print(line, markup=False, highlight=False)
+
+        try:
+            run_simulation(
+                run_dir=out,
+                run_config=run.to_run_config(),
+                num_sites=sites,
+                cpus_per_site=cpus_per_site,
+                gpus_per_site=gpus_per_site,
+                on_line=on_line,
+                timeout=timeout,
+            )
+        except MedfedError as exc:
+            raise _fail(exc) from None
+        progress.update(task, completed=rounds)
+
+    console.print(summary_table(read_rounds(out)))
+    latest = out.parent / "latest"
+    if latest.is_symlink() or not latest.exists():
+        latest.unlink(missing_ok=True)
+        latest.symlink_to(out.name)
+    console.print(f"run directory: [bold]{out}[/] (final model: {out / 'final_model.pt'})")
+    console.print(
+        f"check it on any split: medfed evaluate --checkpoint {out / 'final_model.pt'} "
+        f"--data {npz} --split val"
+    )
+
+
+def evaluate(
+    checkpoint: Annotated[Path, typer.Option(help="A medfed checkpoint (final_model.pt).")],
+    data: Annotated[Path, typer.Option(help="A MedMNIST-format .npz file.")],
+    split: Annotated[str, typer.Option(help="Split of the file: train, val or test.")] = "val",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Evaluate a saved global model on any split of any PneumoniaMNIST-format file.
+
+    Prints JSON: accuracy, balanced accuracy, AUROC, sensitivity, specificity, F1, loss
+    and the number of images. The checkpoint names its model and configuration, so no
+    other input is needed.
+    """
+    from common.checkpoint import load_checkpoint
+    from common.device import resolve_device
+    from common.evaluation import evaluate_arrays
+    from simulation.datasets import load_medmnist_split, to_model_images
+
+    try:
+        ckpt = load_checkpoint(checkpoint)
+        model = ckpt.build_model()
+        images, labels = load_medmnist_split(data, split)
+        metrics = evaluate_arrays(
+            model, to_model_images(images), labels, device=resolve_device(device)
+        )
+    except MedfedError as exc:
+        raise _fail(exc) from None
+    result = {
+        "checkpoint": str(checkpoint),
+        "model": ckpt.model,
+        "round": ckpt.round,
+        "data": str(data),
+        "split": split,
+        "num-images": int(metrics.pop("num-examples")),
+        **{k: (None if v != v else round(v, 6)) for k, v in metrics.items()},
+    }
+    sys.stdout.write(json.dumps(result, indent=2) + "\n")
+
+
+def download(
+    dataset: Annotated[str, typer.Argument(help="pneumoniamnist or breastmnist.")],
+    data_dir: Annotated[Path, typer.Option(help="Where to store <dataset>/<dataset>.npz.")],
+) -> None:
+    """Download an official MedMNIST v2 file (Zenodo) and verify its MD5 checksum."""
+    from simulation.datasets import download_medmnist
+
+    try:
+        path = download_medmnist(dataset, data_dir)
+    except MedfedError as exc:
+        raise _fail(exc) from None
+    except OSError as exc:
+        err_console.print(f"[bold red]error:[/] download failed ({exc}); check your internet")
+        raise typer.Exit(code=2) from None
+    console.print(f"{dataset}: {path} (checksum ok)")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the researcher commands to the root ``medfed`` app."""
+    app.command()(simulate)
+    app.command()(evaluate)
+    app.command()(download)

@@ -1,0 +1,243 @@
+"""Run the medfed Flower app on Flower's simulation engine (Ray), the supported 1.4x way.
+
+``flwr run . <connection>`` against a SuperLink started with ``--simulation``. medfed
+starts that SuperLink itself, on a free loopback port, with a run-local ``FLWR_HOME``
+(nothing touches ``~/.flwr``), telemetry and runtime dependency installation off, and
+always stops it (and its process group) when the run ends, fails or is interrupted.
+Flower's own ``:local:`` connection would leave a detached SuperLink running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+from common.errors import FederationError
+
+log = logging.getLogger(__name__)
+
+CONNECTION = "medfed-sim"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _bin(name: str) -> str:
+    """Path of a console script installed beside this interpreter (the venv)."""
+    candidate = Path(sys.executable).parent / name
+    found = str(candidate) if candidate.exists() else shutil.which(name)
+    if not found:
+        raise FederationError(f"`{name}` not found; install medfed's dependencies (make setup)")
+    return found
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for Flower processes: run-local home, no telemetry, offline-safe."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "PYTHONUNBUFFERED": "1",
+            # Ray workers must not each grab every core of a 2-core machine.
+            "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),
+            "RAY_DEDUP_LOGS": "0",
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        }
+    )
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def stop_process(proc: subprocess.Popen[bytes], *, name: str, grace: float = 10.0) -> None:
+    """Stop ``proc`` and its process group: SIGTERM, then SIGKILL after ``grace`` s."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        log.warning("%s (pid %d) ignored SIGTERM; killing it", name, proc.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=grace)
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], log_file: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise FederationError(
+                f"SuperLink exited with code {proc.returncode} at start-up; see {log_file}"
+            )
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise FederationError(
+        f"SuperLink did not open port {port} within {timeout:.0f} s; see {log_file}"
+    )
+
+
+@contextlib.contextmanager
+def simulation_superlink(flwr_home: Path, *, startup_timeout: float = 60.0) -> Iterator[str]:
+    """Start a ``--simulation`` SuperLink on a free port; yield its address; stop it.
+
+    The connection is written to ``<flwr_home>/config.toml`` as ``[superlink.medfed-sim]``.
+    Loopback only and plaintext: it never leaves this machine.
+    """
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f'[superlink.{CONNECTION}]\naddress = "{address}"\ninsecure = true\n'
+    )
+    log_file = flwr_home / "superlink.log"
+    cmd = [
+        _bin("flower-superlink"),
+        "--insecure",
+        "--simulation",
+        "--isolation",
+        "subprocess",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--database",
+        str(flwr_home / "state.db"),
+        "--disable-runtime-dependency-installation",
+    ]
+    with log_file.open("ab") as out:
+        proc = subprocess.Popen(
+            cmd,
+            env=flower_env(flwr_home),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        _wait_port(port, proc, log_file, startup_timeout)
+        log.info("simulation SuperLink on %s (pid %d, log %s)", address, proc.pid, log_file)
+        yield address
+    finally:
+        stop_process(proc, name="SuperLink")
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def run_config_args(run_config: Mapping[str, object]) -> list[str]:
+    """``--run-config`` arguments for ``flwr run`` (one ``key=value`` per flag)."""
+    args: list[str] = []
+    for k, v in run_config.items():
+        args += ["--run-config", f"{k}={_toml_value(v)}"]
+    return args
+
+
+def run_simulation(
+    *,
+    run_dir: Path,
+    run_config: Mapping[str, object],
+    num_sites: int,
+    cpus_per_site: int = 1,
+    gpus_per_site: float = 0.0,
+    app_dir: Path = PROJECT_ROOT,
+    on_line: Callable[[str], None] | None = None,
+    timeout: float = 3600.0,
+) -> None:
+    """Run the medfed app on ``num_sites`` virtual SuperNodes and wait for it to end.
+
+    Parameters
+    ----------
+    run_dir : pathlib.Path
+        Run directory; holds ``.flwr`` (FLWR_HOME) and ``flwr-run.log``.
+    run_config : Mapping
+        Run-config overrides (must include ``run-dir`` and ``sites-dir``).
+    num_sites : int
+        Virtual SuperNodes (``num-supernodes``).
+    cpus_per_site : int
+        CPUs per ClientApp (Ray resource ``client-resources-num-cpus``).
+    gpus_per_site : float
+        Ray resources per ClientApp (``client-resources-num-cpus`` / ``-gpus``); with
+        1 CPU each, a 2-core machine trains 2 sites at once.
+    app_dir : pathlib.Path
+        The Flower app (this project) that ``flwr run`` builds into a FAB.
+    on_line : callable, optional
+        Called with every line ``flwr run --stream`` prints (progress display).
+    timeout : float
+        Seconds before the run is stopped and :class:`FederationError` raised.
+
+    Raises
+    ------
+    FederationError
+        If the SuperLink cannot start, the run fails or exceeds ``timeout``.
+
+    """
+    flwr_home = run_dir / ".flwr"
+    env = flower_env(flwr_home)
+    fed = [
+        f"num-supernodes={num_sites}",
+        f"client-resources-num-cpus={cpus_per_site}",
+        f"client-resources-num-gpus={gpus_per_site}",
+        f"init-args-num-cpus={max(1, os.cpu_count() or 1)}",
+    ]
+    with simulation_superlink(flwr_home):
+        cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
+        cmd += run_config_args(run_config)
+        cmd += ["--federation-config", " ".join(fed)]
+        log_path = run_dir / "flwr-run.log"
+        with log_path.open("w") as log_fh:
+            proc = subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=app_dir,
+            )
+            # `flwr run --stream` returns once the run has finished; the watchdog
+            # bounds a run that hangs (e.g. a site that never connects).
+            watchdog = threading.Timer(
+                timeout, stop_process, args=(proc,), kwargs={"name": "flwr run"}
+            )
+            watchdog.start()
+            try:
+                for raw in proc.stdout or ():
+                    line = raw.decode(errors="replace").rstrip()
+                    log_fh.write(line + "\n")
+                    if on_line:
+                        on_line(line)
+                proc.wait()
+            finally:
+                watchdog.cancel()
+                stop_process(proc, name="flwr run", grace=5.0)
+    if proc.returncode not in (0, None) or not (run_dir / "final_model.pt").exists():
+        raise FederationError(
+            f"the federated run did not finish (exit code {proc.returncode}); see {log_path} "
+            f"and {flwr_home / 'superlink.log'}"
+        )

@@ -1,0 +1,76 @@
+"""The ClientApp's handlers on a real (tiny) site dataset, without a Flower runtime."""
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, RecordDict
+
+from client.app import evaluate_content, prepare, train_content
+from common.errors import DataError, ModelError
+from common.models import get_model
+from common.records import expected_spec, state_to_record
+from common.site_dataset import SplitArrays, write_site_dataset
+
+
+@pytest.fixture
+def site(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 40)
+    images = rng.random((40, 1, 28, 28)).astype(np.float32)
+    write_site_dataset(
+        tmp_path / "site",
+        task="classification",
+        label_names=["normal", "pneumonia"],
+        splits={
+            "train": SplitArrays.create(images[:30], labels[:30]),
+            "val": SplitArrays.create(images[30:], labels[30:]),
+        },
+        preprocessing={},
+        provenance={},
+    )
+    return tmp_path / "site"
+
+
+def _content(model=None):
+    return RecordDict(
+        {
+            "arrays": state_to_record(model or get_model("cnn")),
+            "config": ConfigRecord({"server-round": 1}),
+        }
+    )
+
+
+def _context(site, **run):
+    return Context(
+        run_id=1,
+        node_id=1,
+        node_config={"dataset-dir": str(site)},
+        state=RecordDict(),
+        run_config=run,
+    )
+
+
+def test_train_reply_holds_only_model_arrays_and_numeric_metrics(site):
+    reply = train_content(prepare(_content(), _context(site, **{"batch-size": 8})))
+    arrays = reply.array_records["arrays"].to_torch_state_dict()
+    spec = expected_spec(get_model("cnn"))
+    assert {k: (tuple(v.shape), str(v.dtype)) for k, v in arrays.items()} == spec
+    metrics = reply.metric_records["metrics"]
+    assert metrics["num-examples"] == 30 and metrics["train-steps"] == 4
+    assert all(isinstance(v, int | float) for v in metrics.values())
+
+
+def test_evaluate_reply_reports_local_validation(site):
+    reply = evaluate_content(prepare(_content(), _context(site)))
+    metrics = reply.metric_records["metrics"]
+    assert metrics["num-examples"] == 10
+    assert 0.0 <= metrics["val-accuracy"] <= 1.0
+
+
+def test_dataset_that_does_not_fit_the_run_is_refused(site):
+    with pytest.raises(DataError, match=r"has 2 classes, run config .num-classes. is 3"):
+        prepare(_content(get_model("cnn", num_classes=3)), _context(site, **{"num-classes": 3}))
+
+
+def test_arrays_of_another_model_are_refused(site):
+    with pytest.raises(ModelError, match="expects"):
+        prepare(_content(get_model("cnn", width=16)), _context(site))
