@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 DATA_DIR ?= $(or $(MEDFED_DATA_DIR),../shared/data)
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: setup demo test test-slow test-all lint bench clean
+.PHONY: setup demo test test-slow test-all lint bench clean deploy-local
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,13 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+
+## A real federation on this machine: SuperLink + 3 SuperNodes (+ SuperExecs) as
+## processes from docker-compose.yml, TLS + node auth, DICOM export -> ingest site data.
+## Stops every process it started. ROUNDS=3 by default.
+ROUNDS ?= 3
+deploy-local: setup
+	$(MEDFED) deploy-local --rounds $(ROUNDS) --data-dir $(DATA_DIR)
 
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

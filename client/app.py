@@ -8,14 +8,30 @@ simulation engine (data from run config ``sites-dir`` + ``partition-id``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
+from torch.utils.data import DataLoader
 
+from client.privacy import (
+    PrivacyBudgetExceeded,
+    PrivacyError,
+    PrivacyLedger,
+    PrivateTraining,
+    default_delta,
+    ledger_key,
+    plan_round,
+    private_training,
+)
+from client.egress import egress_guard
+from client.secagg_mod import secagg_mod
 from client.train import make_optimizer, make_train_loader, train_epochs
 from common.config import NodeConfig, RunConfig
 from common.device import resolve_device
@@ -27,12 +43,18 @@ from common.site_dataset import SiteDataset
 
 log = logging.getLogger(__name__)
 
-app = ClientApp()
+#: Error code of a reply that refuses a round for privacy reasons (ledger or budget).
+ERROR_PRIVACY = 1001
+
+# Client mods, outermost first: the egress guard (when present) must stay first so it
+# checks what really leaves; secure aggregation inside it replaces the trained arrays
+# with the masked 32-bit vector (client/secagg_mod.py).
+app = ClientApp(mods=[egress_guard, secagg_mod])
 
 
 @dataclass(frozen=True)
 class Job:
-    """Everything a handler needs, built once per message by :func:`_prepare`."""
+    """Everything a handler needs, built once per message by :func:`prepare`."""
 
     run: RunConfig
     node: NodeConfig
@@ -40,6 +62,7 @@ class Job:
     model: nn.Module
     device: torch.device
     server_round: int
+    run_id: int
 
 
 def _check_dataset(run: RunConfig, data: SiteDataset) -> None:
@@ -92,7 +115,7 @@ def prepare(content: RecordDict, context: Context) -> Job:
     server_round = content.config_records["config"].get("server-round", 0)
     if not isinstance(server_round, int):
         raise DataError(f"config 'server-round' must be an int, got {server_round!r}")
-    return Job(run, node, data, model, device, server_round)
+    return Job(run, node, data, model, device, server_round, context.run_id)
 
 
 def _round_seed(job: Job) -> int:
@@ -112,9 +135,14 @@ def train_content(job: Job) -> RecordDict:
         momentum=job.run.momentum,
         weight_decay=job.run.weight_decay,
     )
-    stats = train_epochs(
-        job.model, loader, optimizer=optimizer, epochs=job.run.local_epochs, device=job.device
-    )
+    with site_privacy(job, len(split), job.model, optimizer, loader) as priv:
+        stats = train_epochs(
+            priv.model,
+            priv.loader,
+            optimizer=priv.optimizer,
+            epochs=job.run.local_epochs,
+            device=job.device,
+        )
     log.info(
         "round %d: trained %d steps on %d examples in %.1f s (loss %.4f)",
         job.server_round,
@@ -123,14 +151,26 @@ def train_content(job: Job) -> RecordDict:
         stats.seconds,
         stats.loss,
     )
-    metrics = MetricRecord(
-        {
-            "num-examples": len(split),
-            "train-loss": stats.loss,
-            "train-steps": stats.steps,
-            "train-seconds": stats.seconds,
+    values: dict[str, int | float | list[int] | list[float]] = {
+        "num-examples": len(split),
+        "train-loss": stats.loss,
+        "train-steps": stats.steps,
+        "train-seconds": stats.seconds,
+    }
+    if priv.plan is not None:
+        values |= {
+            "epsilon": priv.epsilon,
+            "delta": priv.plan.delta,
+            "dp-noise-multiplier": priv.plan.noise_multiplier,
         }
-    )
+        log.info(
+            "round %d: cumulative epsilon %.3f (delta %.2e) for project %r",
+            job.server_round,
+            priv.epsilon,
+            priv.plan.delta,
+            job.run.project,
+        )
+    metrics = MetricRecord(values)
     return RecordDict({"arrays": state_to_record(job.model), "metrics": metrics})
 
 
@@ -146,10 +186,77 @@ def evaluate_content(job: Job) -> RecordDict:
     return RecordDict({"metrics": record})
 
 
+@contextlib.contextmanager
+def site_privacy(
+    job: Job,
+    num_examples: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader[Any],
+) -> Iterator[PrivateTraining | NonPrivateTraining]:
+    """Wrap the round's training objects with DP-SGD, or pass them through if DP is off.
+
+    With DP on, the site's ledger (``state-dir``) is checked against its ceiling
+    (``dp-max-epsilon``) before any step and updated after (client/privacy.py).
+    """
+    run, node = job.run, job.node
+    if not run.dp_enabled:
+        yield NonPrivateTraining(model, optimizer, loader)
+        return
+    ledger = PrivacyLedger(node.resolve_state_dir(run))
+    key = ledger_key(run.project, job.data.fingerprint)
+    stored = ledger.entry(key).get("plans", {}).get(str(job.run_id))
+    plan = plan_round(
+        num_examples=num_examples,
+        batch_size=run.batch_size,
+        local_epochs=run.local_epochs,
+        num_rounds=run.num_server_rounds,
+        max_grad_norm=run.dp_max_grad_norm,
+        delta=node.dp_delta or default_delta(num_examples),
+        accountant=run.dp_accountant,
+        noise_multiplier=run.dp_noise_multiplier or stored,
+        target_epsilon=run.dp_target_epsilon,
+    )
+    noise = torch.Generator(device=job.device).manual_seed(_round_seed(job) + 7)
+    with private_training(
+        model=model,
+        optimizer=optimizer,
+        loader=loader,
+        plan=plan,
+        ledger=ledger,
+        key=key,
+        run_id=job.run_id,
+        max_epsilon=node.dp_max_epsilon,
+        max_physical_batch_size=run.dp_max_physical_batch_size,
+        noise_generator=noise,
+    ) as session:
+        yield session
+
+
+@dataclass
+class NonPrivateTraining:
+    """Training objects passed through unchanged (``dp.enabled = false``)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader[Any]
+    plan: None = None
+    epsilon: float = 0.0
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Flower handler: train the received global model locally."""
-    return Message(content=train_content(prepare(msg.content, context)), reply_to=msg)
+    """Flower handler: train the received global model locally.
+
+    A round the site's privacy budget cannot afford is answered with an error reply
+    that states the reason; the server records it and carries on with the others.
+    """
+    try:
+        content = train_content(prepare(msg.content, context))
+    except (PrivacyBudgetExceeded, PrivacyError) as exc:
+        log.warning("refusing to train: %s", exc)
+        return Message(Error(code=ERROR_PRIVACY, reason=str(exc)), reply_to=msg)
+    return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()

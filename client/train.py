@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -100,22 +101,22 @@ def train_epochs(
         If the loss becomes NaN or infinite (lower the learning rate).
 
     """
-    import time
-
     t0 = time.perf_counter()
     model.train()
     criterion = nn.CrossEntropyLoss()
     total_loss, steps, examples = 0.0, 0, 0
     for _ in range(epochs):
         for images, labels in loader:
-            if labels.numel() == 0:  # Poisson sampling can draw an empty batch
-                continue
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             loss = criterion(model(images), labels)
             loss.backward()
+            # An empty Poisson batch still takes its (noise-only) DP step, so the
+            # accountant's step count matches the sampling that happened.
             optimizer.step()
+            if labels.numel() == 0:
+                continue
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise FloatingPointError(

@@ -54,6 +54,7 @@ def _one_of(*choices: str) -> Check:
 
 TASKS = ("classification",)
 STRATEGIES = ("fedavg",)
+ACCOUNTANTS = ("rdp", "prv")
 
 
 def _coerce(key: str, value: Any, typ: type) -> Any:
@@ -134,6 +135,77 @@ class RunConfig:
         default=300.0,
         metadata=_key("round-timeout", "seconds a round waits for site replies", _positive),
     )
+    min_replies: int = field(
+        default=1,
+        metadata=_key(
+            "min-replies",
+            "quorum: sites that must reply for a round to aggregate (else the run fails)",
+            _positive,
+        ),
+    )
+    project: str = field(
+        default="medfed-demo",
+        metadata=_key("project", "study name; keys each site's privacy ledger"),
+    )
+    dp_enabled: bool = field(
+        default=True, metadata=_key("dp.enabled", "DP-SGD (Opacus) at every site")
+    )
+    dp_target_epsilon: float = field(
+        default=8.0,
+        metadata=_key(
+            "dp.target-epsilon", "epsilon each site reaches after all planned rounds", _positive
+        ),
+    )
+    dp_noise_multiplier: float = field(
+        default=0.0,
+        metadata=_key(
+            "dp.noise-multiplier", "fixed noise multiplier; 0 = derive from target", _non_negative
+        ),
+    )
+    dp_max_grad_norm: float = field(
+        default=1.0,
+        metadata=_key("dp.max-grad-norm", "per-sample gradient clipping norm C", _positive),
+    )
+    dp_accountant: str = field(
+        default="rdp",
+        metadata=_key("dp.accountant", "Opacus accountant", _one_of(*ACCOUNTANTS)),
+    )
+    dp_max_physical_batch_size: int = field(
+        default=128,
+        metadata=_key(
+            "dp.max-physical-batch-size", "memory cap per forward/backward pass", _positive
+        ),
+    )
+    secagg_enabled: bool = field(
+        default=True,
+        metadata=_key("secagg.enabled", "secure aggregation: the server sees only the sum"),
+    )
+    secagg_neighbours: int = field(
+        default=0,
+        metadata=_key(
+            "secagg.neighbours", "neighbours per site in SecAgg+; 0 = all", _non_negative
+        ),
+    )
+    secagg_threshold: float = field(
+        default=0.5,
+        metadata=_key(
+            "secagg.threshold",
+            "fraction of a neighbourhood (> it) needed to unmask",
+            lambda v: None if 0.5 <= v < 1.0 else "must be in [0.5, 1)",
+        ),
+    )
+    secagg_clip_range: float = field(
+        default=4.0,
+        metadata=_key("secagg.clip-range", "largest |weight change| per round", _positive),
+    )
+    secagg_quantisation: str = field(
+        default="deterministic",
+        metadata=_key(
+            "secagg.quantisation",
+            "fixed-point rounding",
+            _one_of("deterministic", "stochastic"),
+        ),
+    )
     run_dir: str = field(
         default="", metadata=_key("run-dir", "where the server writes logs and checkpoints")
     )
@@ -155,6 +227,11 @@ class RunConfig:
                 raise ConfigError(f"config key {f.metadata['key']!r}={value!r} {problem}")
         if self.fraction_train == 0.0:
             raise ConfigError("config key 'fraction-train' must be > 0: no site would train.")
+        if self.min_replies > self.min_sites:
+            raise ConfigError(
+                f"config key 'min-replies'={self.min_replies} exceeds 'min-sites'="
+                f"{self.min_sites}: no round could reach the quorum; lower 'min-replies'."
+            )
         # Validate the model name here so a typo fails before any round starts.
         from common.models import check_model_name
 
@@ -229,10 +306,14 @@ class NodeConfig:
     state_dir : Path or None
         Where the site keeps its own state (``state-dir``).
     device : str
-        ``device`` key: {DEVICES_HELP}; default ``auto``.
+        ``device`` key: 'auto', 'cpu', 'cuda' or 'cuda:N'; default ``auto``.
     site_id : str
         Human-readable site name (``site-id``); never leaves the site.
-
+    dp_max_epsilon : float
+        ``dp-max-epsilon``: the hospital's ceiling on cumulative epsilon per project and
+        dataset (default 10). Set by the site, never by the coordinator.
+    dp_delta : float or None
+        ``dp-delta``: the site's delta; default ``0.1 / N`` for N training examples.
     """
 
     dataset_dir: Path | None = None
@@ -240,6 +321,8 @@ class NodeConfig:
     state_dir: Path | None = None
     device: str = "auto"
     site_id: str = ""
+    dp_max_epsilon: float = 10.0
+    dp_delta: float | None = None
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, ConfigScalar]) -> NodeConfig:
@@ -259,6 +342,13 @@ class NodeConfig:
             return Path(str(_coerce(key, v, str))).expanduser()
 
         pid = node_config.get("partition-id")
+        max_eps = float(_coerce("dp-max-epsilon", node_config.get("dp-max-epsilon", 10.0), float))
+        if not max_eps > 0:
+            raise ConfigError(f"node config 'dp-max-epsilon'={max_eps} must be > 0")
+        delta_raw = node_config.get("dp-delta")
+        delta = None if delta_raw is None else float(_coerce("dp-delta", delta_raw, float))
+        if delta is not None and not 0.0 < delta < 1.0:
+            raise ConfigError(f"node config 'dp-delta'={delta} must be in (0, 1)")
         device = str(_coerce("device", node_config.get("device", "auto"), str))
         if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
             raise ConfigError(f"node config key 'device'={device!r} must be {DEVICES_HELP}.")
@@ -268,6 +358,28 @@ class NodeConfig:
             state_dir=opt_path("state-dir"),
             device=device,
             site_id=str(_coerce("site-id", node_config.get("site-id", ""), str)),
+            dp_max_epsilon=max_eps,
+            dp_delta=delta,
+        )
+
+    def resolve_state_dir(self, run: RunConfig) -> Path:
+        """Return the directory where this site keeps its own state (privacy ledger).
+
+        Deployment: node config ``state-dir``. Simulation: ``<sites-dir>/../state/
+        site-<partition-id>``, one folder per virtual site.
+
+        Raises
+        ------
+        ConfigError
+            When neither is available.
+        """
+        if self.state_dir is not None:
+            return self.state_dir
+        if run.sites_dir and self.partition_id is not None:
+            return Path(run.sites_dir).parent / "state" / f"site-{self.partition_id}"
+        raise ConfigError(
+            "this node has no state directory: set node config 'state-dir' (e.g. "
+            "flower-supernode --node-config \"state-dir='/var/lib/medfed'\")."
         )
 
     def resolve_dataset_dir(self, run: RunConfig) -> Path:

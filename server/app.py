@@ -27,8 +27,11 @@ from common.errors import FederationError
 from common.evaluation import evaluate_arrays
 from common.models import get_model
 from common.records import state_to_record
+from common.secagg.params import SecAggParams
 from common.site_dataset import SiteDataset
+from server.quorum import SAMPLE_WAIT_SECONDS, QuorumStrategy
 from server.runlog import EvaluateFn, RecordingStrategy
+from server.secagg import SecAggGrid
 from server.strategy import build_strategy
 
 log = logging.getLogger(__name__)
@@ -121,10 +124,21 @@ def main(grid: Grid, context: Context) -> None:
         "task": run.task,
         "run_config": run.to_run_config(),
     }
-    strategy = RecordingStrategy(build_strategy(run), run_dir=run_dir, checkpoint_meta=meta)
+    bounded = QuorumStrategy(
+        build_strategy(run),
+        min_replies=run.min_replies,
+        min_sites=run.min_sites,
+        sample_timeout=min(run.connect_timeout, SAMPLE_WAIT_SECONDS),
+    )
+    strategy = RecordingStrategy(bounded, run_dir=run_dir, checkpoint_meta=meta)
 
     connected = wait_for_sites(grid, min_sites=run.min_sites, timeout=run.connect_timeout)
     log.info("%d sites connected; starting %d rounds", connected, run.num_server_rounds)
+    if run.secagg_enabled:
+        # SecAgg+: train messages run the four-stage protocol; the strategy sees only the
+        # unmasked weighted mean (server/secagg.py).
+        grid = SecAggGrid(grid, params=SecAggParams.from_run(run), run_dir=run_dir)
+        log.info("secure aggregation on: the coordinator sees only the sum of updates")
     result = strategy.start(
         grid=grid,
         initial_arrays=state_to_record(model),

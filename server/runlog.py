@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common.checkpoint import Checkpoint, save_checkpoint
+from common.errors import FederationError
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +116,12 @@ class RecordingStrategy(Strategy):
     ) -> Iterable[Message]:
         """Delegate, and note the sampled sites and bytes sent down."""
         self._round_start = time.perf_counter()
-        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self._train = _Phase(started=time.perf_counter())
+        try:
+            messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        except FederationError as exc:
+            self._fail_round(server_round, exc)
+            raise
         self._train = self._begin(messages)
         return messages
 
@@ -124,7 +131,11 @@ class RecordingStrategy(Strategy):
         """Note replies, failures and per-site metrics, then delegate."""
         replies = list(replies)
         self._collect(self._train, replies)
-        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        try:
+            arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        except FederationError as exc:
+            self._fail_round(server_round, exc)
+            raise
         self._train.aggregated = dict(metrics or {})
         return arrays, metrics
 
@@ -160,6 +171,10 @@ class RecordingStrategy(Strategy):
         phase.seconds = time.perf_counter() - phase.started
         for r in replies:
             node = r.metadata.src_node_id
+            if r.has_error() and r.error.code == ErrorCode.NODE_UNAVAILABLE:
+                # The SuperLink answers for a site it lost: a drop, not a site's error.
+                log.warning("site %d dropped: %s", node, r.error.reason)
+                continue
             if r.has_error():
                 phase.failed[node] = r.error.reason or f"error code {r.error.code}"
                 log.warning("site %d failed: %s", node, r.error.reason)
@@ -187,6 +202,20 @@ class RecordingStrategy(Strategy):
             return metrics
 
         return evaluate_fn
+
+    def _fail_round(self, server_round: int, exc: FederationError) -> None:
+        """Append a line for a round that failed (e.g. no quorum) before re-raising."""
+        line: dict[str, Any] = {
+            "round": server_round,
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            "error": str(exc),
+            "wall-seconds": round(time.perf_counter() - self._round_start, 3),
+            "train": self._train.as_json(),
+        }
+        log.error("round %d failed: %s", server_round, exc)
+        with (self.run_dir / ROUNDS_FILE).open("a") as fh:
+            fh.write(json.dumps(line, sort_keys=True) + "\n")
+        self.history.append(line)
 
     def _close_round(
         self, server_round: int, arrays: ArrayRecord, central: MetricRecord | None

@@ -91,7 +91,7 @@ def simulate(
     from simulation.datasets import MEDMNIST, medmnist_path
     from simulation.engine import run_simulation
     from simulation.sites import GLOBAL_EVAL, SplitPlan, create_virtual_sites
-    from simulation.summary import read_rounds, summary_table
+    from simulation.summary import read_rounds, site_table, summary_table
 
     try:
         overrides: dict[str, Any] = {}
@@ -167,7 +167,9 @@ def simulate(
             raise _fail(exc) from None
         progress.update(task, completed=rounds)
 
-    console.print(summary_table(read_rounds(out)))
+    history = read_rounds(out)
+    console.print(summary_table(history))
+    console.print(site_table(history))
     latest = out.parent / "latest"
     if latest.is_symlink() or not latest.exists():
         latest.unlink(missing_ok=True)

@@ -12,17 +12,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from common.errors import FederationError
+from simulation.processes import bin_path, flower_env, free_port, stop_process, wait_port
 
 log = logging.getLogger(__name__)
 
@@ -30,72 +26,13 @@ CONNECTION = "medfed-sim"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _bin(name: str) -> str:
-    """Path of a console script installed beside this interpreter (the venv)."""
-    candidate = Path(sys.executable).parent / name
-    found = str(candidate) if candidate.exists() else shutil.which(name)
-    if not found:
-        raise FederationError(f"`{name}` not found; install medfed's dependencies (make setup)")
-    return found
-
-
-def flower_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for Flower processes: run-local home, no telemetry, offline-safe."""
-    env = dict(os.environ)
-    env.update(
-        {
-            "FLWR_HOME": str(flwr_home),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "PYTHONUNBUFFERED": "1",
-            # Ray workers must not each grab every core of a 2-core machine.
-            "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),
-            "RAY_DEDUP_LOGS": "0",
-            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-        }
-    )
-    venv_bin = str(Path(sys.executable).parent)
-    env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
-    return env
-
-
-def stop_process(proc: subprocess.Popen[bytes], *, name: str, grace: float = 10.0) -> None:
-    """Stop ``proc`` and its process group: SIGTERM, then SIGKILL after ``grace`` s."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        log.warning("%s (pid %d) ignored SIGTERM; killing it", name, proc.pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=grace)
+# Generic process management lives in simulation/processes.py (shared with deploy.py);
+# the old private names stay importable from here.
+_bin = bin_path
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], log_file: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise FederationError(
-                f"SuperLink exited with code {proc.returncode} at start-up; see {log_file}"
-            )
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise FederationError(
-        f"SuperLink did not open port {port} within {timeout:.0f} s; see {log_file}"
-    )
+    wait_port(port, proc, log_file, timeout, name="SuperLink")
 
 
 @contextlib.contextmanager
@@ -152,11 +89,14 @@ def _toml_value(v: object) -> str:
 
 
 def run_config_args(run_config: Mapping[str, object]) -> list[str]:
-    """``--run-config`` arguments for ``flwr run`` (one ``key=value`` per flag)."""
-    args: list[str] = []
-    for k, v in run_config.items():
-        args += ["--run-config", f"{k}={_toml_value(v)}"]
-    return args
+    """``--run-config`` arguments for ``flwr run``: all ``key=value`` pairs in ONE flag.
+
+    Flower 1.41 parses each flag as its own TOML document and merges them with a shallow
+    ``dict.update``, so with one flag per key only the last key of a dotted group
+    (``dp.*``, ``secagg.*``) survived; one document keeps every key of every group.
+    """
+    pairs = [f"{k}={_toml_value(v)}" for k, v in run_config.items()]
+    return ["--run-config", " ".join(pairs)] if pairs else []
 
 
 def run_simulation(

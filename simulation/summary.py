@@ -28,7 +28,8 @@ def summary_table(rounds: list[dict[str, Any]]) -> Table:
     table = Table(
         title="medfed: per-round results",
         caption="val = global model on the held-out validation split; site acc = mean "
-        "local validation accuracy at the sites; lost = sites dropped or failed",
+        "local validation accuracy at the sites; max ε = largest cumulative epsilon of "
+        "any site; lost = sites dropped or failed",
     )
     for col, justify in (
         ("round", "right"),
@@ -36,6 +37,7 @@ def summary_table(rounds: list[dict[str, Any]]) -> Table:
         ("val AUROC", "right"),
         ("site acc", "right"),
         ("loss", "right"),
+        ("max ε", "right"),
         ("sites", "right"),
         ("lost", "right"),
         ("wall s", "right"),
@@ -51,8 +53,57 @@ def summary_table(rounds: list[dict[str, Any]]) -> Table:
             _fmt(g.get("auroc")),
             _fmt(ev.get("metrics", {}).get("val-accuracy")),
             _fmt(tr.get("metrics", {}).get("train-loss")),
+            _fmt(_max_epsilon(tr), 2),
             str(len(tr.get("replied", []))) if tr else "-",
             str(lost) if tr else "-",
             _fmt(r.get("wall-seconds"), 1),
+        )
+    return table
+
+
+def _max_epsilon(phase: dict[str, Any]) -> float | None:
+    eps = [s["epsilon"] for s in phase.get("sites", {}).values() if s.get("epsilon") is not None]
+    return max(eps) if eps else None
+
+
+def site_table(rounds: list[dict[str, Any]]) -> Table:
+    """Per site (Flower node ID): examples, rounds trained, last loss, cumulative epsilon.
+
+    Epsilon is the site's own cumulative figure from its privacy ledger (reported in its
+    last reply); refusals and failures are listed with the reason the site gave.
+    """
+    table = Table(title="medfed: per-site summary")
+    for col in (
+        "site (node id)",
+        "examples",
+        "rounds",
+        "last loss",
+        "epsilon",
+        "delta",
+        "last failure",
+    ):
+        table.add_column(
+            col, justify="left" if col in ("site (node id)", "last failure") else "right"
+        )
+    sites: dict[str, dict[str, Any]] = {}
+    for r in rounds:
+        tr = r.get("train", {})
+        for node, m in tr.get("sites", {}).items():
+            s = sites.setdefault(node, {"rounds": 0})
+            s.update(m)
+            s["rounds"] += 1
+        for node, reason in tr.get("failed", {}).items():
+            sites.setdefault(node, {"rounds": 0})["failure"] = f"round {r['round']}: {reason}"
+        for node in tr.get("dropped", []):
+            sites.setdefault(str(node), {"rounds": 0})["failure"] = f"round {r['round']}: dropped"
+    for node, s in sorted(sites.items()):
+        table.add_row(
+            node,
+            str(int(s["num-examples"])) if "num-examples" in s else "-",
+            str(s["rounds"]),
+            _fmt(s.get("train-loss")),
+            _fmt(s.get("epsilon"), 3),
+            "-" if s.get("delta") is None else f"{s['delta']:.1e}",
+            str(s.get("failure", ""))[:80],
         )
     return table

@@ -7,7 +7,7 @@ from torch import nn
 
 
 class SmallCNN(nn.Module):
-    """Two conv blocks with GroupNorm and a two-layer head.
+    """Two conv blocks with GroupNorm, 3 x 3 average pooling and a two-layer head.
 
     GroupNorm instead of BatchNorm keeps every sample's gradient independent of the
     others, as DP-SGD's per-sample clipping requires (Opacus ``ModuleValidator``).
@@ -25,7 +25,8 @@ class SmallCNN(nn.Module):
 
     Notes
     -----
-    Input ``(N, C, 28, 28)`` float32 in ``[0, 1]``; output ``(N, K)`` float32 logits.
+    Input ``(N, C, H, W)`` float32 in ``[0, 1]`` (28 x 28 for MedMNIST); output ``(N, K)``
+    float32 logits. About 93 k parameters at ``width=32``.
 
     """
 
@@ -44,10 +45,14 @@ class SmallCNN(nn.Module):
             nn.GroupNorm(groups, 2 * width),
             nn.ReLU(),
             nn.MaxPool2d(2),  # 7 x 7
+            # 3 x 3 average pooling keeps coarse layout but shrinks the first dense layer
+            # from 3136 to 576 inputs: under DP-SGD every parameter costs one per-sample
+            # gradient row and adds noise, so fewer dense weights train faster and better.
+            nn.AdaptiveAvgPool2d(3),
         )
         self.head = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(2 * width * 7 * 7, 128),
+            nn.Linear(2 * width * 3 * 3, 128),
             nn.ReLU(),
             nn.Linear(128, num_classes),
         )

@@ -43,20 +43,26 @@ def _context(site, **run):
     return Context(
         run_id=1,
         node_id=1,
-        node_config={"dataset-dir": str(site)},
+        node_config={"dataset-dir": str(site), "state-dir": str(site.parent / "state")},
         state=RecordDict(),
         run_config=run,
     )
 
 
-def test_train_reply_holds_only_model_arrays_and_numeric_metrics(site):
-    reply = train_content(prepare(_content(), _context(site, **{"batch-size": 8})))
+@pytest.mark.parametrize("dp", [True, False])
+def test_train_reply_holds_only_model_arrays_and_numeric_metrics(site, dp):
+    ctx = _context(site, **{"batch-size": 8, "dp.enabled": dp})
+    reply = train_content(prepare(_content(), ctx))
     arrays = reply.array_records["arrays"].to_torch_state_dict()
     spec = expected_spec(get_model("cnn"))
     assert {k: (tuple(v.shape), str(v.dtype)) for k, v in arrays.items()} == spec
     metrics = reply.metric_records["metrics"]
-    assert metrics["num-examples"] == 30 and metrics["train-steps"] == 4
+    assert metrics["num-examples"] == 30
     assert all(isinstance(v, int | float) for v in metrics.values())
+    if dp:  # Opacus Poisson sampling: the number of steps is random; epsilon is reported
+        assert 0 < metrics["epsilon"] <= 10 and metrics["delta"] == pytest.approx(0.1 / 30)
+    else:
+        assert metrics["train-steps"] == 4 and "epsilon" not in metrics
 
 
 def test_evaluate_reply_reports_local_validation(site):

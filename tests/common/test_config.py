@@ -1,6 +1,7 @@
 import tomllib
 
 import pytest
+from flwr.common.config import flatten_dict
 
 from common.config import NodeConfig, RunConfig
 from common.errors import ConfigError, ModelError
@@ -9,7 +10,8 @@ from tests.conftest import ROOT
 
 def test_pyproject_defaults_equal_runconfig_defaults():
     # Prepare
-    defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    defaults = flatten_dict(app["config"])  # Flower's own flattening of dotted groups
     # Execute
     parsed = RunConfig.from_run_config(defaults)
     # Assert: one source of truth for every key, and no key missing on either side

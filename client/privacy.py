@@ -1,0 +1,412 @@
+"""Differential privacy at the site: Opacus DP-SGD and the site's own privacy ledger.
+
+Privacy model (DESIGN section 5):
+
+- Every site trains with DP-SGD (Abadi et al., CCS 2016) through Opacus
+  (``PrivacyEngine.make_private``: Poisson sampling, per-sample clipping to
+  ``dp.max-grad-norm``, Gaussian noise ``noise_multiplier * C``, ``grad_sample_mode=
+  "hooks"``) and ``BatchMemoryManager`` so a logical batch is split into physical
+  batches that fit memory.
+- The site owns its privacy ledger (:class:`PrivacyLedger`): the accountant history
+  ``[(noise_multiplier, sample_rate, steps), ...]`` per project and dataset fingerprint,
+  in ``<state-dir>/privacy-ledger.json``, authenticated with HMAC-SHA256 under a
+  site-local key (``cryptography``), written atomically. Every ClientApp message runs in
+  a fresh process and a SuperNode can restart, so the ledger is the only truth: it is
+  read before and written after every round. A missing ledger starts at zero; a corrupt
+  or tampered one makes the site refuse to train.
+- Before a round the site computes the epsilon its planned steps would reach
+  (accountant over the ledger history plus the planned steps) and refuses with
+  :class:`PrivacyBudgetExceeded` if that crosses its ceiling ``dp-max-epsilon`` (node
+  config, set by the hospital).
+- The noise multiplier is either given (``dp.noise-multiplier``) or derived once per
+  run from ``dp.target-epsilon`` over the whole planned training (all rounds x local
+  epochs) with ``opacus.accountants.utils.get_noise_multiplier``, then stored in the
+  ledger so every later round of that run uses the same value. Reported epsilon is
+  always cumulative over the ledger, never per round (Flower's Opacus example resets
+  the accountant each round).
+
+Delta defaults to ``0.1 / N`` for ``N`` training examples (below ``1 / N``). The unit of
+privacy is one training example; in every dataset medfed writes today one example is
+one patient (``groups`` in the site dataset are all distinct); with several images per
+patient the guarantee holds per image, and the manifest's groups say so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac as std_hmac
+import json
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as crypto_hmac
+from opacus import GradSampleModule, PrivacyEngine
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch import nn
+from torch.utils.data import DataLoader
+
+from common.errors import MedfedError
+
+log = logging.getLogger(__name__)
+
+LEDGER_FILE = "privacy-ledger.json"
+KEY_FILE = "privacy-ledger.key"
+FORMAT = "medfed-privacy-ledger"
+VERSION = 1
+
+History = list[tuple[float, float, int]]
+
+
+class PrivacyError(MedfedError, RuntimeError):
+    """The site cannot account for privacy (unreadable, corrupt or tampered ledger)."""
+
+
+class PrivacyBudgetExceeded(MedfedError, RuntimeError):
+    """Training this round would take the site past its epsilon ceiling."""
+
+
+def default_delta(num_examples: int) -> float:
+    """Return ``0.1 / N``, a delta below ``1 / N`` for ``N`` training examples.
+
+    Raises
+    ------
+    PrivacyError
+        If ``num_examples < 1``.
+    """
+    if num_examples < 1:
+        raise PrivacyError("cannot train with DP on an empty training split")
+    return 0.1 / num_examples
+
+
+def epsilon_of(history: History, *, delta: float, accountant: str = "rdp") -> float:
+    """Cumulative epsilon of an accountant history, computed by Opacus.
+
+    Parameters
+    ----------
+    history : list of (noise_multiplier, sample_rate, steps)
+        Opacus accountant history.
+    delta : float
+        Target delta.
+    accountant : str
+        ``"rdp"`` (Mironov 2017) or ``"prv"`` (Gopi et al. 2021).
+
+    Returns
+    -------
+    float
+        Epsilon; 0.0 for an empty history.
+    """
+    if not history:
+        return 0.0
+    acc = create_accountant(mechanism=accountant)
+    acc.load_state_dict({"history": [tuple(h) for h in history], "mechanism": accountant})
+    return float(acc.get_epsilon(delta=delta))
+
+
+def ledger_key(project: str, dataset_fingerprint: str) -> str:
+    """Ledger entry key: the project name and the dataset's fingerprint."""
+    return f"{project}/{dataset_fingerprint}"
+
+
+class PrivacyLedger:
+    """The site's persistent, authenticated record of privacy spent.
+
+    Parameters
+    ----------
+    state_dir : pathlib.Path
+        The site's state directory (node config ``state-dir``); created if missing.
+
+    Raises
+    ------
+    PrivacyError
+        On read: a ledger that is not valid JSON, has an unknown format, fails its
+        HMAC check, or exists without its key. Never silently reset.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir)
+        self.path = self.state_dir / LEDGER_FILE
+        self.key_path = self.state_dir / KEY_FILE
+
+    # ------------------------------------------------------------------ key + MAC
+    def _key(self, *, create: bool) -> bytes:
+        if self.key_path.is_file():
+            key = self.key_path.read_bytes()
+            if len(key) != 32:
+                raise PrivacyError(f"ledger key {self.key_path} is not 32 bytes; refusing")
+            return key
+        if not create:
+            raise PrivacyError(
+                f"{self.path} exists but its key {self.key_path.name} is missing: the ledger "
+                "cannot be verified, so the site refuses to train. Restore the key from backup."
+            )
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        key = os.urandom(32)  # OS CSPRNG
+        fd = os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key)
+        return key
+
+    @staticmethod
+    def _mac(key: bytes, body: dict[str, Any]) -> str:
+        h = crypto_hmac.HMAC(key, hashes.SHA256())
+        h.update(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+        return h.finalize().hex()
+
+    # ---------------------------------------------------------------- read / write
+    def read(self) -> dict[str, Any]:
+        """Return all entries (``{}`` when no ledger exists yet), after verification."""
+        if not self.path.exists():
+            return {}
+        try:
+            doc = json.loads(self.path.read_text())
+            mac = doc.pop("mac")
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
+            raise PrivacyError(
+                f"privacy ledger {self.path} is corrupt ({exc}); the site refuses to train "
+                "rather than reset its budget. Restore it from backup."
+            ) from exc
+        expected = self._mac(self._key(create=False), doc)
+        if not std_hmac.compare_digest(str(mac), expected):
+            raise PrivacyError(
+                f"privacy ledger {self.path} fails its integrity check (edited or tampered); "
+                "the site refuses to train. Restore it from backup."
+            )
+        if doc.get("format") != FORMAT or doc.get("version") != VERSION:
+            raise PrivacyError(f"privacy ledger {self.path} has an unknown format/version")
+        entries: dict[str, Any] = doc["entries"]
+        return entries
+
+    def write(self, entries: dict[str, Any]) -> None:
+        """Authenticate and atomically replace the ledger with ``entries``."""
+        body = {"format": FORMAT, "version": VERSION, "entries": entries}
+        doc = dict(body, mac=self._mac(self._key(create=True), body))
+        tmp = self.path.with_name(f".{LEDGER_FILE}.tmp-{os.getpid()}")
+        with tmp.open("w") as fh:
+            json.dump(doc, fh, indent=1, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(self.path)
+
+    def entry(self, key: str) -> dict[str, Any]:
+        """Return one entry (empty history when the project/dataset is new)."""
+        return dict(self.read().get(key, {"history": [], "plans": {}}))
+
+    def update(self, key: str, entry: dict[str, Any]) -> None:
+        """Replace one entry (read-verify-modify-write)."""
+        entries = self.read()
+        entries[key] = dict(entry, updated=datetime.now(UTC).isoformat(timespec="seconds"))
+        self.write(entries)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPPlan:
+    """The DP parameters of one site for one round.
+
+    Attributes
+    ----------
+    noise_multiplier : float
+        Gaussian noise std divided by the clipping norm.
+    max_grad_norm : float
+        Per-sample clipping norm ``C``.
+    sample_rate : float
+        Poisson sampling rate ``q = 1 / ceil(N / batch_size)`` (as Opacus derives it).
+    steps : int
+        Optimizer steps this round: ``local_epochs * ceil(N / batch_size)``.
+    delta : float
+        The site's delta.
+    accountant : str
+        ``rdp`` or ``prv``.
+    """
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    steps: int
+    delta: float
+    accountant: str
+
+
+def plan_round(
+    *,
+    num_examples: int,
+    batch_size: int,
+    local_epochs: int,
+    num_rounds: int,
+    max_grad_norm: float,
+    delta: float,
+    accountant: str,
+    noise_multiplier: float | None,
+    target_epsilon: float,
+) -> DPPlan:
+    """Plan one round's DP-SGD; derive the noise multiplier for the whole run if needed.
+
+    Parameters
+    ----------
+    num_examples : int
+        ``N``, training examples at the site.
+    batch_size : int
+        Expected logical batch size (Poisson sampling makes it random).
+    local_epochs, num_rounds : int
+        Planned local epochs per round and rounds in the run.
+    max_grad_norm : float
+        Clipping norm ``C``.
+    delta : float
+        The site's delta.
+    accountant : str
+        ``rdp`` or ``prv``.
+    noise_multiplier : float or None
+        A fixed sigma (given in the run config, or the value stored in the ledger for
+        this run). None or 0: derive it.
+    target_epsilon : float
+        Used only when deriving: sigma is the smallest value for which
+        ``num_rounds * local_epochs`` epochs of Poisson-sampled steps reach
+        ``target_epsilon`` at ``delta`` (Opacus ``get_noise_multiplier``).
+
+    Returns
+    -------
+    DPPlan
+    """
+    batches = -(-num_examples // batch_size)  # ceil
+    sample_rate = 1.0 / batches
+    steps = local_epochs * batches
+    if not noise_multiplier:
+        noise_multiplier = float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps * num_rounds,
+                accountant=accountant,
+            )
+        )
+    return DPPlan(
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        sample_rate=sample_rate,
+        steps=steps,
+        delta=delta,
+        accountant=accountant,
+    )
+
+
+def check_budget(history: History, plan: DPPlan, *, max_epsilon: float) -> float:
+    """Return the epsilon after this round's planned steps; refuse if over the ceiling.
+
+    Raises
+    ------
+    PrivacyBudgetExceeded
+        If the projected cumulative epsilon exceeds ``max_epsilon``; nothing is trained.
+    """
+    spent = epsilon_of(history, delta=plan.delta, accountant=plan.accountant)
+    planned = [*history, (plan.noise_multiplier, plan.sample_rate, plan.steps)]
+    projected = epsilon_of(planned, delta=plan.delta, accountant=plan.accountant)
+    if projected > max_epsilon:
+        raise PrivacyBudgetExceeded(
+            f"privacy budget: this round would take epsilon from {spent:.3f} to "
+            f"{projected:.3f} (delta {plan.delta:.2e}), above this site's ceiling "
+            f"dp-max-epsilon={max_epsilon:g}; the site refuses to train"
+        )
+    return projected
+
+
+@dataclass
+class PrivateTraining:
+    """The objects a DP round trains with, and the epsilon it spent (after exit)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader[Any]
+    plan: DPPlan
+    epsilon: float = 0.0
+
+
+@contextlib.contextmanager
+def private_training(
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader[Any],
+    plan: DPPlan,
+    ledger: PrivacyLedger,
+    key: str,
+    run_id: int,
+    max_epsilon: float,
+    max_physical_batch_size: int,
+    noise_generator: torch.Generator | None = None,
+) -> Iterator[PrivateTraining]:
+    """Check the budget, make the training objects private, and record what was spent.
+
+    The ledger entry's history is loaded into a fresh Opacus accountant before any
+    step, and whatever the accountant recorded is written back on exit, also when
+    training fails midway (steps taken have spent privacy).
+
+    Raises
+    ------
+    PrivacyBudgetExceeded
+        Before any training step, if the round would cross ``max_epsilon``.
+    PrivacyError
+        If the ledger is corrupt or tampered.
+    """
+    entry = ledger.entry(key)
+    history: History = [tuple(h) for h in entry.get("history", [])]  # type: ignore[misc]
+    check_budget(history, plan, max_epsilon=max_epsilon)
+
+    engine = PrivacyEngine(accountant=plan.accountant)
+    engine.accountant.load_state_dict({"history": list(history), "mechanism": plan.accountant})
+    with warnings.catch_warnings():
+        # Opacus warns that secure_mode is off; that choice is documented above.
+        warnings.filterwarnings("ignore", message=".*[Ss]ecure [Rr][Nn][Gg].*")
+        dp_model, dp_optimizer, dp_loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=plan.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode="hooks",
+            noise_generator=noise_generator,
+        )
+    session = PrivateTraining(dp_model, dp_optimizer, dp_loader, plan)
+    try:
+        with (
+            warnings.catch_warnings(),
+            BatchMemoryManager(
+                data_loader=dp_loader,
+                max_physical_batch_size=max_physical_batch_size,
+                optimizer=dp_optimizer,
+            ) as physical_loader,
+        ):
+            # Opacus's hooks on the first layer trigger this torch notice on every step.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            session.loader = physical_loader
+            yield session
+    finally:
+        new_history = [list(h) for h in engine.accountant.history]
+        plans = dict(entry.get("plans", {}))
+        plans[str(run_id)] = plan.noise_multiplier
+        ledger.update(
+            key,
+            {
+                "history": new_history,
+                "plans": plans,
+                "accountant": plan.accountant,
+                "delta": plan.delta,
+            },
+        )
+        session.epsilon = epsilon_of(
+            [tuple(h) for h in new_history],  # type: ignore[misc]
+            delta=plan.delta,
+            accountant=plan.accountant,
+        )
+        if isinstance(dp_model, GradSampleModule):
+            dp_model.remove_hooks()

@@ -1,0 +1,64 @@
+"""Coordinator commands: ``medfed certs`` (development CA + SuperLink certificate)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from common.errors import MedfedError
+from common.tls import check_server_files, write_dev_certificates
+
+console = Console()
+
+
+def certs(
+    out_dir: Annotated[Path, typer.Argument(help="Folder that receives the files.")],
+    host: Annotated[
+        list[str] | None,
+        typer.Option("--host", help="DNS name clients use for the SuperLink (repeatable)."),
+    ] = None,
+    ip: Annotated[
+        list[str] | None,
+        typer.Option("--ip", help="IP address clients use for the SuperLink (repeatable)."),
+    ] = None,
+    site: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--site",
+            help="SuperNode host name needing a Runtime-API certificate, e.g. supernode-1.",
+        ),
+    ] = None,
+    days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing files.")] = False,
+) -> None:
+    """Create a development CA and a SuperLink TLS certificate (EC P-384).
+
+    Writes OUT_DIR/ca.crt, ca.key (0600), server.pem, server.key (0600) and, per --site,
+    <site>.pem/<site>.key. The certificate names every --host/--ip plus localhost,
+    127.0.0.1 and ::1 (Flower's SuperExec reaches the SuperLink on 127.0.0.1) and the
+    compose service name `superlink`. Give ca.crt to every hospital and to `flwr`.
+    """
+    hosts = list(dict.fromkeys([*(host or []), "superlink"]))
+    try:
+        paths = write_dev_certificates(
+            out_dir, hosts=hosts, ips=ip or [], sites=site or [], valid_days=days, force=force
+        )
+        check_server_files(
+            paths.server_cert, paths.server_key, paths.ca_cert, names=[*hosts, *(ip or [])]
+        )
+    except MedfedError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"CA certificate:     {paths.ca_cert}  (give to hospitals and flwr)")
+    console.print(f"CA key:             {paths.ca_key}  (keep offline)")
+    console.print(f"SuperLink cert/key: {paths.server_cert} / {paths.server_key}")
+    for s in site or []:
+        console.print(f"Runtime API cert:   {out_dir / (s + '.pem')} / {out_dir / (s + '.key')}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the coordinator commands to the root ``medfed`` app."""
+    app.command()(certs)

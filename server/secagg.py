@@ -1,0 +1,681 @@
+"""Coordinator side of secure aggregation: SecAgg+ on Flower's Message API.
+
+Why a ``Grid`` wrapper
+----------------------
+SecAgg+ needs four message exchanges per training round (Bell et al., CCS 2020,
+Algorithm 2: advertise keys, share keys, masked input, unmask), but Flower's
+``Strategy.start`` performs one ``grid.send_and_receive`` per training round.
+:class:`SecAggGrid` wraps the real grid: for ``train`` messages its
+``send_and_receive`` runs the whole protocol with the real grid and returns, for each
+surviving site, an ordinary-looking reply whose arrays are the *unmasked weighted mean*
+(global model + mean delta) and whose metrics are the site's own train metrics. FedAvg's
+weighted mean of identical arrays is that array, so FedAvg-family strategies,
+:class:`~server.runlog.RecordingStrategy` and the per-site metric log keep working
+unchanged; ``evaluate`` messages pass straight through. The coordinator never holds a
+single site's update: only masked vectors and, after unmasking, their sum.
+
+Failure semantics
+-----------------
+Sites that fail or time out at a stage are dropped; sites whose messages are malformed
+(:class:`SecAggProtocolError`) are excluded and never trusted. Up to ``m - t`` holders of
+each neighbourhood may drop after sending their masked input and the round completes
+with the exact sum of the survivors (their self-masks and the dropped sites' pairwise
+masks are rebuilt from Shamir shares; Bonawitz et al. 2017, section 4, round 4). With
+fewer, :class:`SecAggAbortedError`: logged at ERROR, appended to ``secagg.jsonl``, and
+every site that answered gets an error reply naming the reason, so ``rounds.jsonl`` records the
+round as failed and the global model stays as it was (Flower's legacy workflow skips such
+a round silently).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from numpy.typing import NDArray
+
+from common.secagg import crypto
+from common.secagg.encoding import (
+    Layout,
+    apply_mean_delta,
+    decode_mean,
+    quantisation_step,
+)
+from common.secagg.errors import SecAggAbortedError, SecAggProtocolError
+from common.secagg.graph import neighbourhoods
+from common.secagg.params import (
+    ADVERTISE,
+    MASKED_INPUT,
+    RECORD,
+    SHARE_KEYS,
+    UNMASK,
+    WEIGHT_KEY,
+    SecAggParams,
+)
+from common.secagg.schema import (
+    SESSION_BYTES,
+    AdvertiseReply,
+    Ciphertexts,
+    Header,
+    ShareKeysRequest,
+    UnmaskReply,
+    UnmaskRequest,
+    parse_masked_input_reply,
+    parse_share_keys_reply,
+)
+
+log = logging.getLogger(__name__)
+
+SECAGG_LOG = "secagg.jsonl"
+#: Error code of the synthetic error replies (``ErrorCode.UNKNOWN``).
+ABORT_CODE = 0
+#: At most this many share subsets are tried when a rebuilt secret fails verification.
+MAX_COMBINATIONS = 64
+
+#: ``send(stage, {node: content}) -> {node: reply content, or the error reason (str)}``;
+#: nodes without a reply are absent.
+Transport = Callable[[str, dict[int, RecordDict]], dict[int, RecordDict | str]]
+
+
+@dataclass
+class RoundReport:
+    """What one secure-aggregation round did (one line of ``secagg.jsonl``)."""
+
+    server_round: int
+    status: str = "running"
+    reason: str = ""
+    sampled: list[int] = field(default_factory=list)
+    survivors: list[int] = field(default_factory=list)
+    dropped: dict[str, dict[int, str]] = field(default_factory=dict)
+    excluded: dict[int, str] = field(default_factory=dict)
+    bytes_up: dict[int, int] = field(default_factory=dict)
+    bytes_down: dict[int, int] = field(default_factory=dict)
+    masked_length: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        """JSON-safe dict."""
+        up = sum(self.bytes_up.values())
+        return {
+            "round": self.server_round,
+            "status": self.status,
+            "reason": self.reason,
+            "sampled": sorted(self.sampled),
+            "survivors": sorted(self.survivors),
+            "dropped": {s: {str(k): v for k, v in d.items()} for s, d in self.dropped.items()},
+            "excluded": {str(k): v for k, v in self.excluded.items()},
+            "bytes-up": up,
+            "bytes-down": sum(self.bytes_down.values()),
+            "masked-length": self.masked_length,
+            "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
+        }
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """The unmasked outcome of a round.
+
+    Attributes
+    ----------
+    arrays : dict[str, numpy.ndarray]
+        New global state: global + weighted mean delta (float arrays, original dtype);
+        non-float arrays unchanged.
+    mean_delta : numpy.ndarray, shape (L,), float64
+        The decoded weighted mean delta.
+    survivors : list[int]
+        Sites whose masked input is in the sum.
+    total_weight : float
+        Sum of the survivors' ``num-examples``.
+    metrics : dict[int, MetricRecord]
+        Each survivor's train metrics.
+
+    """
+
+    arrays: dict[str, NDArray[np.generic]]
+    mean_delta: NDArray[np.float64]
+    survivors: list[int]
+    total_weight: float
+    metrics: dict[int, MetricRecord]
+
+
+def content_nbytes(content: RecordDict) -> int:
+    """Approximate wire size of a content: array payloads plus bytes/str config values."""
+    total = sum(len(a.data) for ar in content.array_records.values() for a in ar.values())
+    for rec in content.config_records.values():
+        for v in rec.values():
+            items = v if isinstance(v, list) else [v]
+            total += sum(len(x) if isinstance(x, bytes | str) else 8 for x in items)
+    total += sum(8 * len(m) for m in content.metric_records.values())
+    return total
+
+
+class SecAggRound:
+    """Coordinator logic of one SecAgg+ round, independent of Flower's transport.
+
+    Parameters
+    ----------
+    params : SecAggParams
+        From the run config.
+    server_round : int
+        Flower's round number (bound into every key derivation and ciphertext).
+    global_arrays : ArrayRecord
+        The global model sent to every site this round (the deltas' reference).
+    transport : Transport
+        Sends one stage's contents and returns the replies.
+
+    """
+
+    def __init__(
+        self,
+        *,
+        params: SecAggParams,
+        server_round: int,
+        global_arrays: ArrayRecord,
+        transport: Transport,
+    ) -> None:
+        self.params = params
+        self.server_round = server_round
+        self.global_np = {k: v.numpy() for k, v in global_arrays.items()}
+        self.layout = Layout.of(self.global_np)
+        self.length = self.layout.length
+        self.transport = transport
+        self.session = secrets.token_bytes(SESSION_BYTES)
+        self.report = RoundReport(server_round=server_round)
+
+    # ---------------------------------------------------------------- plumbing
+    def _header(self, stage: str) -> Header:
+        return Header(stage=stage, server_round=self.server_round, session=self.session)
+
+    def _send(self, stage: str, contents: dict[int, RecordDict]) -> dict[int, RecordDict]:
+        t0 = time.perf_counter()
+        for node, c in contents.items():
+            self.report.bytes_down[node] = self.report.bytes_down.get(node, 0) + content_nbytes(c)
+        replies = self.transport(stage, contents)
+        ok: dict[int, RecordDict] = {}
+        dropped: dict[int, str] = {}
+        for node in contents:
+            reply = replies.get(node)
+            if reply is None:
+                dropped[node] = "no reply before the deadline"
+            elif isinstance(reply, str):
+                dropped[node] = reply
+            else:
+                self.report.bytes_up[node] = self.report.bytes_up.get(node, 0) + content_nbytes(
+                    reply
+                )
+                ok[node] = reply
+        if dropped:
+            self.report.dropped[stage] = dropped
+            log.warning(
+                "secagg round %d, %s: sites %s dropped", self.server_round, stage, sorted(dropped)
+            )
+        self.report.seconds[stage] = time.perf_counter() - t0
+        return ok
+
+    def _exclude(self, node: int, stage: str, exc: Exception) -> None:
+        self.report.excluded[node] = f"{stage}: {exc}"
+        log.warning(
+            "secagg round %d: excluding site %d (%s: %s)", self.server_round, node, stage, exc
+        )
+
+    def _require(self, alive: int, needed: int, stage: str) -> None:
+        if alive < needed:
+            raise SecAggAbortedError(
+                f"secure aggregation round {self.server_round} aborted at {stage}: only "
+                f"{alive} sites left, {needed} needed (secagg.threshold); the global model "
+                "is not updated this round"
+            )
+
+    # ------------------------------------------------------------------ stages
+    def run(self, train_contents: Mapping[int, RecordDict]) -> RoundResult:
+        """Run all four stages for the sites in ``train_contents``.
+
+        Parameters
+        ----------
+        train_contents : Mapping[int, RecordDict]
+            The strategy's train message content per node (global arrays + config).
+
+        Returns
+        -------
+        RoundResult
+
+        Raises
+        ------
+        SecAggAbortedError
+            Too few sites survived a stage (the report says which and why).
+
+        """
+        self.report.sampled = sorted(train_contents)
+        try:
+            result = self._run(train_contents)
+        except SecAggAbortedError as exc:
+            self.report.status, self.report.reason = "failed", str(exc)
+            raise
+        self.report.status = "ok"
+        return result
+
+    def _run(self, train_contents: Mapping[int, RecordDict]) -> RoundResult:
+        self.report.masked_length = self.length
+        # -- stage 0: advertise keys (sites train here)
+        hdr = self._header(ADVERTISE).record()
+        requests = {}
+        for node, content in train_contents.items():
+            req = RecordDict(dict(content.items()))
+            req.config_records[RECORD] = hdr
+            requests[node] = req
+        adverts: dict[int, AdvertiseReply] = {}
+        weights: dict[int, float] = {}
+        metrics: dict[int, MetricRecord] = {}
+        for node, reply in self._send(ADVERTISE, requests).items():
+            try:
+                adverts[node] = AdvertiseReply.parse(_record(reply))
+                if len(reply.metric_records) != 1:
+                    raise SecAggProtocolError("advertise reply needs exactly one MetricRecord")
+                m = next(iter(reply.metric_records.values()))
+                w = m.get(WEIGHT_KEY)
+                if isinstance(w, bool) or not isinstance(w, int | float) or not 0 < w < 2**40:
+                    raise SecAggProtocolError(f"{WEIGHT_KEY!r} must be a positive number")
+                weights[node], metrics[node] = float(w), m
+            except SecAggProtocolError as exc:
+                adverts.pop(node, None)
+                self._exclude(node, ADVERTISE, exc)
+        u1 = sorted(adverts)
+        self._require(len(u1), 2, ADVERTISE)
+        graph = neighbourhoods(u1, k=self.params.neighbours)
+        holders = min(len(v) for v in graph.values())
+        t = self.params.shares_needed(holders)
+        self._require(len(u1), t, ADVERTISE)
+        total_adv = sum(weights.values())
+        step = quantisation_step(clip_range=self.params.clip_range, total_weight=total_adv)
+
+        # -- stage 1: share keys
+        hdr1 = self._header(SHARE_KEYS)
+        requests = {}
+        for u in u1:
+            nb = graph[u]
+            req1 = ShareKeysRequest(
+                nodes=nb,
+                enc_pks=[adverts[v].enc_pk for v in nb],
+                mask_pks=[adverts[v].mask_pk for v in nb],
+                threshold=self.params.shares_needed(len(nb)),
+                total_weight=total_adv,
+            )
+            requests[u] = RecordDict({RECORD: hdr1.record(**req1.fields())})
+        outbox: dict[int, dict[int, bytes]] = {}  # dst -> src -> ciphertext
+        u2: list[int] = []
+        for u, reply in self._send(SHARE_KEYS, requests).items():
+            try:
+                ct = parse_share_keys_reply(_record(reply))
+                if sorted(ct.peers) != [v for v in graph[u] if v != u]:
+                    raise SecAggProtocolError("shares must go to exactly the neighbours")
+            except SecAggProtocolError as exc:
+                self._exclude(u, SHARE_KEYS, exc)
+                continue
+            u2.append(u)
+            for dst, c in zip(ct.peers, ct.ciphertexts, strict=True):
+                outbox.setdefault(dst, {})[u] = c
+        self._require(len(u2), t, SHARE_KEYS)
+        u2_set = set(u2)
+
+        # -- stage 2: masked input
+        hdr2 = self._header(MASKED_INPUT)
+        requests = {}
+        sent_src: dict[int, list[int]] = {}
+        for v in u2:
+            srcs = sorted(u for u in outbox.get(v, {}) if u in u2_set)
+            sent_src[v] = srcs
+            cts = Ciphertexts(srcs, [outbox[v][u] for u in srcs])
+            requests[v] = RecordDict({RECORD: hdr2.record(**cts.fields("src"))})
+        vectors: dict[int, NDArray[np.uint32]] = {}
+        active: dict[int, set[int]] = {}
+        rejected_by: dict[int, int] = {}
+        for v, reply in self._send(MASKED_INPUT, requests).items():
+            try:
+                vec, act, rej = parse_masked_input_reply(reply, length=self.length)
+                if sorted(act + rej) != sent_src[v]:
+                    raise SecAggProtocolError("active + rejected must be the senders it was sent")
+            except SecAggProtocolError as exc:
+                self._exclude(v, MASKED_INPUT, exc)
+                continue
+            active[v], vectors[v] = set(act), vec
+            for u in rej:
+                rejected_by.setdefault(u, v)
+        # a site whose shares failed authentication at a neighbour is excluded: its
+        # input leaves the sum and its pairwise masks are removed like a dropped site's
+        for u, v in sorted(rejected_by.items()):
+            self._exclude(u, MASKED_INPUT, SecAggProtocolError(f"site {v} rejected its shares"))
+        survivors = set(active) - set(rejected_by)
+        total = np.zeros(self.length, dtype=np.uint32)
+        for v in sorted(survivors):
+            total += vectors.pop(v)
+        vectors.clear()
+        # pairwise consistency among survivors
+        for a, b in itertools.combinations(sorted(survivors), 2):
+            if (b in active[a]) != (a in active[b]):
+                raise SecAggAbortedError(
+                    f"sites {a} and {b} disagree on their pairwise masks; aborting the round"
+                )
+        self._require(len(survivors), max(t, 2), MASKED_INPUT)
+        gone = u2_set - survivors  # shared keys, but their input is not in the sum
+
+        # -- stage 3: unmask
+        hdr3 = self._header(UNMASK)
+        requests = {}
+        for w in sorted(survivors):
+            req3 = UnmaskRequest(
+                survivors=[u for u in graph[w] if u in survivors],
+                dropped=[u for u in graph[w] if u in gone],
+                num_survivors=len(survivors),
+            )
+            requests[w] = RecordDict({RECORD: hdr3.record(**req3.fields())})
+        seed_shares: dict[int, list[tuple[int, bytes]]] = {}
+        key_shares: dict[int, list[tuple[int, bytes]]] = {}
+        for w, reply in self._send(UNMASK, requests).items():
+            try:
+                un = UnmaskReply.parse(_record(reply))
+                asked = UnmaskRequest.parse(requests[w].config_records[RECORD])
+                if not set(un.seed_nodes) <= set(asked.survivors) or not set(un.key_nodes) <= set(
+                    asked.dropped
+                ):
+                    raise SecAggProtocolError("revealed shares that were not asked for")
+            except SecAggProtocolError as exc:
+                self._exclude(w, UNMASK, exc)
+                continue
+            for u, s in zip(un.seed_nodes, un.seed_shares, strict=True):
+                seed_shares.setdefault(u, []).append((graph[u].index(w) + 1, s))
+            for u, s in zip(un.key_nodes, un.key_shares, strict=True):
+                key_shares.setdefault(u, []).append((graph[u].index(w) + 1, s))
+
+        # rebuild and remove self masks of the survivors
+        for u in sorted(survivors):
+            seed = self._rebuild(
+                u,
+                seed_shares.get(u, []),
+                self.params.shares_needed(len(graph[u])),
+                derive=crypto.commit,
+                expected=adverts[u].seed_commit,
+                what="self-mask seed",
+            )
+            total -= crypto.expand_mask(seed, length=self.length)
+        # rebuild the mask keys of sites that left and remove their pairwise masks
+        for u in sorted(gone):
+            partners = [v for v in survivors if u in active[v]]
+            if not partners:
+                continue
+            sk = self._rebuild(
+                u,
+                key_shares.get(u, []),
+                self.params.shares_needed(len(graph[u])),
+                derive=crypto.public_key,
+                expected=adverts[u].mask_pk,
+                what="mask key",
+            )
+            for v in partners:
+                pair = crypto.agree(
+                    private_key=sk,
+                    peer_public_key=adverts[v].mask_pk,
+                    purpose=b"pairwise-mask",
+                    session=self.session,
+                    node_a=u,
+                    node_b=v,
+                )
+                mask = crypto.expand_mask(pair, length=self.length)
+                # v added +mask if v < u else -mask; undo it
+                if v < u:
+                    total -= mask
+                else:
+                    total += mask
+
+        total_weight = sum(weights[v] for v in survivors)
+        mean_delta = decode_mean(total, step=step, total_weight=total_weight)
+        self.report.survivors = sorted(survivors)
+        return RoundResult(
+            arrays=apply_mean_delta(self.global_np, mean_delta, layout=self.layout),
+            mean_delta=mean_delta,
+            survivors=sorted(survivors),
+            total_weight=total_weight,
+            metrics={v: metrics[v] for v in survivors},
+        )
+
+    def _rebuild(
+        self,
+        node: int,
+        shares: list[tuple[int, bytes]],
+        t: int,
+        *,
+        derive: Callable[[bytes], bytes],
+        expected: bytes,
+        what: str,
+    ) -> bytes:
+        """Combine ``t`` of ``shares``; keep the secret with ``derive(secret) == expected``.
+
+        The check is the site's own advertisement: the SHA-256 commitment of its seed or
+        its mask public key. If a holder sent a wrong share, other ``t``-subsets are tried
+        (at most :data:`MAX_COMBINATIONS`).
+        """
+        if len(shares) < t:
+            raise SecAggAbortedError(
+                f"secure aggregation round {self.server_round} aborted at unmask: "
+                f"{len(shares)} shares of site {node}'s {what}, {t} needed (too many sites "
+                "dropped after sending their masked input)"
+            )
+        for subset in itertools.islice(itertools.combinations(shares, t), MAX_COMBINATIONS):
+            try:
+                secret = crypto.combine_secret(list(subset))
+            except SecAggProtocolError:
+                continue
+            if derive(secret) == expected:
+                return secret
+        raise SecAggAbortedError(
+            f"secure aggregation round {self.server_round}: no {t} shares rebuild site "
+            f"{node}'s {what} (a holder sent wrong shares)"
+        )
+
+
+def _record(content: RecordDict) -> Any:
+    rec = content.config_records.get(RECORD)
+    if rec is None:
+        raise SecAggProtocolError("reply lacks the secagg record")
+    return rec
+
+
+class SecAggGrid(Grid):
+    """A ``Grid`` that runs SecAgg+ for every batch of ``train`` messages.
+
+    All other calls (and ``evaluate``/``query`` messages) go to the wrapped grid. See the
+    module docstring for why the protocol sits here and what the strategy sees.
+
+    Parameters
+    ----------
+    grid : flwr.serverapp.Grid
+        The real grid (deployment or simulation).
+    params : SecAggParams
+        From the run config.
+    run_dir : pathlib.Path, optional
+        Receives ``secagg.jsonl`` (one line per secure round).
+
+    """
+
+    def __init__(self, grid: Grid, *, params: SecAggParams, run_dir: Path | None = None) -> None:
+        self._grid = grid
+        self.params = params
+        self.run_dir = run_dir
+        self.reports: list[RoundReport] = []
+
+    # ---------------------------------------------------------------- delegation
+    def set_run(self, run: Run) -> None:
+        """Delegate."""
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        """Delegate."""
+        return self._grid.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        """Delegate."""
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Delegate."""
+        return self._grid.get_node_ids()
+
+    def get_nodes(self) -> Iterable[Any]:
+        """Delegate (Flower's ``NodeInfo`` of every connected node)."""
+        return self._grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Delegate."""
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Delegate."""
+        return self._grid.pull_messages(message_ids)
+
+    # ------------------------------------------------------------- the protocol
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Run SecAgg+ for ``train`` messages; pass anything else through.
+
+        Returns
+        -------
+        Iterable[Message]
+            For ``train``: one reply per surviving site carrying the unmasked weighted
+            mean model and the site's train metrics (plus ``secagg-bytes-up``, what it
+            really uploaded), and one error reply per site that failed, dropped or was
+            excluded after answering at least once. If the round aborts, error replies
+            for every site that answered, naming the reason.
+
+        """
+        messages = list(messages)
+        if not messages or any(m.metadata.message_type != MessageType.TRAIN for m in messages):
+            return self._grid.send_and_receive(messages, timeout=timeout)
+        first = messages[0]
+        group_id = first.metadata.group_id
+        server_round = int(group_id) if group_id.isdigit() else len(self.reports) + 1
+        global_arrays = _common_arrays(messages)
+        last_sent: dict[int, Message] = {}
+        answered: set[int] = set()
+
+        def transport(stage: str, contents: dict[int, RecordDict]) -> dict[int, RecordDict | str]:
+            out_msgs = [
+                self._grid.create_message(c, MessageType.TRAIN, node, group_id)
+                for node, c in contents.items()
+            ]
+            out: dict[int, RecordDict | str] = {}
+            for m in out_msgs:
+                last_sent[m.metadata.dst_node_id] = m
+            for reply in self._grid.send_and_receive(out_msgs, timeout=timeout):
+                node = reply.metadata.src_node_id
+                if node not in contents:
+                    continue
+                answered.add(node)
+                if reply.has_error():
+                    out[node] = reply.error.reason or f"error code {reply.error.code}"
+                else:
+                    out[node] = reply.content
+            return out
+
+        rnd = SecAggRound(
+            params=self.params,
+            server_round=server_round,
+            global_arrays=global_arrays,
+            transport=transport,
+        )
+        contents = {m.metadata.dst_node_id: m.content for m in messages}
+        try:
+            result = rnd.run(contents)
+        except SecAggAbortedError as exc:
+            log.error("%s", exc)
+            self._record(rnd.report)
+            # a site that failed on its own keeps its own reason; the others get the abort's
+            return [
+                Message(
+                    Error(code=ABORT_CODE, reason=_own_failure(rnd.report, node) or str(exc)),
+                    reply_to=last_sent[node],
+                )
+                for node in sorted(answered)
+            ]
+        self._record(rnd.report)
+        log.info(
+            "secagg round %d: unmasked the sum of %d sites (%.2f bytes/parameter up)",
+            server_round,
+            len(result.survivors),
+            sum(rnd.report.bytes_up[v] for v in result.survivors)
+            / max(1, rnd.length * len(result.survivors)),
+        )
+        replies: list[Message] = []
+        for node in sorted(answered):
+            sent = last_sent[node]
+            if node in result.survivors:
+                metrics = MetricRecord(dict(result.metrics[node]))
+                metrics["secagg-bytes-up"] = rnd.report.bytes_up.get(node, 0)
+                arrays = ArrayRecord({k: Array(np.asarray(v)) for k, v in result.arrays.items()})
+                replies.append(
+                    Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=sent)
+                )
+            else:
+                reason = _own_failure(rnd.report, node) or "secagg: left the round"
+                replies.append(Message(Error(code=ABORT_CODE, reason=reason), reply_to=sent))
+        return replies
+
+    def _record(self, report: RoundReport) -> None:
+        self.reports.append(report)
+        if self.run_dir is not None:
+            with (self.run_dir / SECAGG_LOG).open("a") as fh:
+                fh.write(json.dumps(report.as_json(), sort_keys=True) + "\n")
+
+
+def _own_failure(report: RoundReport, node: int) -> str | None:
+    """Return why ``node`` left the round by itself (excluded, error, no reply), if it did."""
+    if node in report.excluded:
+        return f"secagg: excluded at {report.excluded[node]}"
+    for stage, dropped in report.dropped.items():
+        if node in dropped:
+            return f"secagg {stage}: {dropped[node]}"
+    return None
+
+
+def _common_arrays(messages: list[Message]) -> ArrayRecord:
+    """Return the one global model every train message carries.
+
+    Raises
+    ------
+    SecAggProtocolError
+        If a message has no single ArrayRecord or the sites got different models
+        (personalised strategies cannot use secure aggregation of deltas).
+
+    """
+    records = [m.content.array_records for m in messages]
+    if any(len(r) != 1 for r in records):
+        raise SecAggProtocolError("every train message must carry exactly one ArrayRecord")
+    first = next(iter(records[0].values()))
+    ref = {k: v.numpy() for k, v in first.items()}
+    for r in records[1:]:
+        other = next(iter(r.values()))
+        if list(other) != list(ref) or any(
+            not np.array_equal(other[k].numpy(), ref[k]) for k in ref
+        ):
+            raise SecAggProtocolError(
+                "secure aggregation needs the same global model in every train message"
+            )
+    return first

@@ -1,0 +1,138 @@
+"""``medfed deploy-local``: a coordinator and three hospitals as real processes over TLS."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from common.errors import FederationError, MedfedError
+
+log = logging.getLogger(__name__)
+console = Console()
+err_console = Console(stderr=True)
+
+ROUND_RE = re.compile(r"\[ROUND (\d+)/(\d+)\]")
+
+
+def deploy_local(
+    deploy_dir: Annotated[
+        Path | None,
+        typer.Option(help="Scratch folder (default: runs/deploy-local-<time>)."),
+    ] = None,
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
+    images_per_site: Annotated[
+        int, typer.Option(help="Training images per hospital (a subset keeps it quick).")
+    ] = 300,
+    min_replies: Annotated[int, typer.Option(help="Quorum of replies per round.")] = 2,
+    round_timeout: Annotated[float, typer.Option(help="Seconds a round waits for sites.")] = 300.0,
+    dataset: Annotated[str, typer.Option(help="Public dataset to federate.")] = "pneumoniamnist",
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="Data root (default: $MEDFED_DATA_DIR, then ../shared/data)."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Regenerate certificates and keys.")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds before the run is stopped.")] = 1800.0,
+) -> None:
+    """Run a real federation on this machine, from docker-compose.yml's service definitions.
+
+    Generates a development CA, the SuperLink certificate and 3 hospital key pairs,
+    prepares 3 site datasets, starts a SuperLink (TLS, node authentication, database),
+    registers the 3 keys, starts 3 SuperNodes (each with its own dataset-dir, state-dir
+    and site-id) and the SuperExecs, runs `flwr run . medfed-local`, prints the round
+    summary and stops every process it started (also on Ctrl-C or failure).
+    """
+    from simulation.datasets import medmnist_path
+    from simulation.deploy import (
+        SITE_SOURCE,
+        default_run_config,
+        dicom_path_available,
+        local_federation,
+        pid_alive,
+        prepare_credentials,
+        prepare_site_datasets,
+    )
+    from simulation.processes import sigterm_as_interrupt
+    from simulation.summary import read_rounds, summary_table
+
+    root = Path(__file__).resolve().parents[1]
+    deploy_dir = (
+        deploy_dir or root / "runs" / f"deploy-local-{time.strftime('%Y%m%d-%H%M%S')}"
+    ).resolve()
+    run_dir = deploy_dir / "run"
+    pids: list[int] = []
+    try:
+        npz = medmnist_path(dataset, data_dir)
+        console.print(f"deployment folder: [bold]{deploy_dir}[/]")
+        prepare_credentials(deploy_dir, num_sites=3, force=force)
+        console.print("certificates (CA, SuperLink, 3 Runtime APIs) and 3 site keys: ok")
+        sites = prepare_site_datasets(npz, deploy_dir, num_sites=3, images_per_site=images_per_site)
+        source = SITE_SOURCE
+        if source == "dicom":
+            source = "DICOM export -> ingest" if dicom_path_available() else "virtual (fallback)"
+        console.print(f"{len(sites)} hospital site datasets ready (source: {source})")
+        run_config = default_run_config(
+            deploy_dir,
+            run_dir,
+            **{
+                "num-server-rounds": rounds,
+                "min-sites": 3,
+                "min-replies": min_replies,
+                "round-timeout": round_timeout,
+            },
+        )
+        with sigterm_as_interrupt(), local_federation(deploy_dir) as fed:
+            pids = [m.pid for m in fed.group.procs.values()]
+            console.print(
+                f"SuperLink {fed.superlink.address} (TLS + node auth), "
+                f"{len(pids)} processes; 3 SuperNodes online"
+            )
+            with Progress(
+                TextColumn("[bold blue]federated rounds"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+            ) as progress:
+                task = progress.add_task("rounds", total=rounds)
+
+                def on_line(line: str) -> None:
+                    if m := ROUND_RE.search(line):
+                        progress.update(task, completed=int(m.group(1)) - 1)
+                    if "ERROR" in line or "Traceback" in line:
+                        progress.console.print(line, markup=False, highlight=False)
+
+                rc = fed.run(run_config, on_line=on_line, timeout=timeout)
+                if rc == 0 and (run_dir / "final_model.pt").exists():
+                    progress.update(task, completed=rounds)
+            pids = [m.pid for m in fed.group.procs.values()]
+        if rc != 0 or not (run_dir / "final_model.pt").exists():
+            raise FederationError(
+                f"the federated run did not finish (flwr run exit code {rc}); see the logs "
+                f"in {deploy_dir / 'flwr-home' / 'logs'}"
+            )
+    except MedfedError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted: all processes stopped[/]")
+        raise typer.Exit(130) from None
+    finally:
+        left = [p for p in pids if pid_alive(p)]
+        if left:
+            err_console.print(f"[red]processes still alive: {left}[/]")
+    console.print(summary_table(read_rounds(run_dir)))
+    console.print(f"run directory: [bold]{run_dir}[/]; all {len(pids)} processes stopped")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``medfed deploy-local`` to the root ``medfed`` app."""
+    app.command("deploy-local")(deploy_local)

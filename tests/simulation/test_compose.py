@@ -1,0 +1,118 @@
+"""docker-compose.yml is right: parsed, pinned, TLS + node auth everywhere, and it is
+the very file the local deployment (medfed deploy-local, test_deployment.py) runs."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+from common.errors import ConfigError
+from simulation.compose import (
+    COMPOSE_FILE,
+    expand_env,
+    image_entrypoint,
+    load_compose,
+    local_plan,
+    node_config_value,
+)
+from simulation.deploy import compose_env
+
+ROOT = Path(__file__).resolve().parents[2]
+SITES = (1, 2, 3)
+
+
+@pytest.fixture(scope="module")
+def compose():
+    return load_compose(COMPOSE_FILE)
+
+
+def _cmd(compose, service):
+    return [str(t) for t in compose["services"][service]["command"]]
+
+
+def test_images_are_pinned_to_the_installed_and_required_flwr(compose):
+    flwr = version("flwr")
+    pin = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(re.match(rf"flwr(\[.*\])?>={re.escape(flwr[:4])}", d) for d in pin)
+    for name, svc in compose["services"].items():
+        _, tag = image_entrypoint(svc["image"])
+        assert tag.endswith(flwr) or tag == flwr, name
+    dockerfile = (ROOT / "docker" / "superexec.Dockerfile").read_text()
+    assert f"FROM flwr/superexec:{flwr}" in dockerfile
+
+
+def test_no_insecure_anywhere_and_tls_plus_node_auth_on(compose):
+    assert "--insecure" not in COMPOSE_FILE.read_text()
+    assert "--insecure" not in (ROOT / "docker-compose.dev.yml").read_text()
+    link = _cmd(compose, "superlink")
+    for flag in ("--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certfile", "--enable-supernode-auth",
+                 "--database", "--disable-runtime-dependency-installation"):  # fmt: skip
+        assert flag in link
+    for i in SITES:
+        node = _cmd(compose, f"supernode-{i}")
+        assert "--root-certificates" in node and "--ssl-certfile" in node
+        key = node[node.index("--auth-supernode-private-key") + 1]
+        assert key == f"/run/secrets/hospital-{i}-key"
+    for name in compose["services"]:
+        if name.startswith("superexec"):
+            assert "--root-certificates" in _cmd(compose, name)
+
+
+def test_hospital_data_is_read_only_and_only_visible_to_its_clientapp(compose):
+    for name, svc in compose["services"].items():
+        mounts = [str(v) for v in svc.get("volumes", [])]
+        data = [m for m in mounts if ":/data/" in m]
+        if name.startswith("superexec-clientapp-"):
+            i = name.rsplit("-", 1)[1]
+            assert len(data) == 1 and data[0].endswith(f":/data/hospital-{i}:ro")
+            assert compose["services"][name]["networks"] == [f"hospital-{i}"]
+        else:
+            assert not data, f"{name} must not see hospital data"
+    for i in SITES:  # each private key is given to its own SuperNode only
+        holders = [n for n, s in compose["services"].items()
+                   if f"hospital-{i}-key" in s.get("secrets", [])]  # fmt: skip
+        assert holders == [f"supernode-{i}"]
+        assert compose["networks"][f"hospital-{i}"]["internal"] is True
+
+
+def test_local_plan_runs_the_same_commands_on_loopback(compose, tmp_path):
+    # Execute
+    plan = local_plan(compose, deploy_dir=tmp_path, env=compose_env(tmp_path, 3))
+    # Assert: same flags as the compose file, only addresses and paths substituted
+    link = plan.superlink()
+    assert link.executable == "flower-superlink"
+    assert [t for t in link.argv if t.startswith("--")] == [
+        t for t in _cmd(compose, "superlink") if t.startswith("--")
+    ]
+    assert link.argv[link.argv.index("--ssl-certfile") + 1] == str(tmp_path / "certs/server.pem")
+    assert link.argv[link.argv.index("--host") + 1] == "127.0.0.1"
+    for i in SITES:
+        node = plan.services[f"supernode-{i}"]
+        assert node.argv[node.argv.index("--superlink") + 1] == link.address
+        assert node.argv[node.argv.index("--auth-supernode-private-key") + 1] == str(
+            tmp_path / f"hospital-{i}" / "supernode.key"
+        )
+        assert node_config_value(node, "dataset-dir") == str(tmp_path / "data" / f"site-{i}")
+        assert node_config_value(node, "state-dir") == str(
+            tmp_path / "volumes" / f"hospital-{i}-state"
+        )
+        assert node_config_value(node, "site-id") == f"hospital-{i}"
+        sx = plan.superexec_for(node)
+        assert sx.name == f"superexec-clientapp-{i}"
+        assert sx.argv[sx.argv.index("--root-certificates") + 1] == str(tmp_path / "certs/ca.crt")
+    assert plan.superexec_for(link).name == "superexec-serverapp"
+    ports = [s.port for s in plan.services.values() if s.port is not None]
+    assert len(ports) == len(set(ports)) == 4
+
+
+def test_env_expansion_and_unknown_images():
+    assert expand_env("${A:-x}/${B}", {"B": "b"}) == "x/b"
+    assert expand_env("${A:-x}", {"A": "a"}) == "a"
+    with pytest.raises(ConfigError, match="pinned"):
+        image_entrypoint("flwr/superlink:latest")
+    with pytest.raises(ConfigError, match="no local equivalent"):
+        image_entrypoint("nginx:1.27")
