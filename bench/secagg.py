@@ -13,16 +13,18 @@ same local training (SGD on random 28x28 images, unequal site sizes), in one pro
   ``ndarray_to_bytes``): key agreement and Shamir are left out (they are cheap), so its
   time is a lower bound.
 
-Writes ``bench/results/secagg.json`` with bytes uploaded per parameter and round wall
-time relative to plain FedAvg, all measured in this run.
+Writes ``bench/results/secagg.json`` with bytes uploaded per parameter and round time
+relative to plain FedAvg (wall and process CPU time; sites run one after the other, as
+one CPU would run them), all measured in this run.
 
-Usage: ``.venv/bin/python bench/secagg.py [--sites 10] [--repeats 3]``
+Usage: ``.venv/bin/python bench/secagg.py [--sites 10] [--repeats 3] [--steps 16 64]``
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -87,10 +89,22 @@ def _metadata(node: int, message_type: str = MessageType.TRAIN) -> Metadata:
     )  # fmt: skip
 
 
-def plain_round(arrays: ArrayRecord, nodes: list[int], steps: int) -> tuple[float, int]:
+class Clock:
+    """Wall time and this process's CPU time (robust when other jobs load the machine)."""
+
+    def __init__(self) -> None:
+        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
+
+    def read(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall0, time.process_time() - self.cpu0
+
+
+def plain_round(
+    arrays: ArrayRecord, nodes: list[int], steps: int
+) -> tuple[tuple[float, float], int]:
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-    t0 = time.perf_counter()
+    clock = Clock()
     replies, up = [], 0
     for node in nodes:
         trained, n = train(arrays, node, steps=steps)
@@ -99,10 +113,12 @@ def plain_round(arrays: ArrayRecord, nodes: list[int], steps: int) -> tuple[floa
             RecordDict({"arrays": trained, "metrics": MetricRecord({"num-examples": n})})
         )
     aggregate_arrayrecords(replies, "num-examples")
-    return time.perf_counter() - t0, up
+    return clock.read(), up
 
 
-def medfed_round(arrays: ArrayRecord, nodes: list[int], steps: int) -> tuple[float, int, int]:
+def medfed_round(
+    arrays: ArrayRecord, nodes: list[int], steps: int
+) -> tuple[tuple[float, float], int, int]:
     contexts = {
         n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
         for n in nodes
@@ -129,18 +145,20 @@ def medfed_round(arrays: ArrayRecord, nodes: list[int], steps: int) -> tuple[flo
                 )
         return out
 
-    t0 = time.perf_counter()
+    clock = Clock()
     rnd = SecAggRound(
         params=SecAggParams(), server_round=1, global_arrays=arrays, transport=transport
     )
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
     result = rnd.run({n: content for n in nodes})
-    seconds = time.perf_counter() - t0
+    seconds = clock.read()
     assert result.survivors == nodes
     return seconds, masked_bytes, sum(rnd.report.bytes_up.values())
 
 
-def flower_round(arrays: ArrayRecord, nodes: list[int], steps: int) -> tuple[float, int]:
+def flower_round(
+    arrays: ArrayRecord, nodes: list[int], steps: int
+) -> tuple[tuple[float, float], int]:
     from flwr.common import ndarray_to_bytes
     from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
     from flwr.common.secure_aggregation.ndarrays_arithmetic import (
@@ -156,7 +174,7 @@ def flower_round(arrays: ArrayRecord, nodes: list[int], steps: int) -> tuple[flo
 
     # Flower's SecAggPlusWorkflow defaults
     clipping_range, target_range, mod_range, max_weight = 8.0, 2**22, 2**32, 1000.0
-    t0 = time.perf_counter()
+    clock = Clock()
     keys = {n: generate_key_pairs() for n in nodes}
     seeds = {n: np.random.default_rng(n).bytes(32) for n in nodes}
     total: list[np.ndarray] | None = None
@@ -184,14 +202,52 @@ def flower_round(arrays: ArrayRecord, nodes: list[int], steps: int) -> tuple[flo
         total = parameters_subtraction(total, pseudo_rand_gen(seeds[node], mod_range, dims))
     total = parameters_mod(total, mod_range)
     dequantize(total[1:], clipping_range, target_range)
-    return time.perf_counter() - t0, up
+    return clock.read(), up
+
+
+def measure(
+    arrays: ArrayRecord, nodes: list[int], *, steps: int, repeats: int
+) -> dict[str, object]:
+    """Median round wall and CPU time of the three methods at one local workload."""
+    wall: dict[str, list[float]] = {"plain": [], "medfed": [], "flower": []}
+    cpu: dict[str, list[float]] = {"plain": [], "medfed": [], "flower": []}
+    for _ in range(repeats):  # interleaved, so machine-load drift hits all three alike
+        for name, fn in (
+            ("plain", plain_round),
+            ("medfed", medfed_round),
+            ("flower", flower_round),
+        ):
+            w, c = fn(arrays, nodes, steps)[0]
+            wall[name].append(w)
+            cpu[name].append(c)
+    out: dict[str, object] = {
+        "local_sgd_batches_per_site": steps,
+        "local_examples_per_site": 32 * steps,
+    }
+    for label, times in (("wall", wall), ("cpu", cpu)):
+        med = {k: statistics.median(v) for k, v in times.items()}
+        out[f"round_{label}_seconds_median"] = med
+        out[f"protocol_overhead_{label}_seconds_per_site"] = (med["medfed"] - med["plain"]) / len(
+            nodes
+        )
+        out[f"round_{label}_time_vs_plain"] = {
+            "medfed": med["medfed"] / med["plain"],
+            "flower_legacy": med["flower"] / med["plain"],
+        }
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sites", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=16, help="local SGD batches per site")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        default=[16, 64],
+        help="local SGD batches (of 32) per site; one measurement per value",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = make_model()
@@ -199,31 +255,25 @@ def main() -> None:
     n_params = sum(int(np.prod(a.shape)) for a in arrays.values())
     nodes = [1000 + i for i in range(args.sites)]
 
-    # warm-up (torch kernels, imports, page cache), not timed
-    plain_round(arrays, nodes[:2], args.steps)
-    medfed_round(arrays, nodes[:2], args.steps)
-    flower_round(arrays, nodes[:2], args.steps)
-    times: dict[str, list[float]] = {"plain": [], "medfed": [], "flower": []}
-    plain_up = medfed_masked = medfed_total = flower_up = 0
-    for _ in range(args.repeats):  # interleaved, so drift hits all three alike
-        t, plain_up = plain_round(arrays, nodes, args.steps)
-        times["plain"].append(t)
-        t, medfed_masked, medfed_total = medfed_round(arrays, nodes, args.steps)
-        times["medfed"].append(t)
-        t, flower_up = flower_round(arrays, nodes, args.steps)
-        times["flower"].append(t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    # warm-up (torch kernels, imports, page cache), not timed; also the byte counts
+    _, plain_up = plain_round(arrays, nodes, 1)
+    _, medfed_masked, medfed_total = medfed_round(arrays, nodes, 1)
+    _, flower_up = flower_round(arrays, nodes, 1)
     per_param = args.sites * n_params
+    workloads = [measure(arrays, nodes, steps=s, repeats=args.repeats) for s in args.steps]
     result = {
         "name": "secagg",
         "setup": {
             "sites": args.sites,
             "parameters": n_params,
-            "local_sgd_batches": args.steps,
+            "model": "MLP 784-1000-784-2, float32",
             "repeats": args.repeats,
             "torch_threads": 1,
             "in_process": True,
+            "sites_run": "sequentially in one process (a deployment runs them in parallel)",
             "machine": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "load_average_at_end": list(os.getloadavg()),
         },
         "bytes_per_parameter_up": {
             "plain_float32": plain_up / per_param,
@@ -231,14 +281,14 @@ def main() -> None:
             "medfed_all_stages": medfed_total / per_param,
             "flower_legacy_masked_vector": flower_up / per_param,
         },
-        "round_seconds_median": med,
-        "protocol_overhead_seconds_per_site": (med["medfed"] - med["plain"]) / args.sites,
-        "round_time_vs_plain": {
-            "medfed": med["medfed"] / med["plain"],
-            "flower_legacy": med["flower"] / med["plain"],
-        },
+        "workloads": workloads,
+        "note": (
+            "this machine is shared (see load_average): process CPU time is the reliable "
+            "figure; wall time includes waiting for other jobs"
+        ),
         "targets": {"medfed_bytes_per_parameter": 4.2, "medfed_round_time_vs_plain": 1.25},
     }
+    result["setup"]["load_average_at_end"] = list(os.getloadavg())
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

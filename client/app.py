@@ -20,8 +20,10 @@ from flwr.clientapp import ClientApp
 from torch import nn
 from torch.utils.data import DataLoader
 
+from client.egress import egress_guard
+from client.faults import fault_injection
 from client.privacy import (
-    PrivacyBudgetExceeded,
+    PrivacyBudgetError,
     PrivacyError,
     PrivacyLedger,
     PrivateTraining,
@@ -30,16 +32,17 @@ from client.privacy import (
     plan_round,
     private_training,
 )
-from client.egress import egress_guard
+from client.proximal import ProximalLoss
 from client.secagg_mod import secagg_mod
 from client.train import make_optimizer, make_train_loader, train_epochs
 from common.config import NodeConfig, RunConfig
 from common.device import resolve_device
 from common.errors import DataError
-from common.evaluation import evaluate_arrays
-from common.models import get_model, get_spec
+from common.evaluation import evaluate_task
+from common.models import get_model
 from common.records import load_record, state_to_record
 from common.site_dataset import SiteDataset
+from common.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,9 @@ ERROR_PRIVACY = 1001
 # Client mods, outermost first: the egress guard (when present) must stay first so it
 # checks what really leaves; secure aggregation inside it replaces the trained arrays
 # with the masked 32-bit vector (client/secagg_mod.py).
-app = ClientApp(mods=[egress_guard, secagg_mod])
+# Fault injection (client/faults.py) is innermost and acts only on simulated sites
+# (node config with a partition-id).
+app = ClientApp(mods=[egress_guard, secagg_mod, fault_injection])
 
 
 @dataclass(frozen=True)
@@ -63,25 +68,13 @@ class Job:
     device: torch.device
     server_round: int
     run_id: int
+    #: FedProx's mu from the train message config (``proximal-mu``); 0 without FedProx.
+    proximal_mu: float = 0.0
 
 
 def _check_dataset(run: RunConfig, data: SiteDataset) -> None:
-    spec = get_spec(run.model)
-    if data.task != spec.task or data.task != run.task:
-        raise DataError(
-            f"site dataset task {data.task!r} does not match run task {run.task!r} / "
-            f"model {run.model!r} ({spec.task})."
-        )
-    if len(data.label_names) != run.num_classes:
-        raise DataError(
-            f"site dataset has {len(data.label_names)} classes, run config 'num-classes' "
-            f"is {run.num_classes}."
-        )
-    if data.image_shape != spec.input_shape:
-        raise DataError(
-            f"site images are {data.image_shape}, model {run.model!r} expects "
-            f"{spec.input_shape}; re-ingest with the model's input size."
-        )
+    """Raise DataError unless the site dataset fits the run's task and model (common/tasks.py)."""
+    get_task(run.task).check_dataset(data, model=run.model, num_classes=run.num_classes)
 
 
 def prepare(content: RecordDict, context: Context) -> Job:
@@ -115,7 +108,10 @@ def prepare(content: RecordDict, context: Context) -> Job:
     server_round = content.config_records["config"].get("server-round", 0)
     if not isinstance(server_round, int):
         raise DataError(f"config 'server-round' must be an int, got {server_round!r}")
-    return Job(run, node, data, model, device, server_round, context.run_id)
+    mu = content.config_records["config"].get("proximal-mu", 0.0)
+    if not isinstance(mu, int | float):
+        raise DataError(f"config 'proximal-mu' must be a number, got {mu!r}")
+    return Job(run, node, data, model, device, server_round, context.run_id, float(mu))
 
 
 def _round_seed(job: Job) -> int:
@@ -135,6 +131,13 @@ def train_content(job: Job) -> RecordDict:
         momentum=job.run.momentum,
         weight_decay=job.run.weight_decay,
     )
+    task_loss = get_task(job.run.task).make_loss()
+    # FedProx: anchor the proximal term at the global weights just loaded.
+    criterion = (
+        ProximalLoss(task_loss, model=job.model, mu=job.proximal_mu)
+        if job.proximal_mu > 0
+        else task_loss
+    )
     with site_privacy(job, len(split), job.model, optimizer, loader) as priv:
         stats = train_epochs(
             priv.model,
@@ -142,6 +145,8 @@ def train_content(job: Job) -> RecordDict:
             optimizer=priv.optimizer,
             epochs=job.run.local_epochs,
             device=job.device,
+            criterion=criterion,
+            amp=job.run.amp,
         )
     log.info(
         "round %d: trained %d steps on %d examples in %.1f s (loss %.4f)",
@@ -177,8 +182,8 @@ def train_content(job: Job) -> RecordDict:
 def evaluate_content(job: Job) -> RecordDict:
     """Evaluate the global model on the site's local ``val`` split; return the content."""
     split = job.data.load("val")
-    metrics = evaluate_arrays(
-        job.model, split.images, split.labels, batch_size=256, device=job.device
+    metrics = evaluate_task(
+        job.run.task, job.model, split.images, split.labels, batch_size=64, device=job.device
     )
     values: dict[str, int | float | list[int] | list[float]] = {"num-examples": len(split)}
     values |= {f"val-{k}": float(v) for k, v in metrics.items() if k != "num-examples"}
@@ -212,7 +217,8 @@ def site_privacy(
         local_epochs=run.local_epochs,
         num_rounds=run.num_server_rounds,
         max_grad_norm=run.dp_max_grad_norm,
-        delta=node.dp_delta or default_delta(num_examples),
+        # delta below 1/N with N counted in patients (groups), not images
+        delta=node.dp_delta or default_delta(job.data.group_count("train")),
         accountant=run.dp_accountant,
         noise_multiplier=run.dp_noise_multiplier or stored,
         target_epsilon=run.dp_target_epsilon,
@@ -253,7 +259,7 @@ def train(msg: Message, context: Context) -> Message:
     """
     try:
         content = train_content(prepare(msg.content, context))
-    except (PrivacyBudgetExceeded, PrivacyError) as exc:
+    except (PrivacyBudgetError, PrivacyError) as exc:
         log.warning("refusing to train: %s", exc)
         return Message(Error(code=ERROR_PRIVACY, reason=str(exc)), reply_to=msg)
     return Message(content=content, reply_to=msg)

@@ -16,7 +16,7 @@ Privacy model (DESIGN section 5):
   or tampered one makes the site refuse to train.
 - Before a round the site computes the epsilon its planned steps would reach
   (accountant over the ledger history plus the planned steps) and refuses with
-  :class:`PrivacyBudgetExceeded` if that crosses its ceiling ``dp-max-epsilon`` (node
+  :class:`PrivacyBudgetError` if that crosses its ceiling ``dp-max-epsilon`` (node
   config, set by the hospital).
 - The noise multiplier is either given (``dp.noise-multiplier``) or derived once per
   run from ``dp.target-epsilon`` over the whole planned training (all rounds x local
@@ -71,12 +71,12 @@ class PrivacyError(MedfedError, RuntimeError):
     """The site cannot account for privacy (unreadable, corrupt or tampered ledger)."""
 
 
-class PrivacyBudgetExceeded(MedfedError, RuntimeError):
+class PrivacyBudgetError(MedfedError, RuntimeError):
     """Training this round would take the site past its epsilon ceiling."""
 
 
 def default_delta(num_examples: int) -> float:
-    """Return ``0.1 / N``, a delta below ``1 / N`` for ``N`` training examples.
+    """Return ``0.1 / N``, a delta below ``1 / N`` for ``N`` training patients.
 
     Raises
     ------
@@ -304,14 +304,14 @@ def check_budget(history: History, plan: DPPlan, *, max_epsilon: float) -> float
 
     Raises
     ------
-    PrivacyBudgetExceeded
+    PrivacyBudgetError
         If the projected cumulative epsilon exceeds ``max_epsilon``; nothing is trained.
     """
     spent = epsilon_of(history, delta=plan.delta, accountant=plan.accountant)
     planned = [*history, (plan.noise_multiplier, plan.sample_rate, plan.steps)]
     projected = epsilon_of(planned, delta=plan.delta, accountant=plan.accountant)
     if projected > max_epsilon:
-        raise PrivacyBudgetExceeded(
+        raise PrivacyBudgetError(
             f"privacy budget: this round would take epsilon from {spent:.3f} to "
             f"{projected:.3f} (delta {plan.delta:.2e}), above this site's ceiling "
             f"dp-max-epsilon={max_epsilon:g}; the site refuses to train"
@@ -352,13 +352,13 @@ def private_training(
 
     Raises
     ------
-    PrivacyBudgetExceeded
+    PrivacyBudgetError
         Before any training step, if the round would cross ``max_epsilon``.
     PrivacyError
         If the ledger is corrupt or tampered.
     """
     entry = ledger.entry(key)
-    history: History = [tuple(h) for h in entry.get("history", [])]  # type: ignore[misc]
+    history: History = [tuple(h) for h in entry.get("history", [])]
     check_budget(history, plan, max_epsilon=max_epsilon)
 
     engine = PrivacyEngine(accountant=plan.accountant)
@@ -404,7 +404,7 @@ def private_training(
             },
         )
         session.epsilon = epsilon_of(
-            [tuple(h) for h in new_history],  # type: ignore[misc]
+            [tuple(h) for h in new_history],
             delta=plan.delta,
             accountant=plan.accountant,
         )

@@ -51,7 +51,7 @@ def show(
                 "steps": int(sum(h[2] for h in history)),
                 "runs": len(e.get("plans", {})),
                 "epsilon": epsilon_of(
-                    history,  # type: ignore[arg-type]
+                    history,
                     delta=float(e.get("delta", 1e-5)),
                     accountant=e.get("accountant", "rdp"),
                 ),

@@ -6,6 +6,7 @@ here; the loop itself is the same with and without it (DESIGN section 9, rule 7)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -67,6 +68,21 @@ def make_optimizer(
     )
 
 
+def mixed_precision(
+    device: torch.device, *, enabled: bool
+) -> contextlib.AbstractContextManager[object]:
+    """``torch.autocast`` in bfloat16 on ``device`` when ``enabled``, else a no-op context.
+
+    bfloat16 keeps float32's exponent range, so no gradient scaler is needed (unlike
+    float16); parameters and optimizer state stay float32. Supported on CUDA (Ampere and
+    newer) and CPU. Not used under DP-SGD (``RunConfig`` refuses ``amp`` with
+    ``dp.enabled``): Opacus's per-sample gradients and clipping are not validated there.
+    """
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
 def train_epochs(
     model: nn.Module,
     loader: DataLoader[tuple[torch.Tensor, torch.Tensor]],
@@ -74,8 +90,13 @@ def train_epochs(
     optimizer: torch.optim.Optimizer,
     epochs: int,
     device: torch.device,
+    criterion: nn.Module | None = None,
+    amp: bool = False,
 ) -> TrainStats:
     """Run ``epochs`` passes of cross-entropy SGD over ``loader``.
+
+    ``criterion`` replaces the default cross-entropy, e.g. a task's loss or a wrapper
+    that adds a regulariser (client/proximal.py ``ProximalLoss`` for FedProx).
 
     Parameters
     ----------
@@ -90,6 +111,11 @@ def train_epochs(
         Number of passes, >= 1.
     device : torch.device
         Where batches are moved (non-blocking from pinned memory on CUDA).
+    criterion : torch.nn.Module, optional
+        ``(outputs, labels) -> scalar`` batch-mean loss; default cross-entropy.
+    amp : bool
+        Mixed precision: forward pass and loss under ``torch.autocast`` with bfloat16
+        (:func:`mixed_precision`); run config ``amp``, allowed only without DP.
 
     Returns
     -------
@@ -103,14 +129,15 @@ def train_epochs(
     """
     t0 = time.perf_counter()
     model.train()
-    criterion = nn.CrossEntropyLoss()
+    criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
     total_loss, steps, examples = 0.0, 0, 0
     for _ in range(epochs):
         for images, labels in loader:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            loss = criterion(model(images), labels)
+            with mixed_precision(device, enabled=amp):
+                loss = criterion(model(images), labels)
             loss.backward()
             # An empty Poisson batch still takes its (noise-only) DP step, so the
             # accountant's step count matches the sampling that happened.

@@ -64,5 +64,8 @@ def _register_plugins() -> None:
 def main() -> None:
     """Entry point of the ``medfed`` console script."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    # Before the plugins import their dependencies: Opacus calls logging.basicConfig at
+    # import, which is a no-op only once the root logger has a handler.
+    configure_logging()
     _register_plugins()
     app()

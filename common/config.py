@@ -52,8 +52,20 @@ def _one_of(*choices: str) -> Check:
     return check
 
 
-TASKS = ("classification",)
-STRATEGIES = ("fedavg",)
+#: Learning tasks (registry with loss, metrics and dataset checks: common/tasks.py).
+TASKS = ("classification", "segmentation", "tabular")
+STRATEGIES = (
+    "fedavg",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+)
+#: Strategies whose aggregation is not a weighted mean: they need each site's plaintext
+#: update, which secure aggregation hides by design (the server sees only the sum).
+NONLINEAR_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")
 ACCOUNTANTS = ("rdp", "prv")
 
 
@@ -92,7 +104,12 @@ class RunConfig:
     )
     model: str = field(default="cnn", metadata=_key("model", "registered model name"))
     num_classes: int = field(
-        default=2, metadata=_key("num-classes", "classes the model predicts", _positive)
+        default=2,
+        metadata=_key(
+            "num-classes",
+            "classes the model predicts (segmentation: incl. background; 2 = background/vessel)",
+            _positive,
+        ),
     )
     strategy: str = field(
         default="fedavg",
@@ -117,6 +134,13 @@ class RunConfig:
         default=0.0, metadata=_key("weight-decay", "local SGD L2 penalty", _non_negative)
     )
     seed: int = field(default=42, metadata=_key("seed", "seed for model init and sampling"))
+    amp: bool = field(
+        default=False,
+        metadata=_key(
+            "amp",
+            "mixed precision (bfloat16 autocast) for local training; only with dp.enabled=false",
+        ),
+    )
     min_sites: int = field(
         default=3, metadata=_key("min-sites", "sites that must connect before round 1", _positive)
     )
@@ -206,6 +230,64 @@ class RunConfig:
             _one_of("deterministic", "stochastic"),
         ),
     )
+    strategy_proximal_mu: float = field(
+        default=0.01,
+        metadata=_key(
+            "strategy-args.proximal-mu", "FedProx: weight mu of the proximal term", _non_negative
+        ),
+    )
+    strategy_server_lr: float = field(
+        default=0.1,
+        metadata=_key(
+            "strategy-args.server-lr", "FedAdam/FedYogi: server learning rate", _positive
+        ),
+    )
+    strategy_trim_beta: float = field(
+        default=0.2,
+        metadata=_key(
+            "strategy-args.trim-beta",
+            "FedTrimmedAvg: fraction cut from each end",
+            lambda v: None if 0.0 <= v < 0.5 else "must be in [0, 0.5)",
+        ),
+    )
+    strategy_krum_byzantine: int = field(
+        default=0,
+        metadata=_key(
+            "strategy-args.krum-byzantine",
+            "Krum: number of malicious sites tolerated",
+            _non_negative,
+        ),
+    )
+    faults_dropout: float = field(
+        default=0.0,
+        metadata=_key(
+            "faults.dropout",
+            "simulation only: probability a site drops out of a round",
+            _unit_interval_open,
+        ),
+    )
+    faults_slow_site: int = field(
+        default=-1,
+        metadata=_key("faults.slow-site", "simulation only: partition-id of a slow site; -1 none"),
+    )
+    faults_slow_seconds: float = field(
+        default=0.0,
+        metadata=_key(
+            "faults.slow-seconds", "simulation only: extra seconds per round", _non_negative
+        ),
+    )
+    faults_crash_site: int = field(
+        default=-1,
+        metadata=_key(
+            "faults.crash-site", "simulation only: partition-id of a site that crashes; -1 none"
+        ),
+    )
+    faults_crash_round: int = field(
+        default=1,
+        metadata=_key(
+            "faults.crash-round", "simulation only: round from which it crashes", _positive
+        ),
+    )
     run_dir: str = field(
         default="", metadata=_key("run-dir", "where the server writes logs and checkpoints")
     )
@@ -227,10 +309,29 @@ class RunConfig:
                 raise ConfigError(f"config key {f.metadata['key']!r}={value!r} {problem}")
         if self.fraction_train == 0.0:
             raise ConfigError("config key 'fraction-train' must be > 0: no site would train.")
+        if self.amp and self.dp_enabled:
+            raise ConfigError(
+                "config key 'amp'=true needs 'dp.enabled'=false: per-sample gradient clipping "
+                "under reduced precision is not validated in medfed; turn one of them off."
+            )
         if self.min_replies > self.min_sites:
             raise ConfigError(
                 f"config key 'min-replies'={self.min_replies} exceeds 'min-sites'="
                 f"{self.min_sites}: no round could reach the quorum; lower 'min-replies'."
+            )
+        if self.strategy == "fedprox" and self.dp_enabled:
+            raise ConfigError(
+                "config key 'strategy'='fedprox' with 'dp.enabled'=true is not supported: "
+                "Opacus privatises only the per-sample gradients, so the proximal term's "
+                "gradient would be silently dropped; set dp.enabled=false for FedProx."
+            )
+        if self.secagg_enabled and self.strategy in NONLINEAR_STRATEGIES:
+            raise ConfigError(
+                f"config key 'strategy'={self.strategy!r} aggregates each site's update "
+                "non-linearly (median / trimmed mean / Krum), but 'secagg.enabled'=true lets "
+                "the server see only the sum of updates; set secagg.enabled=false for this "
+                "strategy (the sites' updates are then visible to the coordinator) or use a "
+                "weighted-mean strategy (fedavg, fedprox, fedadam, fedyogi)."
             )
         # Validate the model name here so a typo fails before any round starts.
         from common.models import check_model_name

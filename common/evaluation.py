@@ -90,3 +90,86 @@ def evaluate_arrays(
     else:
         metrics["loss"] = float("nan")
     return metrics
+
+
+@torch.no_grad()
+def evaluate_segmentation(
+    model: nn.Module,
+    images: np.ndarray,
+    masks: np.ndarray,
+    *,
+    batch_size: int = 64,
+    device: torch.device,
+    loss: nn.Module,
+) -> dict[str, float]:
+    """Evaluate a segmentation model: mean ``loss`` per image plus Dice and pixel accuracy.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Maps float32 ``(B, C, H, W)`` to ``(B, K, H, W)`` logits; put in eval mode here.
+    images : numpy.ndarray
+        float32 ``(N, C, H, W)`` in ``[0, 1]`` (may be memory-mapped).
+    masks : numpy.ndarray
+        int ``(N, H, W)`` class indices.
+    batch_size : int
+        Images per forward pass.
+    device : torch.device
+        Where to run the model.
+    loss : torch.nn.Module
+        The task's training loss (batch mean of a per-image loss).
+
+    Returns
+    -------
+    dict[str, float]
+        ``loss`` and the metrics of :func:`common.tasks.segmentation_metrics`, whose
+        pixel counts are accumulated batch by batch (same result as one pass).
+
+    """
+    from common.tasks import dice_counts, metrics_from_counts
+
+    model.eval()
+    model.to(device)
+    counts: np.ndarray | None = None
+    correct = total = 0
+    loss_sum = 0.0
+    n = int(images.shape[0])
+    for start in range(0, n, batch_size):
+        x = torch.from_numpy(np.array(images[start : start + batch_size], dtype=np.float32))
+        y = torch.from_numpy(np.array(masks[start : start + batch_size], dtype=np.int64))
+        logits = model(x.to(device=device, non_blocking=True)).float()
+        y = y.to(device=device)
+        loss_sum += float(loss(logits, y)) * int(y.shape[0])
+        pred = logits.argmax(dim=1).cpu().numpy()
+        true = y.cpu().numpy()
+        batch = dice_counts(true, pred, num_classes=int(logits.shape[1]))
+        counts = batch if counts is None else counts + batch
+        correct += int(np.sum(pred == true))
+        total += int(true.size)
+    if counts is None:
+        counts = np.zeros((2, 3), dtype=np.int64)
+    metrics = metrics_from_counts(counts, correct=correct, total=total, images=n)
+    metrics["loss"] = loss_sum / n if n else float("nan")
+    return metrics
+
+
+def evaluate_task(
+    task: str,
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    batch_size: int = 256,
+    device: torch.device,
+) -> dict[str, float]:
+    """Evaluate ``model`` with the metrics of ``task`` (``common.tasks.get_task(task)``).
+
+    Raises
+    ------
+    ConfigError
+        If ``task`` is not registered.
+
+    """
+    from common.tasks import get_task
+
+    return get_task(task).evaluate(model, images, labels, batch_size=batch_size, device=device)

@@ -6,16 +6,19 @@ read one. Layout of a site dataset directory::
 
     manifest.json            versioned, PHI-free description (see below)
     <split>_images.npy       float32 (N, C, H, W), intensities scaled to [0, 1]
-    <split>_labels.npy       int64 (N,) class indices (classification)
+    <split>_labels.npy       int64 (N,) class indices (classification), or
+                             int64 (N, H, W) per-pixel class masks (segmentation)
     <split>_groups.npy       int64 (N,) patient group of each image (DP unit, splits)
 
 ``.npy`` files are memory-mapped on read (``numpy.load(mmap_mode="r")``).
 
-The manifest holds the task, label names, per-split counts, the preprocessing used,
-provenance (tool, source, content hashes), quarantined inputs with machine-readable
-reasons, free-form non-identifying summary counts, the SHA-256 of every array file and a
-``fingerprint`` of the whole dataset (used to key a site's privacy ledger). It never
-holds names, identifiers, dates or paths that may carry PHI: writers pass hashes.
+The manifest holds the task, label names, per-split counts (``label_counts`` count
+images, or pixels for masks: then the split also has ``"label_unit": "pixels"``), the
+preprocessing used, provenance (tool, source, content hashes), quarantined inputs with
+machine-readable reasons, free-form non-identifying summary counts, the SHA-256 of every
+array file and a ``fingerprint`` of the whole dataset (used to key a site's privacy
+ledger). It never holds names, identifiers, dates or paths that may carry PHI: writers
+pass hashes.
 
 This module imports numpy only, so ingestion runs on a minimal install.
 """
@@ -51,7 +54,8 @@ class SplitArrays:
     images : numpy.ndarray
         float32 ``(N, C, H, W)`` in ``[0, 1]``.
     labels : numpy.ndarray
-        int64 ``(N,)`` class indices.
+        int64 ``(N,)`` class indices (classification), or int64 ``(N, H, W)`` masks of
+        class indices per pixel (segmentation; ``H, W`` as the images').
     groups : numpy.ndarray
         int64 ``(N,)`` patient group per image; images of one patient share a group.
 
@@ -63,20 +67,37 @@ class SplitArrays:
 
     @classmethod
     def create(
-        cls, images: np.ndarray, labels: np.ndarray, groups: np.ndarray | None = None
+        cls,
+        images: np.ndarray,
+        labels: np.ndarray,
+        groups: np.ndarray | None = None,
+        *,
+        unit_range: bool = True,
     ) -> SplitArrays:
         """Validate and convert arrays; ``groups`` defaults to one group per image.
+
+        ``unit_range=False`` is for task ``tabular``: standardised features stored as
+        ``(N, F, 1, 1)`` may be negative or > 1 (they must still be finite).
 
         Raises
         ------
         DataError
-            On wrong rank, mismatched lengths, values outside ``[0, 1]`` or negative labels.
+            On wrong rank, mismatched lengths, values outside ``[0, 1]`` (with
+            ``unit_range``) or non-finite values (without), or negative labels.
 
         """
         images = np.ascontiguousarray(images, dtype=np.float32)
-        labels = np.ascontiguousarray(labels, dtype=np.int64).reshape(-1)
+        labels = np.ascontiguousarray(labels, dtype=np.int64)
         if images.ndim != 4:
             raise DataError(f"images must be (N, C, H, W), got shape {images.shape}")
+        if labels.ndim == 3:  # segmentation masks, one label per pixel
+            if labels.shape != (images.shape[0], *images.shape[2:]):
+                raise DataError(
+                    f"masks must be (N, H, W) = {(images.shape[0], *images.shape[2:])} to "
+                    f"match the images, got {labels.shape}"
+                )
+        else:
+            labels = labels.reshape(-1)
         n = images.shape[0]
         if labels.shape[0] != n:
             raise DataError(f"{n} images but {labels.shape[0]} labels")
@@ -87,8 +108,10 @@ class SplitArrays:
         )
         if groups_arr.shape[0] != n:
             raise DataError(f"{n} images but {groups_arr.shape[0]} group ids")
-        if n and (float(images.min()) < 0.0 or float(images.max()) > 1.0):
+        if unit_range and n and (float(images.min()) < 0.0 or float(images.max()) > 1.0):
             raise DataError("image intensities must be scaled to [0, 1] before writing")
+        if not unit_range and n and not bool(np.isfinite(images).all()):
+            raise DataError("features must be finite (impute missing values before writing)")
         if n and int(labels.min()) < 0:
             raise DataError("labels must be non-negative class indices")
         return cls(images=images, labels=labels, groups=groups_arr)
@@ -180,12 +203,18 @@ def write_site_dataset(
                 fname = f"{name}_{kind}.npy"
                 np.save(tmp / fname, arr, allow_pickle=False)
                 hashes[fname] = _sha256_file(tmp / fname)
-            counts = np.bincount(s.labels, minlength=n_classes) if len(s) else np.zeros(n_classes)
+            counts = (
+                np.bincount(s.labels.reshape(-1), minlength=n_classes)
+                if len(s)
+                else np.zeros(n_classes)
+            )
             split_info[name] = {
                 "count": len(s),
                 "groups": int(np.unique(s.groups).size),
                 "label_counts": {label_names[i]: int(c) for i, c in enumerate(counts)},
             }
+            if s.labels.ndim == 3:
+                split_info[name]["label_unit"] = "pixels"
         fingerprint = hashlib.sha256(
             json.dumps(
                 {"task": task, "labels": list(label_names), "arrays": hashes}, sort_keys=True
@@ -285,6 +314,10 @@ class SiteDataset:
     def count(self, split: str) -> int:
         """Return the number of images in ``split`` (0 if absent)."""
         return int(self.manifest["splits"].get(split, {}).get("count", 0))
+
+    def group_count(self, split: str) -> int:
+        """Return the number of patients (distinct groups) in ``split`` (0 if absent)."""
+        return int(self.manifest["splits"].get(split, {}).get("groups", 0))
 
     def load(self, split: str, *, mmap: bool = True) -> SplitArrays:
         """Return the arrays of ``split``, memory-mapped by default.

@@ -46,9 +46,12 @@ METRIC_KEYS: set[str] = {
     "train-seconds",
     "epsilon",
     "delta",
+    # simulation only: the delay client/faults.py injected at a slow virtual site
+    "fault-delay-seconds",
 }
 
-#: Metric key prefixes a site may report: local validation metrics (``val-accuracy``...)
+#: Metric key prefixes a site may report: local validation metrics (``val-accuracy``...;
+#: segmentation: ``val-dice``, ``val-pixel-accuracy``, ``val-loss`` from common/tasks.py)
 #: and DP-SGD settings (``dp-noise-multiplier``...).
 METRIC_PREFIXES: list[str] = ["val-", "dp-"]
 

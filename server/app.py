@@ -24,11 +24,12 @@ from common.checkpoint import Checkpoint, save_checkpoint
 from common.config import RunConfig
 from common.device import resolve_device
 from common.errors import FederationError
-from common.evaluation import evaluate_arrays
+from common.evaluation import evaluate_task
 from common.models import get_model
 from common.records import state_to_record
 from common.secagg.params import SecAggParams
 from common.site_dataset import SiteDataset
+from common.tasks import get_task
 from server.quorum import SAMPLE_WAIT_SECONDS, QuorumStrategy
 from server.runlog import EvaluateFn, RecordingStrategy
 from server.secagg import SecAggGrid
@@ -80,19 +81,21 @@ def _central_evaluation(run: RunConfig) -> EvaluateFn | None:
     split_name = next((s for s in ("val", "test", "train") if s in data.splits), None)
     if split_name is None:
         raise FederationError(f"eval dataset {run.eval_dataset_dir} has no split")
+    get_task(run.task).check_dataset(data, model=run.model, num_classes=run.num_classes)
     split = data.load(split_name)
     device = resolve_device("auto")
     model = get_model(run.model, **run.model_kwargs())
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
-        metrics = evaluate_arrays(model, split.images, split.labels, batch_size=512, device=device)
+        metrics = evaluate_task(
+            run.task, model, split.images, split.labels, batch_size=64, device=device
+        )
         log.info(
-            "round %d global %s: accuracy %.4f, AUROC %.4f",
+            "round %d global %s: %s",
             server_round,
             split_name,
-            metrics["accuracy"],
-            metrics["auroc"],
+            ", ".join(f"{k} {metrics[k]:.4f}" for k in get_task(run.task).headline),
         )
         return MetricRecord(dict(metrics.items()))
 

@@ -233,8 +233,8 @@ class SecAggRound:
         if alive < needed:
             raise SecAggAbortedError(
                 f"secure aggregation round {self.server_round} aborted at {stage}: only "
-                f"{alive} sites left, {needed} needed (secagg.threshold); the global model "
-                "is not updated this round"
+                f"{alive} sites left, {needed} needed (at least 2, and a secagg.threshold "
+                "majority of each neighbourhood); the global model is not updated this round"
             )
 
     # ------------------------------------------------------------------ stages

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 from flwr.app import MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    Strategy,
+)
 
 from common.config import RunConfig
 from common.errors import ConfigError, did_you_mean
@@ -54,21 +63,61 @@ def aggregate_metrics_nan_aware(records: list[RecordDict], weight_key: str) -> M
     return out
 
 
-def _fedavg(run: RunConfig) -> Strategy:
-    return FedAvg(
-        fraction_train=run.fraction_train,
-        fraction_evaluate=run.fraction_evaluate,
-        min_train_nodes=max(1, math.ceil(run.fraction_train * run.min_sites)),
-        min_evaluate_nodes=max(1, math.ceil(run.fraction_evaluate * run.min_sites))
+def _common(run: RunConfig) -> dict[str, Any]:
+    """Return the sampling and metric arguments every FedAvg-family strategy takes."""
+    return {
+        "fraction_train": run.fraction_train,
+        "fraction_evaluate": run.fraction_evaluate,
+        "min_train_nodes": max(1, math.ceil(run.fraction_train * run.min_sites)),
+        "min_evaluate_nodes": max(1, math.ceil(run.fraction_evaluate * run.min_sites))
         if run.fraction_evaluate > 0
         else 0,
-        min_available_nodes=run.min_sites,
-        train_metrics_aggr_fn=aggregate_metrics_nan_aware,
-        evaluate_metrics_aggr_fn=aggregate_metrics_nan_aware,
-    )
+        "min_available_nodes": run.min_sites,
+        "train_metrics_aggr_fn": aggregate_metrics_nan_aware,
+        "evaluate_metrics_aggr_fn": aggregate_metrics_nan_aware,
+    }
 
 
-_FACTORIES: dict[str, Callable[[RunConfig], Strategy]] = {"fedavg": _fedavg}
+def _fedavg(run: RunConfig) -> Strategy:
+    return FedAvg(**_common(run))
+
+
+def _fedprox(run: RunConfig) -> Strategy:
+    # FedProx sends ``proximal-mu`` in every train message's config; the site adds
+    # mu/2 ||w - w_global||^2 to its loss (client/train.py proximal_term; Li et al. 2020).
+    return FedProx(**_common(run), proximal_mu=run.strategy_proximal_mu)
+
+
+def _fedadam(run: RunConfig) -> Strategy:
+    # Reddi et al. 2021 (Adaptive Federated Optimization); eta_l only feeds Flower's log.
+    return FedAdam(**_common(run), eta=run.strategy_server_lr, eta_l=run.learning_rate)
+
+
+def _fedyogi(run: RunConfig) -> Strategy:
+    return FedYogi(**_common(run), eta=run.strategy_server_lr, eta_l=run.learning_rate)
+
+
+def _fedmedian(run: RunConfig) -> Strategy:
+    return FedMedian(**_common(run))
+
+
+def _fedtrimmedavg(run: RunConfig) -> Strategy:
+    return FedTrimmedAvg(**_common(run), beta=run.strategy_trim_beta)
+
+
+def _krum(run: RunConfig) -> Strategy:
+    return Krum(**_common(run), num_malicious_nodes=run.strategy_krum_byzantine)
+
+
+_FACTORIES: dict[str, Callable[[RunConfig], Strategy]] = {
+    "fedavg": _fedavg,
+    "fedprox": _fedprox,
+    "fedadam": _fedadam,
+    "fedyogi": _fedyogi,
+    "fedmedian": _fedmedian,
+    "fedtrimmedavg": _fedtrimmedavg,
+    "krum": _krum,
+}
 
 
 def build_strategy(run: RunConfig) -> Strategy:

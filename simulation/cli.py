@@ -45,6 +45,60 @@ def _fail(exc: MedfedError) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+#: Dataset ``medfed simulate`` federates when ``--dataset`` is not given, by task.
+DEFAULT_DATASETS = {"classification": "pneumoniamnist", "segmentation": "chase_db1"}
+
+
+def _check_gpus(gpus_per_site: float) -> None:
+    """Refuse ``--gpus-per-site`` > 0 without CUDA: Ray would wait for GPUs forever.
+
+    The fraction becomes Flower's federation config ``client-resources-num-gpus``
+    (simulation/engine.py): Ray then packs ``1 / fraction`` virtual sites per GPU and
+    each ClientApp picks its device from node config ``device`` (default ``auto``).
+    """
+    import torch
+
+    if gpus_per_site < 0:
+        raise ConfigError(f"--gpus-per-site={gpus_per_site} must be >= 0")
+    if gpus_per_site > 0 and not torch.cuda.is_available():
+        raise ConfigError(
+            f"--gpus-per-site={gpus_per_site} but CUDA is not available here; use 0 (CPU)."
+        )
+
+
+def _check_model_task(run: RunConfig) -> None:
+    """Refuse a model whose ``ModelSpec.task`` is not the run's ``task``."""
+    from common.models import get_spec
+
+    spec_task = get_spec(run.model).task
+    if spec_task != run.task:
+        raise ConfigError(
+            f"model {run.model!r} solves task {spec_task!r}, which does not match run config "
+            f"'task'={run.task!r}; drop --task (it defaults to the model's) or pick a model "
+            "for that task."
+        )
+
+
+def _task_overrides(
+    overrides: dict[str, Any], *, model: str | None, task: str | None
+) -> dict[str, Any]:
+    """Return run-config ``model`` / ``task`` from ``--model`` / ``--task``.
+
+    The task defaults to the model's (``ModelSpec.task``), so ``--model unet`` alone
+    selects segmentation.
+    """
+    from common.models import get_spec
+
+    out: dict[str, Any] = {}
+    if model is not None:
+        out["model"] = model
+    if task is not None:
+        out["task"] = task
+    elif "task" not in overrides and (model is not None or "model" in overrides):
+        out["task"] = get_spec(str(out.get("model", overrides.get("model")))).task
+    return out
+
+
 def simulate(
     sites: Annotated[int, typer.Option("--sites", "-n", help="Number of virtual hospitals.")] = 3,
     partition: Annotated[
@@ -54,7 +108,24 @@ def simulate(
         float, typer.Option(help="Dirichlet concentration; smaller = more label skew.")
     ] = 0.5,
     rounds: Annotated[int, typer.Option(help="Federated rounds (num-server-rounds).")] = 10,
-    dataset: Annotated[str, typer.Option(help="Public dataset to federate.")] = "pneumoniamnist",
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            help="Public dataset: pneumoniamnist, breastmnist (classification) or chase_db1 "
+            "(segmentation, split by child). Default: by task."
+        ),
+    ] = None,
+    task_name: Annotated[
+        str | None,
+        typer.Option(
+            "--task",
+            help="classification or segmentation (run config 'task'); default: the model's.",
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Registered model, e.g. cnn, gru, lstm, unet (run config 'model')."),
+    ] = None,
     data_dir: Annotated[
         Path | None,
         typer.Option(help="Data root (default: $MEDFED_DATA_DIR, then ../shared/data)."),
@@ -77,6 +148,13 @@ def simulate(
         float, typer.Option(help="GPU fraction per site (e.g. 0.25 packs 4 sites on a GPU).")
     ] = 0.0,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 3600.0,
+    via_dicom: Annotated[
+        bool,
+        typer.Option(
+            help="Hospital path: write each site's images as DICOM files, then ingest them "
+            "(medfed export-dicom + medfed ingest) before training."
+        ),
+    ] = False,
 ) -> None:
     """Run N virtual hospitals on Flower's simulation engine and report per round.
 
@@ -88,7 +166,9 @@ def simulate(
 
     Example: medfed simulate --sites 5 --partition iid --rounds 5 --set local-epochs=2
     """
-    from simulation.datasets import MEDMNIST, medmnist_path
+    from simulation.chase import DATASET as CHASE
+    from simulation.chase import ChasePlan, create_chase_sites
+    from simulation.datasets import MEDMNIST, medmnist_path, resolve_data_dir
     from simulation.engine import run_simulation
     from simulation.sites import GLOBAL_EVAL, SplitPlan, create_virtual_sites
     from simulation.summary import read_rounds, site_table, summary_table
@@ -99,10 +179,13 @@ def simulate(
             overrides |= tomllib.loads(config.read_text())
         overrides |= _parse_set(set_ or [])
         overrides |= {"num-server-rounds": rounds, "seed": seed, "min-sites": sites}
+        overrides |= _task_overrides(overrides, model=model, task=task_name)
+        _check_gpus(gpus_per_site)
+        dataset = dataset or DEFAULT_DATASETS.get(str(overrides.get("task")), "pneumoniamnist")
         plan = SplitPlan(num_sites=sites, partitioner=partition, alpha=alpha, seed=seed)
-        if dataset not in MEDMNIST:
-            raise ConfigError(f"unknown dataset {dataset!r}; known: {sorted(MEDMNIST)}")
-        npz = medmnist_path(dataset, data_dir)
+        if dataset not in MEDMNIST and dataset != CHASE:
+            raise ConfigError(f"unknown dataset {dataset!r}; known: {sorted([*MEDMNIST, CHASE])}")
+        npz = None if dataset == CHASE else medmnist_path(dataset, data_dir)
         out = (run_dir or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")).resolve()
         overrides |= {
             "run-dir": str(out),
@@ -110,6 +193,7 @@ def simulate(
             "eval-dataset-dir": str(out / "sites" / GLOBAL_EVAL),
         }
         run = RunConfig.from_run_config(overrides)  # fail before any work on a bad config
+        _check_model_task(run)
     except MedfedError as exc:
         raise _fail(exc) from None
 
@@ -120,13 +204,21 @@ def simulate(
         f"{rounds} rounds, model {run.model} -> {out}"
     )
     try:
-        manifests = create_virtual_sites(
-            npz,
-            out / "sites",
-            plan=plan,
-            label_names=MEDMNIST[dataset].label_names,
-            dataset_name=dataset,
-        )
+        if npz is None:  # CHASE_DB1 segmentation: by-child split, see simulation/chase.py
+            manifests = create_chase_sites(
+                resolve_data_dir(data_dir),
+                out / "sites",
+                plan=ChasePlan(num_sites=sites, seed=seed),
+            )
+        else:
+            manifests = create_virtual_sites(
+                npz,
+                out / "sites",
+                plan=plan,
+                label_names=MEDMNIST[dataset].label_names,
+                dataset_name=dataset,
+                via_dicom=out / "dicom-exports" if via_dicom else None,
+            )
     except MedfedError as exc:
         raise _fail(exc) from None
     for i, m in enumerate(manifests):
@@ -175,36 +267,54 @@ def simulate(
         latest.unlink(missing_ok=True)
         latest.symlink_to(out.name)
     console.print(f"run directory: [bold]{out}[/] (final model: {out / 'final_model.pt'})")
+    eval_data = npz if npz is not None else out / "sites" / GLOBAL_EVAL
     console.print(
         f"check it on any split: medfed evaluate --checkpoint {out / 'final_model.pt'} "
-        f"--data {npz} --split val"
+        f"--data {eval_data} --split val"
     )
 
 
 def evaluate(
     checkpoint: Annotated[Path, typer.Option(help="A medfed checkpoint (final_model.pt).")],
-    data: Annotated[Path, typer.Option(help="A MedMNIST-format .npz file.")],
+    data: Annotated[
+        Path,
+        typer.Option(help="A MedMNIST-format .npz file, or a site dataset directory (any task)."),
+    ],
     split: Annotated[str, typer.Option(help="Split of the file: train, val or test.")] = "val",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
-    """Evaluate a saved global model on any split of any PneumoniaMNIST-format file.
+    """Evaluate a saved global model on any split of a MedMNIST file or a site dataset.
 
-    Prints JSON: accuracy, balanced accuracy, AUROC, sensitivity, specificity, F1, loss
-    and the number of images. The checkpoint names its model and configuration, so no
-    other input is needed.
+    Prints JSON: the metrics of the checkpoint's task (classification: accuracy,
+    balanced accuracy, AUROC, sensitivity, specificity, F1; segmentation: Dice and pixel
+    accuracy), the loss and the number of images. The checkpoint names its model, task
+    and configuration, so no other input is needed. A site dataset directory (e.g.
+    ``runs/latest/sites/global-val``) works for every task; a ``.npz`` file for
+    classification.
     """
     from common.checkpoint import load_checkpoint
     from common.device import resolve_device
-    from common.evaluation import evaluate_arrays
+    from common.evaluation import evaluate_task
+    from common.site_dataset import SiteDataset
+    from common.tasks import get_task
     from simulation.datasets import load_medmnist_split, to_model_images
 
     try:
         ckpt = load_checkpoint(checkpoint)
         model = ckpt.build_model()
-        images, labels = load_medmnist_split(data, split)
-        metrics = evaluate_arrays(
-            model, to_model_images(images), labels, device=resolve_device(device)
-        )
+        if data.is_dir():
+            site = SiteDataset(data)
+            get_task(ckpt.task).check_dataset(
+                site,
+                model=ckpt.model,
+                num_classes=int(ckpt.model_kwargs.get("num_classes", len(site.label_names))),
+            )
+            arrays = site.load(split)
+            images, labels = arrays.images, arrays.labels
+        else:
+            raw_images, labels = load_medmnist_split(data, split)
+            images = to_model_images(raw_images)
+        metrics = evaluate_task(ckpt.task, model, images, labels, device=resolve_device(device))
     except MedfedError as exc:
         raise _fail(exc) from None
     result = {
@@ -241,3 +351,6 @@ def register(app: typer.Typer) -> None:
     app.command()(simulate)
     app.command()(evaluate)
     app.command()(download)
+    from simulation.pooled import pooled_baseline
+
+    app.command()(pooled_baseline)

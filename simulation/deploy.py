@@ -137,6 +137,8 @@ def prepare_site_datasets(
     """
     from simulation.sites import SplitPlan, create_virtual_sites
 
+    if source not in ("dicom", "virtual"):
+        raise ConfigError(f"source must be 'dicom' or 'virtual', got {source!r}")
     data_dir = deploy_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     src = npz_path
@@ -173,6 +175,7 @@ def prepare_site_datasets(
         if gv.exists():
             shutil.rmtree(gv)
         (work / "global-val").rename(gv)
+    shutil.rmtree(work, ignore_errors=True)
     return sites
 
 

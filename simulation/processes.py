@@ -169,7 +169,7 @@ class ProcessGroup:
             )
         managed = Managed(name, proc, log_file)
         self.procs[name] = managed
-        log.info("started %s (pid %d, log %s)", name, proc.pid, log_file)
+        log.debug("started %s (pid %d, log %s)", name, proc.pid, log_file)
         return managed
 
     def stop(self, name: str, *, grace: float = 10.0) -> None:

@@ -19,11 +19,15 @@ import numpy as np
 from common.errors import ConfigError, DataError
 from common.site_dataset import SplitArrays, write_site_dataset
 from simulation.datasets import load_medmnist_split, md5sum, to_model_images
-from simulation.partition import dirichlet_partition, iid_partition
+from simulation.partition import (
+    dirichlet_partition,
+    iid_partition,
+    quantity_skew_partition,
+)
 
 log = logging.getLogger(__name__)
 
-PARTITIONERS = ("iid", "dirichlet")
+PARTITIONERS = ("iid", "dirichlet", "quantity")
 GLOBAL_EVAL = "global-val"
 
 
@@ -59,7 +63,7 @@ class SplitPlan:
             raise ConfigError(
                 f"--partition must be one of {list(PARTITIONERS)}, got {self.partitioner!r}"
             )
-        if self.partitioner == "dirichlet" and not self.alpha > 0:
+        if self.partitioner in ("dirichlet", "quantity") and not self.alpha > 0:
             raise ConfigError(f"--alpha must be > 0, got {self.alpha}")
         if not 0.0 <= self.val_fraction <= 0.5:
             raise ConfigError(f"--val-fraction must be in [0, 0.5], got {self.val_fraction}")
@@ -68,6 +72,8 @@ class SplitPlan:
         """Index arrays, one per site."""
         if self.partitioner == "iid":
             return iid_partition(labels, self.num_sites, seed=self.seed)
+        if self.partitioner == "quantity":
+            return quantity_skew_partition(labels, self.num_sites, alpha=self.alpha, seed=self.seed)
         return dirichlet_partition(labels, self.num_sites, alpha=self.alpha, seed=self.seed)
 
 
@@ -87,8 +93,14 @@ def create_virtual_sites(
     label_names: Sequence[str],
     dataset_name: str,
     overwrite: bool = True,
+    via_dicom: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Write ``site-0 .. site-{N-1}`` and ``global-val`` site datasets under ``out_dir``.
+
+    With ``via_dicom``, each site goes through the hospital path instead: its images are
+    written as DICOM files with a labels CSV (``simulation.export_dicom``) under
+    ``via_dicom/site_<i>/`` and ingested (``client.data.ingest``) into ``site-<i>``, with
+    a patient-level local split; the pixels are the same (``uint8 / 255``).
 
     Parameters
     ----------
@@ -104,6 +116,8 @@ def create_virtual_sites(
         Recorded in provenance.
     overwrite : bool
         Replace existing site datasets.
+    via_dicom : pathlib.Path, optional
+        Work folder for the DICOM exports (hospital path); None writes arrays directly.
 
     Returns
     -------
@@ -118,13 +132,26 @@ def create_virtual_sites(
         "source": dataset_name,
         "file-md5": md5sum(npz_path),
         "partitioner": plan.partitioner,
-        "alpha": plan.alpha if plan.partitioner == "dirichlet" else None,
+        "alpha": plan.alpha if plan.partitioner in ("dirichlet", "quantity") else None,
         "num-sites": plan.num_sites,
         "seed": plan.seed,
     }
     preprocessing = {"scale": "uint8 / 255 -> float32 [0, 1]", "resize": None}
     manifests = []
     for site, idx in enumerate(parts):
+        if via_dicom is not None:
+            manifests.append(
+                _site_via_dicom(
+                    images[idx],
+                    labels[idx],
+                    via_dicom,
+                    out_dir / f"site-{site}",
+                    site=site,
+                    plan=plan,
+                    label_names=label_names,
+                )
+            )
+            continue
         tr, va = _local_split(idx, plan.val_fraction, rng)
         splits = {
             "train": SplitArrays.create(to_model_images(images[tr]), labels[tr]),
@@ -157,3 +184,47 @@ def create_virtual_sites(
             overwrite=overwrite,
         )
     return manifests
+
+
+def _site_via_dicom(
+    images: np.ndarray,
+    labels: np.ndarray,
+    work_dir: Path,
+    out: Path,
+    *,
+    site: int,
+    plan: SplitPlan,
+    label_names: Sequence[str],
+) -> dict[str, Any]:
+    """Export one site's images as DICOM and ingest them back (the hospital path)."""
+    from client.data.ingest import IngestOptions, ingest
+    from simulation.export_dicom import SITE_MANUFACTURERS, export_site_dicom
+
+    exported = export_site_dicom(
+        images,
+        labels,
+        work_dir / f"site_{site}",
+        manufacturer=SITE_MANUFACTURERS[site % len(SITE_MANUFACTURERS)],
+        seed=plan.seed,
+        site=site,
+        overwrite=True,
+    )
+    report = ingest(
+        exported.dicom_dir,
+        exported.labels_csv,
+        out,
+        options=IngestOptions(
+            val_fraction=plan.val_fraction,
+            seed=plan.seed + site,
+            label_names=label_names,
+            cache_dir=work_dir / f"site_{site}" / "cache",
+            overwrite=True,
+        ),
+    )
+    log.info(
+        "site-%d via DICOM: %d files ingested, %d quarantined",
+        site,
+        report.ingested,
+        report.quarantined,
+    )
+    return report.manifest

@@ -43,10 +43,16 @@ def summary_table(rounds: list[dict[str, Any]]) -> Table:
         ("wall s", "right"),
     ):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    # Segmentation runs (common/tasks.py) report Dice: global and mean local.
+    dice = any("dice" in r.get("global", {}) for r in rounds)
+    if dice:
+        table.add_column("val Dice", justify="right")
+        table.add_column("site Dice", justify="right")
     for r in rounds:
         g = r.get("global", {})
         tr, ev = r.get("train", {}), r.get("evaluate", {})
         lost = len(tr.get("dropped", [])) + len(tr.get("failed", {}))
+        extra = [_fmt(g.get("dice")), _fmt(ev.get("metrics", {}).get("val-dice"))] if dice else []
         table.add_row(
             str(r["round"]),
             _fmt(g.get("accuracy")),
@@ -57,6 +63,7 @@ def summary_table(rounds: list[dict[str, Any]]) -> Table:
             str(len(tr.get("replied", []))) if tr else "-",
             str(lost) if tr else "-",
             _fmt(r.get("wall-seconds"), 1),
+            *extra,
         )
     return table
 

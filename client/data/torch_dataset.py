@@ -19,7 +19,8 @@ class SplitDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     Notes
     -----
-    ``image`` is float32 ``(C, H, W)`` in ``[0, 1]``; ``label`` is an int64 scalar.
+    ``image`` is float32 ``(C, H, W)`` in ``[0, 1]``; ``label`` is an int64 scalar
+    (classification) or an int64 ``(H, W)`` mask (segmentation).
     Reads one image at a time from the memory map, so a site's dataset need not fit RAM.
 
     """
@@ -32,5 +33,5 @@ class SplitDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = torch.from_numpy(np.array(self.split.images[index], dtype=np.float32))
-        label = torch.tensor(int(self.split.labels[index]), dtype=torch.int64)
+        label = torch.from_numpy(np.array(self.split.labels[index], dtype=np.int64))
         return image, label

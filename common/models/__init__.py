@@ -27,7 +27,8 @@ class ModelSpec:
     name : str
         Registry key.
     task : str
-        The task it solves (``classification``).
+        The task it solves: a name registered in ``common.tasks`` (``classification``,
+        ``segmentation``, ...).
     input_shape : tuple[int, ...]
         Expected input shape without the batch dimension, e.g. ``(1, 28, 28)``.
     factory : Callable[..., nn.Module]
@@ -44,13 +45,25 @@ class ModelSpec:
 def _registry() -> dict[str, ModelSpec]:
     # Imported lazily so `common` stays importable without torch (ingestion installs).
     from common.models.cnn import build_cnn
+    from common.models.mlp import HEART_FEATURES, build_heart_logreg, build_heart_mlp
+    from common.models.rnn import build_gru, build_lstm
+    from common.models.unet import build_unet
 
     return {
         "cnn": ModelSpec("cnn", "classification", (1, 28, 28), build_cnn),
+        "gru": ModelSpec("gru", "classification", (1, 28, 28), build_gru),
+        "lstm": ModelSpec("lstm", "classification", (1, 28, 28), build_lstm),
+        # Fully convolutional: input_shape is the training patch; any H, W divisible by
+        # 16 fits (common.tasks.SegmentationTask.check_image_shape).
+        "unet": ModelSpec("unet", "segmentation", (1, 32, 32), build_unet),
+        "heart-mlp": ModelSpec("heart-mlp", "tabular", (HEART_FEATURES, 1, 1), build_heart_mlp),
+        "heart-logreg": ModelSpec(
+            "heart-logreg", "tabular", (HEART_FEATURES, 1, 1), build_heart_logreg
+        ),
     }
 
 
-_NAMES = ("cnn",)
+_NAMES = ("cnn", "heart-mlp", "heart-logreg", "gru", "lstm", "unet")
 
 
 def list_models() -> list[str]:

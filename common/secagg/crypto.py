@@ -158,9 +158,9 @@ def expand_mask(key: bytes, *, length: int) -> NDArray[np.uint32]:
     if length < 0:
         raise ValueError(f"length must be >= 0, got {length}")
     encryptor = Cipher(algorithms.AES256(key), modes.CTR(_CTR_NONCE)).encryptor()
-    # keystream = AES-CTR encryption of zeros, written straight into a writable buffer
+    # keystream = AES-CTR encryption of zeros, in place in a zeroed, writable buffer
     out = bytearray(4 * length + 15)  # update_into needs block_size - 1 spare bytes
-    written = encryptor.update_into(bytes(4 * length), out)
+    written = encryptor.update_into(memoryview(out)[: 4 * length], out)
     encryptor.finalize()
     if written != 4 * length:
         raise RuntimeError(f"AES-CTR produced {written} bytes, expected {4 * length}")

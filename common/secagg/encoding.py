@@ -119,7 +119,7 @@ def flat_delta(
                     "aggregation averages float arrays only. Freeze it or make it float."
                 )
             continue
-        parts.append(new.astype(np.float64).ravel() - old.astype(np.float64).ravel())
+        parts.append(np.subtract(new, old, dtype=np.float64).ravel())
     return np.concatenate(parts) if parts else np.zeros(0, np.float64)
 
 
@@ -134,7 +134,7 @@ def check_clip_range(delta: NDArray[np.float64], *, clip_range: float) -> None:
     """
     if delta.size == 0:
         return
-    worst = float(np.max(np.abs(delta)))
+    worst = float(np.maximum(delta.max(), -delta.min()))  # NaN propagates
     if not np.isfinite(worst) or worst > clip_range:
         raise ClipRangeError(
             f"this round's model change reaches |delta| = {worst:.4g}, beyond "
@@ -189,10 +189,11 @@ def encode(
     if stochastic:
         if rng is None:
             raise ValueError("stochastic quantisation needs an explicit rng")
-        q = np.floor(scaled + rng.random(scaled.shape, dtype=np.float64))
+        scaled += rng.random(scaled.shape, dtype=np.float64)
+        np.floor(scaled, out=scaled)
     else:
-        q = np.rint(scaled)
-    return q.astype(np.int64).astype(np.uint32)
+        np.rint(scaled, out=scaled)
+    return scaled.astype(np.int64).astype(np.uint32)
 
 
 def decode_mean(

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
 
 from client.privacy import (
-    PrivacyBudgetExceeded,
+    PrivacyBudgetError,
     PrivacyError,
     PrivacyLedger,
     check_budget,
@@ -141,7 +141,7 @@ def test_ledger_accumulates_across_rounds_and_a_second_process(tmp_path):
 def test_round_that_would_cross_the_ceiling_is_refused_before_any_step(tmp_path):
     first, _, _ = _dp_round(tmp_path)
     ledger_before = (tmp_path / "privacy-ledger.json").read_text()
-    with pytest.raises(PrivacyBudgetExceeded, match="dp-max-epsilon") as info:
+    with pytest.raises(PrivacyBudgetError, match="dp-max-epsilon") as info:
         _dp_round(tmp_path, max_epsilon=first.epsilon + 1e-6)
     assert "refuses" in str(info.value)
     assert (tmp_path / "privacy-ledger.json").read_text() == ledger_before  # nothing spent
@@ -161,7 +161,7 @@ def test_refusal_happens_before_training_touches_the_model(tmp_path):
         noise_multiplier=0.3,
         target_epsilon=1.0,
     )
-    with pytest.raises(PrivacyBudgetExceeded):
+    with pytest.raises(PrivacyBudgetError):
         check_budget([], plan, max_epsilon=0.5)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 

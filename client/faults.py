@@ -1,0 +1,112 @@
+"""Fault injection for simulation: site dropout, a slow site, a site that crashes.
+
+A Flower client mod (``(Message, Context, ClientAppCallable) -> Message``, Flower 1.41
+``flwr/clientapp/typing.py``) installed innermost in client/app.py. It acts only on
+``train`` messages and only when the node config has a ``partition-id``, which only
+Flower's simulation engine sets: a production SuperNode (``dataset-dir`` in its node
+config) can not be made to fail by a run config. Run-config keys (``faults.*``,
+common/config.py):
+
+``faults.dropout`` = p
+    each round, each site independently drops out with probability ``p`` (decided by a
+    generator seeded with ``(seed, round, partition-id)``, so a run is reproducible): the
+    site does not train and answers ``ErrorCode.NODE_UNAVAILABLE`` with reason
+    ``"injected fault: dropout"``; the round log lists it under ``dropped``.
+``faults.slow-site`` = i, ``faults.slow-seconds`` = s
+    site ``i`` sleeps ``s`` seconds before training every round (a slow hospital); the
+    delay shows in the round's wall time and the site's ``fault-delay-seconds`` metric.
+``faults.crash-site`` = i, ``faults.crash-round`` = r
+    from round ``r`` on, site ``i`` trains and then crashes before replying: the handler
+    raises :class:`InjectedFault`, Flower answers the server with an error whose reason
+    contains ``"injected fault: crash"``, and the round log lists it under ``failed``.
+
+A round still aggregates while ``min-replies`` sites reply (server/quorum.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+from flwr.app import Context, Error, Message, MessageType, MetricRecord
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.constant import ErrorCode
+
+from common.config import NodeConfig, RunConfig
+from common.errors import MedfedError
+
+log = logging.getLogger(__name__)
+
+REASON_DROPOUT = "injected fault: dropout"
+REASON_CRASH = "injected fault: crash"
+DELAY_METRIC = "fault-delay-seconds"
+
+
+class InjectedFault(MedfedError, RuntimeError):  # noqa: N818 - it is not an error of medfed's
+    """A crash injected by ``faults.crash-site`` (simulation only)."""
+
+
+def drops_out(*, probability: float, seed: int, server_round: int, partition_id: int) -> bool:
+    """Whether a site drops out of a round: one seeded Bernoulli(``probability``) draw.
+
+    Parameters
+    ----------
+    probability : float
+        In ``[0, 1)``.
+    seed, server_round, partition_id : int
+        Seed the generator, so the same run drops the same sites.
+
+    Returns
+    -------
+    bool
+
+    """
+    if probability <= 0.0:
+        return False
+    rng = np.random.default_rng([seed, server_round, partition_id])
+    return bool(rng.random() < probability)
+
+
+def fault_injection(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower client mod: inject the run config's ``faults.*`` (simulation only).
+
+    Returns
+    -------
+    flwr.app.Message
+        The handler's reply, an error reply for a dropout, or (crash) nothing: it raises.
+
+    Raises
+    ------
+    InjectedFault
+        When this site is the crash site and the round is >= ``faults.crash-round``.
+
+    """
+    pid = context.node_config.get("partition-id")
+    if msg.metadata.message_type != MessageType.TRAIN or not isinstance(pid, int):
+        return call_next(msg, context)
+    run = RunConfig.from_run_config(context.run_config)
+    node = NodeConfig.from_node_config(context.node_config)
+    if node.dataset_dir is not None:  # a real site's data: never inject
+        return call_next(msg, context)
+    server_round = int(str(msg.content.config_records["config"].get("server-round", 0)))
+    if drops_out(
+        probability=run.faults_dropout, seed=run.seed, server_round=server_round, partition_id=pid
+    ):
+        log.warning("round %d: %s (site %d)", server_round, REASON_DROPOUT, pid)
+        return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=REASON_DROPOUT), reply_to=msg)
+    delay = run.faults_slow_seconds if pid == run.faults_slow_site else 0.0
+    if delay > 0:
+        log.warning("round %d: injected fault: slow site %d (+%.1f s)", server_round, pid, delay)
+        time.sleep(delay)
+    reply = call_next(msg, context)
+    if pid == run.faults_crash_site and server_round >= run.faults_crash_round:
+        log.error("round %d: %s (site %d)", server_round, REASON_CRASH, pid)
+        raise InjectedFault(f"{REASON_CRASH} (site {pid}, round {server_round}, mid-round)")
+    if delay > 0 and not reply.has_error():
+        for record in reply.content.metric_records.values():
+            record[DELAY_METRIC] = float(delay)
+            break
+        else:
+            reply.content["metrics"] = MetricRecord({DELAY_METRIC: float(delay)})
+    return reply

@@ -1,0 +1,367 @@
+"""Learning tasks: what a model's outputs mean, how they are trained, checked and scored.
+
+A :class:`Task` ties together the four things that differ between, e.g., image
+classification and segmentation, so that the training loop, the ClientApp, the server's
+held-out evaluation and ``medfed evaluate`` stay one code path each:
+
+* :meth:`Task.make_loss` -- the training loss, **per-sample separable**: the batch loss is
+  the mean over the batch of a per-sample loss, ``L = (1/B) sum_i l(x_i, y_i)``. DP-SGD
+  (Opacus, ``loss_reduction="mean"``) relies on this to clip each sample's gradient.
+* :meth:`Task.evaluate` -- batched inference and metrics on (memory-mapped) arrays.
+* :meth:`Task.check_dataset` -- whether a site dataset fits the model and run config.
+* :attr:`Task.headline` -- the metric keys a summary table shows first.
+
+Registry with :func:`get_task` / :func:`list_tasks` and a "did you mean" error, like the
+model registry. Registered tasks:
+
+``classification``
+    labels int64 ``(N,)``; model output logits ``(N, K)``; cross-entropy loss;
+    :func:`common.metrics.classification_metrics` (accuracy, AUROC, ...).
+``segmentation``
+    labels int64 masks ``(N, H, W)`` with values in ``[0, K)`` (``num-classes`` counts the
+    background: ``2`` = background / foreground, e.g. background / vessel); model output
+    logits ``(N, K, H, W)``; Dice + cross-entropy loss (MONAI ``DiceCELoss``, per image);
+    metrics from :func:`segmentation_metrics` (Dice, pixel accuracy).
+
+Adding a task: subclass :class:`Task`, call :func:`register_task` with an instance in
+this module (or in a module imported here) and add its name to ``common.config.TASKS``.
+
+Imports torch and MONAI; ``common.config`` keeps its own list of task names
+(``TASKS``, checked against this registry by tests) so parsing config stays light.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import torch
+from monai.losses.dice import DiceCELoss as MonaiDiceCELoss
+from torch import nn
+
+from common.errors import ConfigError, DataError, did_you_mean
+
+if TYPE_CHECKING:
+    from common.site_dataset import SiteDataset
+
+#: A training loss: ``(outputs, targets) -> scalar`` mean over the batch of per-sample losses.
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Task(ABC):
+    """One learning task (see the module docstring).
+
+    Subclasses set :attr:`name` and :attr:`headline` and implement the abstract methods.
+    """
+
+    #: Registry key, also the ``task`` of site datasets and ``ModelSpec.task``.
+    name: ClassVar[str]
+    #: Metric keys (as returned by :meth:`evaluate`) that summaries show first.
+    headline: ClassVar[tuple[str, ...]]
+    #: What ``label_counts`` in a site manifest count: ``"images"`` or ``"pixels"``.
+    label_unit: ClassVar[str]
+
+    @abstractmethod
+    def make_loss(self) -> nn.Module:
+        """Return the training loss module ``loss(outputs, targets) -> scalar``.
+
+        The loss must be the batch mean of a per-sample loss (DP-SGD requirement).
+        """
+
+    @abstractmethod
+    def evaluate(
+        self,
+        model: nn.Module,
+        images: np.ndarray,
+        labels: np.ndarray,
+        *,
+        batch_size: int,
+        device: torch.device,
+    ) -> dict[str, float]:
+        """Score ``model`` on arrays of one split.
+
+        Returns
+        -------
+        dict[str, float]
+            ``loss`` (mean training loss over images), ``num-examples`` (images) and the
+            task's metrics; undefined values are NaN.
+
+        """
+
+    def check_dataset(self, data: SiteDataset, *, model: str, num_classes: int) -> None:
+        """Raise :class:`DataError` if ``data`` does not fit ``model`` / ``num_classes``.
+
+        Checks (all tasks): the dataset's task equals this task and the model's
+        ``ModelSpec.task``; the number of label names equals ``num-classes``; and the
+        image shape via :meth:`check_image_shape`.
+
+        Raises
+        ------
+        DataError
+            Naming what differs and how to fix it.
+
+        """
+        from common.models import get_spec
+
+        spec = get_spec(model)
+        if data.task != self.name or spec.task != self.name:
+            raise DataError(
+                f"site dataset task {data.task!r} does not match run task {self.name!r} / "
+                f"model {model!r} ({spec.task}); set run config 'task' and 'model' to match "
+                "the site datasets."
+            )
+        if len(data.label_names) != num_classes:
+            raise DataError(
+                f"site dataset has {len(data.label_names)} classes, run config 'num-classes' "
+                f"is {num_classes}."
+            )
+        self.check_image_shape(data.image_shape, spec_shape=spec.input_shape, model=model)
+
+    def check_image_shape(
+        self, shape: tuple[int, ...], *, spec_shape: tuple[int, ...], model: str
+    ) -> None:
+        """Default rule: the site's ``(C, H, W)`` equals the model's ``input_shape``."""
+        if tuple(shape) != tuple(spec_shape):
+            raise DataError(
+                f"site images are {tuple(shape)}, model {model!r} expects {tuple(spec_shape)}; "
+                "re-ingest with the model's input size."
+            )
+
+
+class ClassificationTask(Task):
+    """Image-level classification: cross-entropy, :func:`classification_metrics`."""
+
+    name = "classification"
+    headline = ("accuracy", "auroc")
+    label_unit = "images"
+
+    def make_loss(self) -> nn.Module:
+        """``torch.nn.CrossEntropyLoss()`` (batch mean of per-sample cross-entropy)."""
+        return nn.CrossEntropyLoss(reduction="mean")
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        images: np.ndarray,
+        labels: np.ndarray,
+        *,
+        batch_size: int,
+        device: torch.device,
+    ) -> dict[str, float]:
+        """:func:`common.evaluation.evaluate_arrays`."""
+        from common.evaluation import evaluate_arrays
+
+        return evaluate_arrays(model, images, labels, batch_size=batch_size, device=device)
+
+
+class SegmentationTask(Task):
+    """Semantic segmentation: Dice + cross-entropy loss, Dice and pixel accuracy.
+
+    Models map ``(N, C, H, W)`` to logits ``(N, K, H, W)``; masks are int64 ``(N, H, W)``.
+    Fully convolutional models accept any ``H, W`` divisible by :attr:`divisor`, so a site
+    dataset of the model's channel count and such a size fits (patches for training,
+    whole images or tiles for evaluation).
+    """
+
+    name = "segmentation"
+    headline = ("dice", "pixel-accuracy")
+    label_unit = "pixels"
+    #: Spatial sizes must be multiples of this (up to four 2x poolings, common.models.unet).
+    divisor = 16
+
+    def make_loss(self) -> nn.Module:
+        """:class:`DiceCELoss`: mean over images of (soft Dice loss + cross-entropy)."""
+        return DiceCELoss()
+
+    def check_image_shape(
+        self, shape: tuple[int, ...], *, spec_shape: tuple[int, ...], model: str
+    ) -> None:
+        """Channels must equal the model's; ``H`` and ``W`` multiples of :attr:`divisor`."""
+        if len(shape) != 3 or shape[0] != spec_shape[0]:
+            raise DataError(
+                f"site images are {tuple(shape)}, model {model!r} expects {spec_shape[0]} "
+                f"channel(s) (C, H, W); re-create the site dataset with that many channels."
+            )
+        if shape[1] % self.divisor or shape[2] % self.divisor:
+            raise DataError(
+                f"site images are {shape[1]} x {shape[2]}; model {model!r} needs height and "
+                f"width divisible by {self.divisor}; re-create the site dataset with e.g. "
+                f"{self.divisor * max(1, round(shape[1] / self.divisor))} pixels."
+            )
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        images: np.ndarray,
+        labels: np.ndarray,
+        *,
+        batch_size: int,
+        device: torch.device,
+    ) -> dict[str, float]:
+        """:func:`common.evaluation.evaluate_segmentation`."""
+        from common.evaluation import evaluate_segmentation
+
+        return evaluate_segmentation(
+            model, images, labels, batch_size=batch_size, device=device, loss=self.make_loss()
+        )
+
+
+class DiceCELoss(nn.Module):
+    """Per-image Dice + cross-entropy loss for ``(logits (B, K, H, W), masks (B, H, W))``.
+
+    MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True, batch=False)``: the soft Dice
+    loss (Milletari et al., V-Net, 3DV 2016) is computed per image and per class
+    (background included, smoothing 1e-5) and averaged; the cross-entropy is the mean
+    over all ``B*H*W`` pixels. With equal image sizes both are the batch mean of a
+    per-image loss, which is what DP-SGD's per-sample clipping needs
+    (tests/common/test_tasks.py checks it).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = MonaiDiceCELoss(to_onehot_y=True, softmax=True, batch=False)
+
+    def forward(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Scalar loss; ``masks`` int64 ``(B, H, W)`` with values in ``[0, K)``."""
+        out: torch.Tensor = self.inner(logits, masks.unsqueeze(1))
+        return out
+
+
+def segmentation_metrics(
+    true: np.ndarray, pred: np.ndarray, *, num_classes: int
+) -> dict[str, float]:
+    """Dice and pixel accuracy of predicted label maps, pooled over all pixels.
+
+    Parameters
+    ----------
+    true, pred : numpy.ndarray
+        int ``(N, H, W)`` class indices in ``[0, num_classes)``.
+    num_classes : int
+        ``K`` >= 2; class 0 is the background.
+
+    Returns
+    -------
+    dict[str, float]
+        ``dice``: mean over foreground classes ``c >= 1`` of
+        ``2 TP_c / (2 TP_c + FP_c + FN_c)`` with the counts summed over every pixel of
+        every image (micro / "global" Dice, Dice 1945; Sorensen 1948) -- NaN for a class
+        absent from both ``true`` and ``pred``; ``dice-<c>`` per foreground class when
+        ``K > 2``; ``pixel-accuracy``: share of pixels with ``pred == true``;
+        ``num-examples``: ``N``.
+
+    Raises
+    ------
+    DataError
+        If the shapes differ.
+
+    """
+    true = np.asarray(true)
+    pred = np.asarray(pred)
+    if true.shape != pred.shape:
+        raise DataError(f"masks {true.shape} and predictions {pred.shape} differ in shape")
+    counts = dice_counts(true, pred, num_classes=num_classes)
+    return metrics_from_counts(
+        counts,
+        correct=int(np.sum(true == pred)),
+        total=true.size,
+        images=int(true.shape[0]) if true.ndim else 0,
+    )
+
+
+def dice_counts(true: np.ndarray, pred: np.ndarray, *, num_classes: int) -> np.ndarray:
+    """Pixel counts per class: int64 ``(K, 3)`` with columns TP, FP, FN."""
+    out = np.zeros((num_classes, 3), dtype=np.int64)
+    for c in range(num_classes):
+        t, p = true == c, pred == c
+        out[c] = (np.sum(t & p), np.sum(~t & p), np.sum(t & ~p))
+    return out
+
+
+def metrics_from_counts(
+    counts: np.ndarray, *, correct: int, total: int, images: int
+) -> dict[str, float]:
+    """Metrics of :func:`segmentation_metrics` from :func:`dice_counts` (summable per batch).
+
+    Parameters
+    ----------
+    counts : numpy.ndarray
+        int ``(K, 3)`` TP, FP, FN per class.
+    correct, total : int
+        Pixels predicted right, and all pixels.
+    images : int
+        Images the counts cover.
+
+    """
+    dice = []
+    for tp, fp, fn in counts[1:]:
+        denom = 2 * tp + fp + fn
+        dice.append(2.0 * tp / denom if denom else math.nan)
+    out = {
+        "dice": float(np.nanmean(dice)) if any(not math.isnan(d) for d in dice) else math.nan,
+        "pixel-accuracy": correct / total if total else math.nan,
+        "num-examples": float(images),
+    }
+    if len(dice) > 1:
+        out |= {f"dice-{c + 1}": d for c, d in enumerate(dice)}
+    return out
+
+
+_TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> None:
+    """Add ``task`` to the registry under ``task.name``.
+
+    Raises
+    ------
+    ValueError
+        If another task object is already registered under that name.
+
+    """
+    if task.name in _TASKS and _TASKS[task.name] is not task:
+        raise ValueError(f"task {task.name!r} is already registered")
+    _TASKS[task.name] = task
+
+
+class TabularTask(ClassificationTask):
+    """Classification of tabular records (e.g. UCI Heart Disease, simulation/heart.py).
+
+    Site-dataset contract: features stored as float32 ``(N, F, 1, 1)`` "images" (already
+    standardised, so not limited to ``[0, 1]``: ``SplitArrays.create(unit_range=False)``),
+    labels int64 ``(N,)``; models flatten the input (common/models/mlp.py). Loss and
+    metrics are those of :class:`ClassificationTask`; the shape rule is the default one
+    (``(F, 1, 1)`` equals the model's ``input_shape``).
+    """
+
+    name = "tabular"
+    headline = ("accuracy", "auroc")
+    label_unit = "records"
+
+
+register_task(ClassificationTask())
+register_task(SegmentationTask())
+register_task(TabularTask())
+
+
+def list_tasks() -> list[str]:
+    """Return the registered task names, sorted."""
+    return sorted(_TASKS)
+
+
+def get_task(name: str) -> Task:
+    """Return the registered :class:`Task` called ``name``.
+
+    Raises
+    ------
+    ConfigError
+        Unknown name, with the registered names and the closest match.
+
+    """
+    if name not in _TASKS:
+        raise ConfigError(
+            f"unknown task {name!r}.{did_you_mean(name, _TASKS)} Registered tasks: {list_tasks()}."
+        )
+    return _TASKS[name]

@@ -1,0 +1,536 @@
+"""The research workbench's experiment driver: pooled vs local vs federated, one command.
+
+``medfed experiment CONFIG.toml`` answers "does federation help here, by how much, at
+what privacy cost?" the way FLamby (Ogier du Terrail et al., NeurIPS 2022) does: for one
+task and data set, for every split, strategy, privacy setting and seed it trains
+
+* **pooled**: one model on the union of the sites' training data (centralised upper
+  reference);
+* **local**: one model per site on that site's data only ("best local" = the site model
+  that scores best on the evaluation sets);
+* **federated**: the medfed ServerApp + ClientApps on Flower's simulation engine
+  (:func:`run_federated`, the code path of ``medfed simulate``),
+
+with the same compute: every example is visited ``rounds * local-epochs`` times in each
+of the three (pooled and local train ``rounds * local-epochs`` epochs), the same seeds,
+batch size, optimiser and learning rate. Pooled and local training reuse the ClientApp's
+loop (client/train.py); every model is scored by the same code
+(common/evaluation.py through the task registry) on the same evaluation sets.
+
+Experiment file (TOML)::
+
+    name = "heart-disease"
+    seeds = [42, 43, 44]
+    rounds = 30
+
+    [data]
+    kind = "heart"                  # or "medmnist"
+    dir = "../shared/data/tabular/uci_heart_disease_4sites"
+    # medmnist: dataset = "pneumoniamnist", sites = 3
+    # splits = [{partition = "dirichlet", alpha = 0.1}, {partition = "iid"}]
+
+    [run-config]                    # run-config keys for every run (kebab-case)
+    model = "heart-logreg"
+    task = "tabular"
+
+    [[federated]]                   # one table per strategy x privacy setting
+    label = "fedavg"
+    strategy = "fedavg"             # any other key: a run-config override
+
+Outputs in the experiment directory: ``results.csv`` / ``results.json`` (one row per
+split x setting x seed, plus ``summary`` rows with mean and standard deviation over
+seeds), each federated run's own run directory (for ``medfed report``), and the
+baselines' per-site scores.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import statistics
+import time
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from client.train import make_optimizer, make_train_loader, train_epochs
+from common.config import RunConfig
+from common.device import resolve_device
+from common.errors import ConfigError
+from common.models import get_model
+from common.site_dataset import SiteDataset, SplitArrays
+from common.tasks import get_task
+from simulation.pooled import pool_splits
+
+log = logging.getLogger(__name__)
+
+RESULTS_CSV = "results.csv"
+RESULTS_JSON = "results.json"
+DATA_KINDS = ("heart", "medmnist")
+#: Headline metric of the tables and ratios.
+METRIC = "accuracy"
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """One way of cutting the data into sites (``natural`` for the heart data)."""
+
+    partition: str
+    alpha: float = 0.5
+
+    @property
+    def label(self) -> str:
+        """Short name, e.g. ``dirichlet-0.1``."""
+        if self.partition in ("dirichlet", "quantity"):
+            return f"{self.partition}-{self.alpha:g}"
+        return self.partition
+
+
+@dataclass(frozen=True)
+class FederatedSpec:
+    """One federated setting: a label and its run-config overrides (strategy, DP...)."""
+
+    label: str
+    overrides: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A parsed experiment file (see the module docstring).
+
+    Raises
+    ------
+    ConfigError
+        For a missing or invalid entry; names the key.
+
+    """
+
+    name: str
+    seeds: list[int]
+    rounds: int
+    data_kind: str
+    data: dict[str, Any]
+    splits: list[SplitSpec]
+    run_config: dict[str, Any]
+    federated: list[FederatedSpec]
+    cpus_per_site: int = 1
+    timeout: float = 1800.0
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_toml(cls, path: Path) -> ExperimentConfig:
+        """Parse and validate an experiment file.
+
+        Raises
+        ------
+        ConfigError
+            Unknown data kind, empty seed or federated lists, invalid run-config keys.
+
+        """
+        try:
+            doc = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read experiment file {path}: {exc}") from exc
+        return cls.from_dict(doc)
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> ExperimentConfig:
+        """Build from a parsed TOML document (see :meth:`from_toml`)."""
+        data = dict(doc.get("data", {}))
+        kind = data.pop("kind", None)
+        if kind not in DATA_KINDS:
+            raise ConfigError(f"experiment [data] kind must be one of {list(DATA_KINDS)}")
+        seeds = [int(s) for s in doc.get("seeds", [42])]
+        if not seeds:
+            raise ConfigError("experiment 'seeds' must list at least one seed")
+        rounds = int(doc.get("rounds", 5))
+        if rounds < 1:
+            raise ConfigError("experiment 'rounds' must be >= 1")
+        raw_splits = data.pop("splits", [{"partition": "natural"}] if kind == "heart" else [])
+        splits = [SplitSpec(str(s["partition"]), float(s.get("alpha", 0.5))) for s in raw_splits]
+        if not splits:
+            raise ConfigError("experiment [data] splits must list at least one split")
+        if kind == "heart" and any(s.partition != "natural" for s in splits):
+            raise ConfigError("the heart data has a natural split only: splits = [natural]")
+        run_config = _flatten(doc.get("run-config", {}))
+        feds = []
+        for i, entry in enumerate(doc.get("federated", [])):
+            entry = _flatten(entry)
+            label = str(entry.pop("label", entry.get("strategy", f"setting-{i}")))
+            feds.append(FederatedSpec(label, entry))
+        if not feds:
+            raise ConfigError("experiment needs at least one [[federated]] setting")
+        cfg = cls(
+            name=str(doc.get("name", "experiment")),
+            seeds=seeds,
+            rounds=rounds,
+            data_kind=str(kind),
+            data=data,
+            splits=splits,
+            run_config=run_config,
+            federated=feds,
+            cpus_per_site=int(doc.get("cpus-per-site", 1)),
+            timeout=float(doc.get("timeout", 1800.0)),
+            source=dict(doc),
+        )
+        for fed in feds:  # fail before any training on a bad key or combination
+            cfg.run_config_for(fed, seed=seeds[0], num_sites=1)
+        return cfg
+
+    def run_config_for(self, fed: FederatedSpec, *, seed: int, num_sites: int) -> RunConfig:
+        """Return the validated run config of one federated run."""
+        values = (
+            self.run_config
+            | fed.overrides
+            | {
+                "num-server-rounds": self.rounds,
+                "seed": seed,
+                "min-sites": num_sites,
+                "min-replies": min(
+                    int(fed.overrides.get("min-replies", self.run_config.get("min-replies", 1))),
+                    num_sites,
+                ),
+            }
+        )
+        return RunConfig.from_run_config(values)
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"dp": {"enabled": false}}`` -> ``{"dp.enabled": false}``."""
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        if isinstance(v, Mapping):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# --------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class PreparedSplit:
+    """Site datasets of one split, and the sets every model is scored on."""
+
+    spec: SplitSpec
+    sites_dir: Path
+    sites: list[Path]
+    eval_sets: list[Path]
+    eval_dataset_dir: str
+
+
+def prepare_split(cfg: ExperimentConfig, spec: SplitSpec, out: Path, *, seed: int) -> PreparedSplit:
+    """Write the site datasets of one split under ``out/sites``.
+
+    Heart: the 4 hospitals; each model is scored on every hospital's test part and the
+    scores averaged (FLamby). MedMNIST: ``sites`` virtual sites cut from the training
+    data; every model is scored on the official validation split (``global-val``).
+    """
+    sites_dir = out / "sites"
+    if cfg.data_kind == "heart":
+        from simulation.heart import create_heart_sites
+
+        data_dir = Path(str(cfg.data.get("dir", "../shared/data/tabular/uci_heart_disease_4sites")))
+        manifests = create_heart_sites(data_dir, sites_dir)
+        sites = [sites_dir / f"site-{i}" for i in range(len(manifests))]
+        return PreparedSplit(spec, sites_dir, sites, list(sites), "")
+    from simulation.datasets import MEDMNIST, medmnist_path
+    from simulation.sites import GLOBAL_EVAL, SplitPlan, create_virtual_sites
+
+    dataset = str(cfg.data.get("dataset", "pneumoniamnist"))
+    if dataset not in MEDMNIST:
+        raise ConfigError(f"unknown dataset {dataset!r}; known: {sorted(MEDMNIST)}")
+    num_sites = int(cfg.data.get("sites", 3))
+    plan = SplitPlan(num_sites=num_sites, partitioner=spec.partition, alpha=spec.alpha, seed=seed)
+    create_virtual_sites(
+        medmnist_path(dataset, cfg.data.get("dir")),
+        sites_dir,
+        plan=plan,
+        label_names=MEDMNIST[dataset].label_names,
+        dataset_name=dataset,
+    )
+    sites = [sites_dir / f"site-{i}" for i in range(num_sites)]
+    return PreparedSplit(
+        spec, sites_dir, sites, [sites_dir / GLOBAL_EVAL], str(sites_dir / GLOBAL_EVAL)
+    )
+
+
+# ----------------------------------------------------------------------- baselines
+def train_centralised(
+    split: SplitArrays, run: RunConfig, *, epochs: int, seed: int, device: torch.device
+) -> torch.nn.Module:
+    """Train a fresh model on ``split`` for ``epochs`` epochs with the run's optimiser.
+
+    The loop is client/train.py's ``train_epochs`` (no DP: baselines are the non-private
+    reference), the model is initialised with ``torch.manual_seed(seed)`` exactly as the
+    federated run's global model, and batches are drawn with a generator seeded by
+    ``seed``.
+    """
+    torch.manual_seed(seed)
+    model = get_model(run.model, **run.model_kwargs()).to(device)
+    loader = make_train_loader(
+        split, batch_size=run.batch_size, generator=torch.Generator().manual_seed(seed)
+    )
+    optimizer = make_optimizer(
+        model,
+        learning_rate=run.learning_rate,
+        momentum=run.momentum,
+        weight_decay=run.weight_decay,
+    )
+    train_epochs(
+        model,
+        loader,
+        optimizer=optimizer,
+        epochs=epochs,
+        device=device,
+        criterion=get_task(run.task).make_loss(),
+    )
+    return model
+
+
+def score(
+    model: torch.nn.Module, eval_sets: list[Path], run: RunConfig, *, device: torch.device
+) -> dict[str, float]:
+    """Mean over the evaluation sets of each metric on their ``val`` split.
+
+    Returns
+    -------
+    dict[str, float]
+        ``<metric>`` = unweighted mean over sets (FLamby's average over centres) and
+        ``<metric>@<set name>`` per set.
+
+    """
+    task = get_task(run.task)
+    per: dict[str, dict[str, float]] = {}
+    for path in eval_sets:
+        split = SiteDataset(path).load("val")
+        per[path.name] = task.evaluate(
+            model, split.images, split.labels, batch_size=512, device=device
+        )
+    out: dict[str, float] = {}
+    for key in per[next(iter(per))]:
+        if key == "num-examples":
+            continue
+        values = [float(m[key]) for m in per.values()]
+        finite = [v for v in values if math.isfinite(v)]
+        out[key] = float(np.mean(finite)) if finite else math.nan
+        out |= {f"{key}@{name}": float(m[key]) for name, m in per.items()}
+    return out
+
+
+# ----------------------------------------------------------------------- federated
+def run_federated(
+    out: Path,
+    run: RunConfig,
+    *,
+    num_sites: int,
+    cpus_per_site: int = 1,
+    timeout: float = 1800.0,
+    on_line: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run one federated training on Flower's simulation engine; return its round log.
+
+    The run directory ``out`` receives config.json, rounds.jsonl, checkpoints/ and
+    final_model.pt (server/app.py), like ``medfed simulate``.
+
+    Raises
+    ------
+    FederationError
+        If the run fails or times out (simulation/engine.py).
+
+    """
+    from simulation.engine import run_simulation
+    from simulation.summary import read_rounds
+
+    out.mkdir(parents=True, exist_ok=True)
+    run_simulation(
+        run_dir=out,
+        run_config=run.replace(run_dir=str(out)).to_run_config(),
+        num_sites=num_sites,
+        cpus_per_site=cpus_per_site,
+        on_line=on_line,
+        timeout=timeout,
+    )
+    return read_rounds(out)
+
+
+# -------------------------------------------------------------------------- driver
+def run_experiment(
+    cfg: ExperimentConfig,
+    out: Path,
+    *,
+    on_progress: Callable[[str], None] | None = None,
+    device: torch.device | None = None,
+) -> list[dict[str, Any]]:
+    """Run every split x seed: pooled, local and each federated setting; write results.
+
+    Returns
+    -------
+    list[dict]
+        All rows (also written to ``results.csv`` / ``results.json``), ``kind`` ``"run"``
+        for one seed and ``"summary"`` for the mean/std over seeds.
+
+    """
+    from common.checkpoint import load_checkpoint
+
+    device = device or resolve_device("cpu")
+    note = on_progress or (lambda _msg: None)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "experiment.json").write_text(json.dumps(cfg.source, indent=2, default=str) + "\n")
+    rows: list[dict[str, Any]] = []
+    for spec in cfg.splits:
+        for seed in cfg.seeds:
+            split_dir = out / spec.label / f"seed-{seed}"
+            prepared = prepare_split(cfg, spec, split_dir, seed=seed)
+            n = len(prepared.sites)
+            base_run = cfg.run_config_for(cfg.federated[0], seed=seed, num_sites=n)
+            epochs = cfg.rounds * base_run.local_epochs
+            t0 = time.perf_counter()
+            pooled_model = train_centralised(
+                _pooled_train(prepared), base_run, epochs=epochs, seed=seed, device=device
+            )
+            pooled = score(pooled_model, prepared.eval_sets, base_run, device=device)
+            local = {}
+            for site in prepared.sites:
+                model = train_centralised(
+                    SiteDataset(site).load("train"),
+                    base_run,
+                    epochs=epochs,
+                    seed=seed,
+                    device=device,
+                )
+                local[site.name] = score(model, prepared.eval_sets, base_run, device=device)
+            best_site = max(local, key=lambda s: _finite(local[s].get(METRIC)))
+            note(
+                f"{spec.label} seed {seed}: pooled {METRIC} {pooled[METRIC]:.4f}, best local "
+                f"({best_site}) {local[best_site][METRIC]:.4f} [{time.perf_counter() - t0:.1f} s]"
+            )
+            (split_dir / "baselines.json").write_text(
+                json.dumps({"pooled": pooled, "local": local}, indent=2) + "\n"
+            )
+            for fed in cfg.federated:
+                run = cfg.run_config_for(fed, seed=seed, num_sites=n).replace(
+                    sites_dir=str(prepared.sites_dir),
+                    eval_dataset_dir=prepared.eval_dataset_dir,
+                )
+                run_dir = split_dir / f"fed-{fed.label}"
+                t1 = time.perf_counter()
+                history = run_federated(
+                    run_dir, run, num_sites=n, cpus_per_site=cfg.cpus_per_site, timeout=cfg.timeout
+                )
+                final = load_checkpoint(run_dir / "final_model.pt").build_model()
+                federated = score(final, prepared.eval_sets, run, device=device)
+                eps = _max_epsilon(history)
+                row = {
+                    "kind": "run",
+                    "split": spec.label,
+                    "setting": fed.label,
+                    "strategy": run.strategy,
+                    "dp": run.dp_enabled,
+                    "seed": seed,
+                    "rounds": cfg.rounds,
+                    "federated": federated[METRIC],
+                    "pooled": pooled[METRIC],
+                    "best-local": local[best_site][METRIC],
+                    "best-local-site": best_site,
+                    "fed/pooled": _ratio(federated[METRIC], pooled[METRIC]),
+                    "fed/best-local": _ratio(federated[METRIC], local[best_site][METRIC]),
+                    "federated-auroc": federated.get("auroc", math.nan),
+                    "pooled-auroc": pooled.get("auroc", math.nan),
+                    "max-epsilon": eps,
+                    "seconds": round(time.perf_counter() - t1, 1),
+                    "run-dir": str(run_dir),
+                }
+                rows.append(row)
+                note(
+                    f"{spec.label} seed {seed} {fed.label}: federated {METRIC} "
+                    f"{federated[METRIC]:.4f} (fed/pooled {row['fed/pooled']:.3f}) "
+                    f"[{row['seconds']:.0f} s]"
+                )
+    rows += summarise(rows)
+    write_results(rows, out)
+    return rows
+
+
+def _pooled_train(prepared: PreparedSplit) -> SplitArrays:
+    """Return the pooled train split: the heart data ships one (pooled normalisation)."""
+    pooled = prepared.sites_dir / "pooled"
+    if (pooled / "manifest.json").is_file():
+        return SiteDataset(pooled).load("train", mmap=False)
+    return pool_splits(prepared.sites)
+
+
+def _finite(v: float | None) -> float:
+    return float(v) if v is not None and math.isfinite(v) else -math.inf
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and math.isfinite(a) and math.isfinite(b) else math.nan
+
+
+def _max_epsilon(history: list[dict[str, Any]]) -> float:
+    eps = [
+        float(s["epsilon"])
+        for line in history
+        for s in line.get("train", {}).get("sites", {}).values()
+        if s.get("epsilon") is not None
+    ]
+    return max(eps) if eps else 0.0
+
+
+SUMMARY_KEYS = ("federated", "pooled", "best-local", "fed/pooled", "fed/best-local")
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and (sample) standard deviation over seeds per split x setting."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["kind"] == "run":
+            groups.setdefault((r["split"], r["setting"]), []).append(r)
+    out = []
+    for (split, setting), rs in groups.items():
+        row: dict[str, Any] = {
+            "kind": "summary",
+            "split": split,
+            "setting": setting,
+            "strategy": rs[0]["strategy"],
+            "dp": rs[0]["dp"],
+            "seeds": len(rs),
+            "max-epsilon": max(r["max-epsilon"] for r in rs),
+        }
+        for key in SUMMARY_KEYS:
+            values = [float(r[key]) for r in rs if math.isfinite(float(r[key]))]
+            row[key] = statistics.fmean(values) if values else math.nan
+            row[f"{key}-std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        out.append(row)
+    return out
+
+
+def write_results(rows: list[dict[str, Any]], out: Path) -> None:
+    """Write ``results.json`` and ``results.csv`` (union of the rows' keys as columns)."""
+    (out / RESULTS_JSON).write_text(json.dumps(rows, indent=2, default=_json_default) + "\n")
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    with (out / RESULTS_CSV).open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    return str(v)
+
+
+def read_results(out: Path) -> list[dict[str, Any]]:
+    """Rows of ``results.json`` in an experiment directory ([] if absent)."""
+    path = out / RESULTS_JSON
+    return json.loads(path.read_text()) if path.is_file() else []

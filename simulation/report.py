@@ -1,0 +1,499 @@
+"""``medfed report``: PNG plots and one HTML page for a run or an experiment directory.
+
+Run directory (``rounds.jsonl``, ``config.json``, ``sites/`` or the run config's
+``sites-dir``) -> ``report/``:
+
+* ``metrics.png``: global (server-side held-out) accuracy and AUROC, and each site's
+  local validation accuracy, vs round;
+* ``participation.png``: sites that replied, failed (with injected faults) and dropped
+  per round;
+* ``epsilon.png``: cumulative epsilon of every site vs round (DP-SGD ledger);
+* ``bytes.png``: megabytes sent to and received from the sites per round;
+* ``time.png``: round wall time split into training, evaluation and other (s);
+* ``report.html``: the plots, the per-round table, failures and drops, the config and
+  the per-site data summary (counts and label balance from the site manifests).
+
+Experiment directory (``results.json``) -> ``report.html`` with ``ratios.png`` (federated
+/ pooled and federated / best-local accuracy), ``accuracy.png`` and the results table,
+and a report per federated run. matplotlib with the Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from common.errors import DataNotFoundError
+
+REPORT_DIR = "report"
+REPORT_HTML = "report.html"
+RUN_PLOTS = ("metrics.png", "participation.png", "epsilon.png", "bytes.png", "time.png")
+EXPERIMENT_PLOTS = ("ratios.png", "accuracy.png")
+
+
+def _read_rounds(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "rounds.jsonl"
+    if not path.is_file():
+        raise DataNotFoundError(
+            f"{run_dir} has no rounds.jsonl: not a medfed run directory (or it never started)"
+        )
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _num(v: Any) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return math.nan
+    return f
+
+
+def _site_names(rounds: list[dict[str, Any]]) -> dict[str, str]:
+    """Flower node ids -> ``site A, B, ...`` in sorted order (node ids are opaque)."""
+    nodes: set[str] = set()
+    for r in rounds:
+        for phase in ("train", "evaluate"):
+            p = r.get(phase, {})
+            nodes |= {str(n) for n in p.get("sampled", [])}
+    return {n: f"site {chr(65 + i) if i < 26 else i}" for i, n in enumerate(sorted(nodes))}
+
+
+def _new_axes(ncols: int = 1, width: float = 7.0) -> tuple[Any, list[Any]]:
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols if ncols > 1 else width, 4.2))
+    return fig, list(axes) if ncols > 1 else [axes]
+
+
+def _save(fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_metrics(rounds: list[dict[str, Any]], path: Path, names: dict[str, str]) -> None:
+    """Global accuracy/AUROC and per-site local validation accuracy vs round."""
+    fig, (left, right) = _new_axes(2, 6.0)
+    xs = [r["round"] for r in rounds]
+    for key, label, style in (("accuracy", "accuracy", "o-"), ("auroc", "AUROC", "s--")):
+        ys = [_num(r.get("global", {}).get(key)) for r in rounds]
+        if any(math.isfinite(y) for y in ys):
+            left.plot(xs, ys, style, label=f"global {label} (held-out set)")
+    ev = [(r["round"], r.get("evaluate", {})) for r in rounds if "evaluate" in r]
+    mean_site = [(x, _num(p.get("metrics", {}).get("val-accuracy"))) for x, p in ev]
+    if mean_site:
+        left.plot(*zip(*mean_site, strict=True), "^:", label="mean site val accuracy")
+    left.set(xlabel="round", ylabel="metric (fraction, 0-1)", title="Global model", ylim=(0, 1))
+    left.legend(loc="lower right", fontsize=8)
+    for node, name in names.items():
+        pts = [
+            (x, _num(p.get("sites", {}).get(node, {}).get("val-accuracy")))
+            for x, p in ev
+            if node in p.get("sites", {})
+        ]
+        if pts:
+            right.plot(*zip(*pts, strict=True), "o-", label=name)
+    right.set(
+        xlabel="round",
+        ylabel="local validation accuracy (0-1)",
+        title="Each site's validation split",
+        ylim=(0, 1),
+    )
+    if right.lines:
+        right.legend(loc="lower right", fontsize=8, ncol=2)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    _save(fig, path)
+
+
+def plot_participation(rounds: list[dict[str, Any]], path: Path) -> None:
+    """Stacked bars: sites that replied, failed and dropped in each training round."""
+    fig, (ax,) = _new_axes()
+    rs = [r for r in rounds if "train" in r]
+    xs = [r["round"] for r in rs]
+    replied = [len(r["train"].get("replied", [])) for r in rs]
+    failed = [len(r["train"].get("failed", {})) for r in rs]
+    dropped = [len(r["train"].get("dropped", [])) for r in rs]
+    ax.bar(xs, replied, color="tab:green", label="replied")
+    ax.bar(xs, failed, bottom=replied, color="tab:red", label="failed (error reply)")
+    ax.bar(
+        xs,
+        dropped,
+        bottom=[a + b for a, b in zip(replied, failed, strict=True)],
+        color="tab:orange",
+        label="dropped (no reply)",
+    )
+    ax.set(xlabel="round", ylabel="sites (count)", title="Site participation in training")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    _save(fig, path)
+
+
+def plot_epsilon(rounds: list[dict[str, Any]], path: Path, names: dict[str, str]) -> None:
+    """Cumulative epsilon per site vs round (a note when DP is off)."""
+    fig, (ax,) = _new_axes()
+    for node, name in names.items():
+        pts = [
+            (r["round"], _num(r["train"]["sites"][node].get("epsilon")))
+            for r in rounds
+            if node in r.get("train", {}).get("sites", {})
+            and r["train"]["sites"][node].get("epsilon") is not None
+        ]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), "o-", label=name)
+    ax.set(xlabel="round", ylabel="cumulative ε (delta fixed per site)", title="Privacy spent")
+    if ax.lines:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "DP off: no privacy accounting", ha="center", transform=ax.transAxes)
+    ax.grid(alpha=0.3)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    _save(fig, path)
+
+
+def plot_bytes(rounds: list[dict[str, Any]], path: Path) -> None:
+    """Megabytes down (to sites) and up (from sites) per round, train + evaluate."""
+    fig, (ax,) = _new_axes()
+    rs = [r for r in rounds if "train" in r]
+    xs = [r["round"] for r in rs]
+    mb = 1e6
+
+    def total(r: dict[str, Any], key: str) -> float:
+        return sum(_num(r.get(p, {}).get(key, 0)) for p in ("train", "evaluate")) / mb
+
+    width = 0.4
+    ax.bar([x - width / 2 for x in xs], [total(r, "bytes-down") for r in rs], width, label="down")
+    ax.bar([x + width / 2 for x in xs], [total(r, "bytes-up") for r in rs], width, label="up")
+    ax.set(xlabel="round", ylabel="model arrays on the wire (MB)", title="Bytes per round")
+    ax.legend(fontsize=8)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    _save(fig, path)
+
+
+def plot_time(rounds: list[dict[str, Any]], path: Path) -> None:
+    """Stacked bars: round wall time = training phase + evaluation phase + other (s)."""
+    fig, (ax,) = _new_axes()
+    rs = [r for r in rounds if "train" in r]
+    xs = [r["round"] for r in rs]
+    train = [_num(r["train"].get("seconds", 0)) for r in rs]
+    ev = [_num(r.get("evaluate", {}).get("seconds", 0)) for r in rs]
+    other = [
+        max(0.0, _num(r.get("wall-seconds", 0)) - t - e)
+        for r, t, e in zip(rs, train, ev, strict=True)
+    ]
+    ax.bar(xs, train, label="training phase (slowest site)")
+    ax.bar(xs, ev, bottom=train, label="evaluation phase")
+    ax.bar(
+        xs,
+        other,
+        bottom=[t + e for t, e in zip(train, ev, strict=True)],
+        label="other (aggregation, checkpoint, global eval)",
+    )
+    ax.set(xlabel="round", ylabel="seconds", title="Round time breakdown")
+    ax.legend(fontsize=8)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- html
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:1300px;color:#222}
+table{border-collapse:collapse;margin:0.5em 0 1.5em}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;font-size:13px}
+th{background:#f3f3f3} td:first-child,th:first-child{text-align:left}
+img{max-width:100%;border:1px solid #eee;margin:4px 0}
+.grid{display:grid;grid-template-columns:1fr 1fr;gap:8px}
+"""
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _f(v: Any, digits: int = 4) -> str:
+    x = _num(v)
+    return "-" if not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _sites_dir(run_dir: Path, config: dict[str, Any]) -> Path | None:
+    for cand in (run_dir / "sites", Path(str(config.get("sites-dir", "")))):
+        if str(cand) not in ("", ".") and cand.is_dir():
+            return cand
+    return None
+
+
+def site_summary(sites_dir: Path | None) -> list[list[Any]]:
+    """One row per site dataset: split counts and label balance (from the manifests)."""
+    if sites_dir is None:
+        return []
+    rows = []
+    for m in sorted(sites_dir.glob("*/manifest.json")):
+        man = json.loads(m.read_text())
+        for split, info in man.get("splits", {}).items():
+            counts = info.get("label_counts", {})
+            total = sum(counts.values()) or 1
+            balance = ", ".join(f"{k}: {v} ({100 * v / total:.0f}%)" for k, v in counts.items())
+            rows.append([m.parent.name, split, info.get("count", 0), balance])
+    return rows
+
+
+def write_run_report(run_dir: Path) -> Path:
+    """Write ``<run_dir>/report/`` (5 PNGs + report.html) for a finished run.
+
+    Raises
+    ------
+    DataNotFoundError
+        If ``run_dir`` has no ``rounds.jsonl``.
+
+    """
+    run_dir = Path(run_dir)
+    rounds = _read_rounds(run_dir)
+    out = run_dir / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    names = _site_names(rounds)
+    plot_metrics(rounds, out / "metrics.png", names)
+    plot_participation(rounds, out / "participation.png")
+    plot_epsilon(rounds, out / "epsilon.png", names)
+    plot_bytes(rounds, out / "bytes.png")
+    plot_time(rounds, out / "time.png")
+    cfg_path = run_dir / "config.json"
+    config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    per_round = [
+        [
+            r["round"],
+            _f(r.get("global", {}).get("accuracy")),
+            _f(r.get("global", {}).get("auroc")),
+            _f(r.get("evaluate", {}).get("metrics", {}).get("val-accuracy")),
+            _f(r.get("train", {}).get("metrics", {}).get("train-loss")),
+            len(r.get("train", {}).get("replied", [])),
+            "; ".join(
+                f"{names.get(k, k)}: {v}" for k, v in r.get("train", {}).get("failed", {}).items()
+            )
+            or "-",
+            ", ".join(names.get(str(n), str(n)) for n in r.get("train", {}).get("dropped", []))
+            or "-",
+            _f(r.get("wall-seconds"), 1),
+            r.get("error", ""),
+        ]
+        for r in rounds
+    ]
+    body = [
+        f"<h1>medfed run report: {html.escape(run_dir.name)}</h1>",
+        f"<p>{len([r for r in rounds if r['round'] > 0])} rounds; model "
+        f"{html.escape(str(config.get('model', '?')))}, strategy "
+        f"{html.escape(str(config.get('strategy', '?')))}, DP "
+        f"{'on' if config.get('dp.enabled') else 'off'}, secure aggregation "
+        f"{'on' if config.get('secagg.enabled') else 'off'}.</p>",
+        "<div class='grid'>",
+        *[f"<img src='{p}' alt='{p}'>" for p in RUN_PLOTS],
+        "</div>",
+        "<h2>Rounds</h2>",
+        _table(
+            [
+                "round",
+                "global acc",
+                "global AUROC",
+                "mean site val acc",
+                "train loss",
+                "replied",
+                "failed (reason)",
+                "dropped",
+                "wall s",
+                "error",
+            ],
+            per_round,
+        ),
+        "<h2>Site datasets</h2>",
+        _table(
+            ["site", "split", "count", "label balance"],
+            site_summary(_sites_dir(run_dir, config)),
+        ),
+        "<h2>Run config</h2>",
+        _table(["key", "value"], [[k, v] for k, v in sorted(config.items())]),
+    ]
+    page = out / REPORT_HTML
+    page.write_text(_page(f"medfed report {run_dir.name}", body))
+    return page
+
+
+def _page(title: str, body: list[str]) -> str:
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n"
+    )
+
+
+# ----------------------------------------------------------------------- experiment
+def plot_ratios(summary: list[dict[str, Any]], path: Path) -> None:
+    """Plot federated/pooled and federated/best-local per split x setting (bars)."""
+    fig, (ax,) = _new_axes(width=max(7.0, 1.2 * len(summary) + 3))
+    labels = [f"{r['split']}\n{r['setting']}" for r in summary]
+    xs = list(range(len(summary)))
+    w = 0.38
+    for off, key, label in (
+        (-w / 2, "fed/pooled", "federated / pooled"),
+        (w / 2, "fed/best-local", "federated / best local"),
+    ):
+        ax.bar(
+            [x + off for x in xs],
+            [_num(r[key]) for r in summary],
+            w,
+            yerr=[_num(r.get(f"{key}-std", 0)) for r in summary],
+            capsize=3,
+            label=label,
+        )
+    ax.axhline(1.0, color="k", lw=1, ls="--")
+    ax.set_xticks(xs, labels, fontsize=8)
+    ax.set(ylabel="accuracy ratio (1 = as good)", title="Does federation help? (mean ± std)")
+    ax.set_ylim(0, max(1.2, *(_num(r["fed/best-local"]) + 0.1 for r in summary)))
+    ax.legend(fontsize=8, loc="lower right")
+    _save(fig, path)
+
+
+def plot_accuracy(summary: list[dict[str, Any]], path: Path) -> None:
+    """Plot pooled, best local and federated accuracy per split x setting (bars)."""
+    fig, (ax,) = _new_axes(width=max(7.0, 1.2 * len(summary) + 3))
+    labels = [f"{r['split']}\n{r['setting']}" for r in summary]
+    xs = list(range(len(summary)))
+    w = 0.26
+    for off, key, label in (
+        (-w, "pooled", "pooled"),
+        (0.0, "best-local", "best local"),
+        (w, "federated", "federated"),
+    ):
+        ax.bar(
+            [x + off for x in xs],
+            [_num(r[key]) for r in summary],
+            w,
+            yerr=[_num(r.get(f"{key}-std", 0)) for r in summary],
+            capsize=3,
+            label=label,
+        )
+    ax.set_xticks(xs, labels, fontsize=8)
+    ax.set(ylabel="accuracy (0-1)", title="Accuracy on the evaluation sets", ylim=(0, 1))
+    ax.legend(fontsize=8, loc="lower right")
+    _save(fig, path)
+
+
+def write_experiment_report(exp_dir: Path) -> Path:
+    """Write ``<exp_dir>/report.html`` (+ PNGs) and a report for each federated run.
+
+    Raises
+    ------
+    DataNotFoundError
+        If ``exp_dir`` has no ``results.json``.
+
+    """
+    exp_dir = Path(exp_dir)
+    path = exp_dir / "results.json"
+    if not path.is_file():
+        raise DataNotFoundError(f"{exp_dir} has no results.json: run `medfed experiment` first")
+    rows = json.loads(path.read_text())
+    summary = [r for r in rows if r.get("kind") == "summary"]
+    runs = [r for r in rows if r.get("kind") == "run"]
+    plot_ratios(summary, exp_dir / "ratios.png")
+    plot_accuracy(summary, exp_dir / "accuracy.png")
+    links = []
+    for r in runs:
+        run_dir = Path(r["run-dir"])
+        if (run_dir / "rounds.jsonl").is_file():
+            page = write_run_report(run_dir)
+            rel = page.relative_to(exp_dir) if page.is_relative_to(exp_dir) else page
+            links.append(
+                f"<li><a href='{html.escape(str(rel))}'>{html.escape(r['split'])} / "
+                f"{html.escape(r['setting'])} / seed {r['seed']}</a></li>"
+            )
+
+    def pm(r: dict[str, Any], key: str) -> str:
+        return f"{_f(r[key], 3)} ± {_f(r.get(key + '-std'), 3)}"
+
+    table = _table(
+        [
+            "split",
+            "setting",
+            "DP",
+            "seeds",
+            "federated",
+            "pooled",
+            "best local",
+            "fed/pooled",
+            "fed/best-local",
+            "max ε",
+        ],
+        [
+            [
+                r["split"],
+                r["setting"],
+                "on" if r["dp"] else "off",
+                r["seeds"],
+                pm(r, "federated"),
+                pm(r, "pooled"),
+                pm(r, "best-local"),
+                pm(r, "fed/pooled"),
+                pm(r, "fed/best-local"),
+                _f(r["max-epsilon"], 2) if r["dp"] else "-",
+            ]
+            for r in summary
+        ],
+    )
+    per_seed = _table(
+        [
+            "split",
+            "setting",
+            "seed",
+            "federated",
+            "pooled",
+            "best local (site)",
+            "fed/pooled",
+            "seconds",
+        ],
+        [
+            [
+                r["split"],
+                r["setting"],
+                r["seed"],
+                _f(r["federated"]),
+                _f(r["pooled"]),
+                f"{_f(r['best-local'])} ({r['best-local-site']})",
+                _f(r["fed/pooled"], 3),
+                r["seconds"],
+            ]
+            for r in runs
+        ],
+    )
+    first_sites = Path(runs[0]["run-dir"]).parent / "sites" if runs else None
+    exp_cfg = exp_dir / "experiment.json"
+    body = [
+        f"<h1>medfed experiment: {html.escape(exp_dir.name)}</h1>",
+        "<p>Accuracy of the federated model, the pooled (centralised) model and the best "
+        "single-site model, with equal compute and seeds; ratios &lt; 1 mean federation "
+        "loses to that reference.</p>",
+        "<div class='grid'>",
+        *[f"<img src='{p}' alt='{p}'>" for p in EXPERIMENT_PLOTS],
+        "</div>",
+        "<h2>Results (mean ± std over seeds)</h2>",
+        table,
+        "<h2>Per seed</h2>",
+        per_seed,
+        "<h2>Site datasets (first split, first seed)</h2>",
+        _table(["site", "split", "count", "label balance"], site_summary(first_sites)),
+        "<h2>Federated runs</h2>",
+        f"<ul>{''.join(links)}</ul>",
+        "<h2>Experiment config</h2>",
+        f"<pre>{html.escape(exp_cfg.read_text()) if exp_cfg.is_file() else ''}</pre>",
+    ]
+    page = exp_dir / REPORT_HTML
+    page.write_text(_page(f"medfed experiment {exp_dir.name}", body))
+    return page

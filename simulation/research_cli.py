@@ -1,0 +1,127 @@
+"""Research commands: ``medfed experiment`` and ``medfed report``."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from common.errors import MedfedError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fmt(mean: Any, std: Any | None = None, digits: int = 3) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "-"
+    text = f"{float(mean):.{digits}f}"
+    return text if std is None else f"{text} ± {float(std):.{digits}f}"
+
+
+def results_table(rows: list[dict[str, Any]]) -> Table:
+    """Rich table of the ``summary`` rows: accuracy of each arm and the two ratios."""
+    table = Table(
+        title="medfed experiment: accuracy (mean ± std over seeds)",
+        caption="fed/pooled and fed/best-local are ratios of accuracies (1.0 = as good); "
+        "best local = the single-site model that scores best on the evaluation sets",
+    )
+    for col in ("split", "setting", "DP", "seeds", "federated", "pooled", "best local"):
+        table.add_column(col, justify="left" if col in ("split", "setting") else "right")
+    table.add_column("fed/pooled", justify="right", style="bold")
+    table.add_column("fed/best-local", justify="right", style="bold")
+    table.add_column("max ε", justify="right")
+    for r in rows:
+        if r.get("kind") != "summary":
+            continue
+        table.add_row(
+            r["split"],
+            r["setting"],
+            "on" if r["dp"] else "off",
+            str(r["seeds"]),
+            _fmt(r["federated"], r["federated-std"]),
+            _fmt(r["pooled"], r["pooled-std"]),
+            _fmt(r["best-local"], r["best-local-std"]),
+            _fmt(r["fed/pooled"], r["fed/pooled-std"]),
+            _fmt(r["fed/best-local"], r["fed/best-local-std"]),
+            _fmt(r["max-epsilon"], digits=2) if r["dp"] else "-",
+        )
+    return table
+
+
+def experiment(
+    config: Annotated[Path, typer.Argument(help="Experiment TOML (see bench/experiments/).")],
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: runs/exp-<name>).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="Device for pooled/local baselines.")] = "cpu",
+    threads: Annotated[
+        int,
+        typer.Option(help="torch CPU threads for the baselines (1 avoids oversubscription)."),
+    ] = 1,
+) -> None:
+    """Pooled vs local vs federated training on one task, with equal compute and seeds.
+
+    For every split x seed: trains the pooled (centralised) model, one local model per
+    site, and each [[federated]] setting on Flower's simulation engine; writes
+    results.csv / results.json with federated/pooled and federated/best-local ratios
+    (mean and std over seeds), prints the table, and writes report.html.
+
+    Example: medfed experiment bench/experiments/heart_disease.toml
+    """
+    import torch
+
+    from common.device import resolve_device
+    from simulation.experiment import ExperimentConfig, run_experiment
+    from simulation.report import write_experiment_report
+
+    torch.set_num_threads(max(1, threads))
+    try:
+        cfg = ExperimentConfig.from_toml(config)
+        target = (out or Path("runs") / f"exp-{cfg.name}").resolve()
+        console.print(
+            f"[bold]medfed experiment[/] {cfg.name}: splits {[s.label for s in cfg.splits]}, "
+            f"settings {[f.label for f in cfg.federated]}, seeds {cfg.seeds}, "
+            f"{cfg.rounds} rounds -> {target}"
+        )
+        rows = run_experiment(cfg, target, on_progress=console.print, device=resolve_device(device))
+        html = write_experiment_report(target)
+    except MedfedError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(code=2) from None
+    console.print(results_table(rows))
+    console.print(f"results: {target / 'results.csv'}, report: {html}")
+
+
+def report(
+    run_dir: Annotated[
+        Path, typer.Argument(help="A run directory (rounds.jsonl) or experiment directory.")
+    ],
+) -> None:
+    """Write PNG plots and report.html for a finished run (or experiment) directory.
+
+    Run: global and per-site metric vs round, epsilon vs round per site, bytes per
+    round, round time breakdown, the config and the per-site data summary. Experiment:
+    the results table and the ratio plot, plus a link per federated run.
+    """
+    from simulation.report import write_experiment_report, write_run_report
+
+    try:
+        if (run_dir / "results.json").is_file():
+            html = write_experiment_report(run_dir)
+        else:
+            html = write_run_report(run_dir)
+    except MedfedError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(code=2) from None
+    console.print(f"report: {html}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the research commands to the root ``medfed`` app."""
+    app.command()(experiment)
+    app.command()(report)

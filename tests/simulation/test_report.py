@@ -1,0 +1,107 @@
+"""``medfed report`` (simulation/report.py) on a hand-written run directory."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from common.errors import DataNotFoundError
+from common.site_dataset import SplitArrays, write_site_dataset
+from simulation.report import EXPERIMENT_PLOTS, RUN_PLOTS, write_experiment_report, write_run_report
+
+
+def _site(node, acc, eps):
+    return {"num-examples": 10, "train-loss": 0.5, "epsilon": eps, "val-accuracy": acc}
+
+
+def _round(r):
+    sites = {"11": _site(11, 0.5 + 0.1 * r, 0.5 * r), "22": _site(22, 0.6, 0.4 * r)}
+    return {
+        "round": r,
+        "global": {"accuracy": 0.6 + 0.05 * r, "auroc": 0.7},
+        "wall-seconds": 2.0,
+        "train": {
+            "sampled": [11, 22, 33],
+            "replied": [11, 22],
+            "failed": {"33": "injected fault: crash"} if r == 2 else {},
+            "dropped": [33] if r == 1 else [],
+            "sites": sites,
+            "metrics": {"train-loss": 0.5},
+            "bytes-down": 3000,
+            "bytes-up": 2000,
+            "seconds": 1.0,
+        },
+        "evaluate": {
+            "sampled": [11, 22],
+            "replied": [11, 22],
+            "sites": sites,
+            "metrics": {"val-accuracy": 0.6},
+            "bytes-down": 3000,
+            "bytes-up": 0,
+            "seconds": 0.5,
+        },
+    }
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    lines = [{"round": 0, "global": {"accuracy": 0.5}}] + [_round(r) for r in (1, 2, 3)]
+    (tmp_path / "rounds.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    (tmp_path / "config.json").write_text(json.dumps({"model": "cnn", "strategy": "fedavg"}))
+    images = np.zeros((4, 1, 2, 2), dtype=np.float32)
+    write_site_dataset(
+        tmp_path / "sites" / "site-0",
+        task="classification",
+        label_names=["normal", "pneumonia"],
+        splits={"train": SplitArrays.create(images, np.array([0, 1, 1, 1]))},
+        preprocessing={},
+        provenance={},
+    )
+    return tmp_path
+
+
+def test_run_report_writes_every_plot_and_the_page_references_them(run_dir):
+    page = write_run_report(run_dir)
+    html = page.read_text()
+    for name in RUN_PLOTS:
+        png = page.parent / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert png.stat().st_size > 5000
+        assert f"src='{name}'" in html
+    assert "injected fault: crash" in html  # the failed site's reason
+    assert "pneumonia: 3 (75%)" in html  # label balance from the site manifest
+    assert re.search(r"<td>strategy</td><td>fedavg</td>", html)
+
+
+def test_experiment_report_writes_ratio_plots_and_table(tmp_path):
+    summary = {
+        "kind": "summary",
+        "split": "iid",
+        "setting": "fedavg",
+        "strategy": "fedavg",
+        "dp": False,
+        "seeds": 1,
+        "max-epsilon": 0.0,
+        "federated": 0.8,
+        "pooled": 0.9,
+        "best-local": 0.85,
+        "fed/pooled": 0.8 / 0.9,
+        "fed/best-local": 0.8 / 0.85,
+    }
+    summary |= {
+        f"{k}-std": 0.0
+        for k in ("federated", "pooled", "best-local", "fed/pooled", "fed/best-local")
+    }
+    (tmp_path / "results.json").write_text(json.dumps([summary]))
+    page = write_experiment_report(tmp_path)
+    html = page.read_text()
+    for name in EXPERIMENT_PLOTS:
+        assert (tmp_path / name).stat().st_size > 5000
+        assert f"src='{name}'" in html
+    assert "0.889" in html  # fed/pooled
+
+
+def test_report_of_a_folder_without_a_round_log_explains(tmp_path):
+    with pytest.raises(DataNotFoundError, match=r"rounds\.jsonl"):
+        write_run_report(tmp_path)
