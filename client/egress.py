@@ -20,12 +20,20 @@ replies from the handler pass unchanged (they carry only Flower's error reason).
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Mapping
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
@@ -39,15 +47,8 @@ log = logging.getLogger(__name__)
 REASON_PREFIX = "egress guard refused the reply"
 
 
-@functools.lru_cache(maxsize=8)
-def _model_spec(
-    model: str, kwargs: tuple[tuple[str, Any], ...]
-) -> dict[str, tuple[tuple[int, ...], str]]:
-    return expected_spec(get_model(model, **dict(kwargs)))
-
-
 def model_spec(run_config: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
-    """``{name: (shape, dtype)}`` of the model the run config trains (cached per model).
+    """``{name: (shape, dtype)}`` of the model the run config trains.
 
     Raises
     ------
@@ -56,13 +57,28 @@ def model_spec(run_config: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...]
 
     """
     run = RunConfig.from_run_config(run_config)
-    return _model_spec(run.model, tuple(sorted(run.model_kwargs().items())))
+    return expected_spec(get_model(run.model, **run.model_kwargs()))
 
 
-def check_content(content: RecordDict, run_config: Mapping[str, Any]) -> str | None:
+def check_content(
+    content: RecordDict, run_config: Mapping[str, Any], *, plaintext_model: bool = True
+) -> str | None:
     """Return the first reason ``content`` may not leave the site, or ``None``.
 
-    The reason names the record and key, never a value.
+    Parameters
+    ----------
+    content : RecordDict
+        The reply's content.
+    run_config : Mapping
+        The run config (names the model).
+    plaintext_model : bool
+        Whether the plaintext model record may leave. False for training replies when
+        secure aggregation is on: then only the masked vector may carry the update.
+
+    Returns
+    -------
+    str or None
+        The reason, naming the record and key, never a value.
     """
     for name, record in content.items():
         if name in wire.EXTRA_RECORDS:
@@ -73,6 +89,11 @@ def check_content(content: RecordDict, run_config: Mapping[str, Any]) -> str | N
         if isinstance(record, ArrayRecord):
             if name != wire.MODEL_RECORD:
                 return f"array record {name!r} is not the model update ({wire.MODEL_RECORD!r})"
+            if not plaintext_model:
+                return (
+                    f"record {name!r}: plaintext model update while secure aggregation is on "
+                    "(only the masked vector may leave)"
+                )
             problem = wire.check_arrays(record, model_spec(run_config))
             if problem:
                 return f"record {name!r}: {problem}"
@@ -114,7 +135,11 @@ def egress_guard(msg: Message, context: Context, call_next: ClientAppCallable) -
     if reply.has_error():
         return reply
     try:
-        problem = check_content(reply.content, context.run_config)
+        secagg = RunConfig.from_run_config(context.run_config).secagg_enabled
+        is_train = msg.metadata.message_type == MessageType.TRAIN
+        problem = check_content(
+            reply.content, context.run_config, plaintext_model=not (secagg and is_train)
+        )
     except Exception as exc:  # a guard that cannot decide must refuse
         problem = f"could not check the reply ({type(exc).__name__})"
     if problem is None:

@@ -14,7 +14,8 @@ common/config.py):
     ``"injected fault: dropout"``; the round log lists it under ``dropped``.
 ``faults.slow-site`` = i, ``faults.slow-seconds`` = s
     site ``i`` sleeps ``s`` seconds before training every round (a slow hospital); the
-    delay shows in the round's wall time and the site's ``fault-delay-seconds`` metric.
+    delay shows in the round's wall time and in the ``fault-delay-seconds`` train metric
+    (every site of a run with faults reports it, 0 when not delayed).
 ``faults.crash-site`` = i, ``faults.crash-round`` = r
     from round ``r`` on, site ``i`` trains and then crashes before replying: the handler
     raises :class:`InjectedFault`, Flower answers the server with an error whose reason
@@ -29,7 +30,7 @@ import logging
 import time
 
 import numpy as np
-from flwr.app import Context, Error, Message, MessageType, MetricRecord
+from flwr.app import Context, Error, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
@@ -103,10 +104,11 @@ def fault_injection(msg: Message, context: Context, call_next: ClientAppCallable
     if pid == run.faults_crash_site and server_round >= run.faults_crash_round:
         log.error("round %d: %s (site %d)", server_round, REASON_CRASH, pid)
         raise InjectedFault(f"{REASON_CRASH} (site {pid}, round {server_round}, mid-round)")
-    if delay > 0 and not reply.has_error():
+    faults_on = run.faults_dropout > 0 or run.faults_slow_site >= 0 or run.faults_crash_site >= 0
+    if faults_on and not reply.has_error():
+        # Every site of a faulty run reports the metric (0 when not delayed): Flower's
+        # FedAvg refuses to aggregate replies whose MetricRecords have different keys.
         for record in reply.content.metric_records.values():
             record[DELAY_METRIC] = float(delay)
             break
-        else:
-            reply.content["metrics"] = MetricRecord({DELAY_METRIC: float(delay)})
     return reply

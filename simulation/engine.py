@@ -18,7 +18,14 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from common.errors import FederationError
-from simulation.processes import bin_path, flower_env, free_port, stop_process, wait_port
+from simulation.processes import (
+    bin_path,
+    flower_env,
+    free_port,
+    sigterm_as_interrupt,
+    stop_process,
+    wait_port,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +33,7 @@ CONNECTION = "medfed-sim"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-# Generic process management lives in simulation/processes.py (shared with deploy.py);
-# the old private names stay importable from here.
-_bin = bin_path
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], log_file: Path, timeout: float) -> None:
-    wait_port(port, proc, log_file, timeout, name="SuperLink")
+# Generic process management lives in simulation/processes.py (shared with deploy.py).
 
 
 @contextlib.contextmanager
@@ -51,7 +52,7 @@ def simulation_superlink(flwr_home: Path, *, startup_timeout: float = 60.0) -> I
     )
     log_file = flwr_home / "superlink.log"
     cmd = [
-        _bin("flower-superlink"),
+        bin_path("flower-superlink"),
         "--insecure",
         "--simulation",
         "--isolation",
@@ -72,12 +73,14 @@ def simulation_superlink(flwr_home: Path, *, startup_timeout: float = 60.0) -> I
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    try:
-        _wait_port(port, proc, log_file, startup_timeout)
-        log.info("simulation SuperLink on %s (pid %d, log %s)", address, proc.pid, log_file)
-        yield address
-    finally:
-        stop_process(proc, name="SuperLink")
+    # SIGTERM (e.g. `timeout`, a CI runner) must unwind through `finally` like Ctrl-C.
+    with sigterm_as_interrupt():
+        try:
+            wait_port(port, proc, log_file, startup_timeout, name="SuperLink")
+            log.info("simulation SuperLink on %s (pid %d, log %s)", address, proc.pid, log_file)
+            yield address
+        finally:
+            stop_process(proc, name="SuperLink")
 
 
 def _toml_value(v: object) -> str:
@@ -147,7 +150,7 @@ def run_simulation(
         f"init-args-num-cpus={max(1, os.cpu_count() or 1)}",
     ]
     with simulation_superlink(flwr_home):
-        cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
+        cmd = [bin_path("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
         cmd += run_config_args(run_config)
         cmd += ["--federation-config", " ".join(fed)]
         log_path = run_dir / "flwr-run.log"

@@ -88,7 +88,9 @@ def plot_metrics(rounds: list[dict[str, Any]], path: Path, names: dict[str, str]
     ev = [(r["round"], r.get("evaluate", {})) for r in rounds if "evaluate" in r]
     mean_site = [(x, _num(p.get("metrics", {}).get("val-accuracy"))) for x, p in ev]
     if mean_site:
-        left.plot(*zip(*mean_site, strict=True), "^:", label="mean site val accuracy")
+        left.plot(
+            *zip(*mean_site, strict=True), "^:", label="site val accuracy (example-weighted mean)"
+        )
     left.set(xlabel="round", ylabel="metric (fraction, 0-1)", title="Global model", ylim=(0, 1))
     left.legend(loc="lower right", fontsize=8)
     for node, name in names.items():
@@ -222,6 +224,15 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def short_reason(reason: str, limit: int = 160) -> str:
+    """Return the informative part of a site's error reason (Ray wraps it in a traceback)."""
+    for line in reversed(reason.replace("\\n", "\n").splitlines()):
+        if "injected fault" in line or "Error" in line or "error" in line:
+            start = line.find("injected fault")
+            return line[start if start >= 0 else 0 :].strip(" '>")[:limit]
+    return reason[:limit]
+
+
 def _f(v: Any, digits: int = 4) -> str:
     x = _num(v)
     return "-" if not math.isfinite(x) else f"{x:.{digits}f}"
@@ -279,7 +290,8 @@ def write_run_report(run_dir: Path) -> Path:
             _f(r.get("train", {}).get("metrics", {}).get("train-loss")),
             len(r.get("train", {}).get("replied", [])),
             "; ".join(
-                f"{names.get(k, k)}: {v}" for k, v in r.get("train", {}).get("failed", {}).items()
+                f"{names.get(k, k)}: {short_reason(v)}"
+                for k, v in r.get("train", {}).get("failed", {}).items()
             )
             or "-",
             ", ".join(names.get(str(n), str(n)) for n in r.get("train", {}).get("dropped", []))

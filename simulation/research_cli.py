@@ -93,7 +93,7 @@ def experiment(
     except MedfedError as exc:
         err_console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(code=2) from None
-    console.print(results_table(rows))
+    console.print(results_table(rows), width=150)
     console.print(f"results: {target / 'results.csv'}, report: {html}")
 
 

@@ -25,12 +25,15 @@ from common import wire
 from common.models import get_model
 from common.records import state_to_record
 
-RUN = {"model": "cnn", "num-classes": 2}
+# Plaintext training replies (secure aggregation off); the secagg case is tested below.
+RUN = {"model": "cnn", "num-classes": 2, "secagg.enabled": False}
 SECRET = 0.123456789
 
 
-def _context():
-    return Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config=dict(RUN))
+def _context(**run):
+    return Context(
+        run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config=dict(RUN) | run
+    )
 
 
 def _incoming():
@@ -170,3 +173,16 @@ def test_guard_is_installed_first_on_the_client_app():
     from client.app import app
 
     assert app._mods[0] is egress_guard
+
+
+def test_plaintext_update_is_refused_when_secure_aggregation_is_on():
+    # Prepare: a correct model update, but the run promises the server only sees sums
+    content = RecordDict({"arrays": state_to_record(get_model("cnn")), "metrics": _good_metrics()})
+    msg = _incoming()
+    # Execute
+    reply = egress_guard(
+        msg, _context(**{"secagg.enabled": True}), lambda m, c: Message(content, reply_to=m)
+    )
+    # Assert
+    assert reply.has_error()
+    assert "plaintext model update while secure aggregation is on" in reply.error.reason

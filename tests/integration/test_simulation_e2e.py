@@ -1,10 +1,10 @@
 """A real federated run: Flower simulation engine, real PneumoniaMNIST, real processes.
 
-DP is on (the default). With a fixed noise multiplier of 0.6 and batch size 64, the
-sites of the seeded Dirichlet(0.5) split (3077, 873 and 287 training images) reach the
-default site ceiling dp-max-epsilon = 10 at different rounds (see `medfed budget
-forecast`): the smallest site must refuse round 2, the middle one round 3, and the run
-must carry on with whoever can still afford to train.
+DP and secure aggregation are on (the defaults). With a fixed noise multiplier of 0.7,
+batch size 64 and 2 local epochs per round, the sites of the seeded Dirichlet(0.5) split (3077, 873 and 287
+training images) reach the default site ceiling dp-max-epsilon = 10 at different rounds
+(see `medfed budget forecast`): the smallest site must refuse round 2 (before any
+training step), and the run must carry on, securely aggregating the two other sites.
 """
 
 import json
@@ -41,8 +41,9 @@ def test_dp_simulation_beats_baseline_enforces_ceilings_and_cleans_up(tmp_path, 
     # Execute
     sim = _medfed(
         "simulate", "--sites", "3", "--partition", "dirichlet", "--alpha", "0.5",
-        "--rounds", "3", "--run-dir", str(run_dir),
-        "--set", "dp.noise-multiplier=0.6", "--set", "batch-size=64",
+        "--rounds", "2", "--run-dir", str(run_dir),
+        "--set", "dp.noise-multiplier=0.7", "--set", "batch-size=64",
+        "--set", "local-epochs=2",
         env=env, timeout=900,
     )  # fmt: skip
     assert sim.returncode == 0, sim.stdout[-3000:] + sim.stderr[-3000:]
@@ -60,18 +61,19 @@ def test_dp_simulation_beats_baseline_enforces_ceilings_and_cleans_up(tmp_path, 
         labels = npz["val_labels"]
     majority = max(np.mean(labels == 1), np.mean(labels == 0))
     assert metrics["num-images"] == 524
-    assert metrics["accuracy"] > majority + 0.05
+    assert metrics["accuracy"] > majority + 0.03
     assert metrics["auroc"] > 0.85
     # the round log and run directory are complete
-    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
-    assert len(list((run_dir / "checkpoints").glob("round-*.pt"))) == 3
-    assert json.loads((run_dir / "config.json").read_text())["num-server-rounds"] == 3
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert len(list((run_dir / "checkpoints").glob("round-*.pt"))) == 2
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["num-server-rounds"] == 2 and config["secagg.enabled"] is True
     # every reply reports a cumulative epsilon within the site ceiling (default 10)
     trained = [r["train"] for r in rounds[1:]]
     assert all(0 < s["epsilon"] <= 10 for t in trained for s in t["sites"].values())
     # sites refuse when their budget runs out; the refusal is logged; the run goes on
-    assert [len(t["replied"]) for t in trained] == [3, 2, 1]
-    assert [len(t["failed"]) for t in trained] == [0, 1, 2]
+    assert [len(t["replied"]) for t in trained] == [3, 2]
+    assert [len(t["failed"]) for t in trained] == [0, 1]
     assert all("privacy budget" in why for t in trained for why in t["failed"].values())
     assert all(t["bytes-up"] > 0 for t in trained)
     # the tables printed per-round global metrics and per-site epsilon
