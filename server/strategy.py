@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
-from flwr.app import MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
@@ -88,13 +89,49 @@ def _fedprox(run: RunConfig) -> Strategy:
     return FedProx(**_common(run), proximal_mu=run.strategy_proximal_mu)
 
 
+class _KeepDtypes:
+    """Mixin: cast the aggregated arrays back to the dtypes the sites sent.
+
+    Flower 1.41's FedAdam/FedYogi multiply the float32 update by a NumPy float64 scalar
+    (the bias-corrected server learning rate), which under NumPy 2 promotion rules makes
+    the new global model float64; the sites' ``load_record`` then (rightly) refuses it.
+    """
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        ok = next((r for r in replies if not r.has_error()), None)
+        if arrays is None or ok is None:
+            return arrays, metrics
+        sent = next(iter(ok.content.array_records.values()))
+        return (
+            ArrayRecord(
+                {
+                    k: Array(np.asarray(a.numpy(), dtype=sent[k].numpy().dtype))
+                    for k, a in arrays.items()
+                }
+            ),
+            metrics,
+        )
+
+
+class _FedAdam(_KeepDtypes, FedAdam):
+    """FedAdam whose global model keeps the model's dtypes."""
+
+
+class _FedYogi(_KeepDtypes, FedYogi):
+    """FedYogi whose global model keeps the model's dtypes."""
+
+
 def _fedadam(run: RunConfig) -> Strategy:
     # Reddi et al. 2021 (Adaptive Federated Optimization); eta_l only feeds Flower's log.
-    return FedAdam(**_common(run), eta=run.strategy_server_lr, eta_l=run.learning_rate)
+    return _FedAdam(**_common(run), eta=run.strategy_server_lr, eta_l=run.learning_rate)
 
 
 def _fedyogi(run: RunConfig) -> Strategy:
-    return FedYogi(**_common(run), eta=run.strategy_server_lr, eta_l=run.learning_rate)
+    return _FedYogi(**_common(run), eta=run.strategy_server_lr, eta_l=run.learning_rate)
 
 
 def _fedmedian(run: RunConfig) -> Strategy:

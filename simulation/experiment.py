@@ -63,7 +63,7 @@ import torch
 from client.train import make_optimizer, make_train_loader, train_epochs
 from common.config import RunConfig
 from common.device import resolve_device
-from common.errors import ConfigError
+from common.errors import ConfigError, MedfedError
 from common.models import get_model
 from common.site_dataset import SiteDataset, SplitArrays
 from common.tasks import get_task
@@ -421,11 +421,20 @@ def run_experiment(
                 )
                 run_dir = split_dir / f"fed-{fed.label}"
                 t1 = time.perf_counter()
-                history = run_federated(
-                    run_dir, run, num_sites=n, cpus_per_site=cfg.cpus_per_site, timeout=cfg.timeout
-                )
-                final = load_checkpoint(run_dir / "final_model.pt").build_model()
-                federated = score(final, prepared.eval_sets, run, device=device)
+                error = ""
+                try:
+                    history = run_federated(
+                        run_dir,
+                        run,
+                        num_sites=n,
+                        cpus_per_site=cfg.cpus_per_site,
+                        timeout=cfg.timeout,
+                    )
+                    final = load_checkpoint(run_dir / "final_model.pt").build_model()
+                    federated = score(final, prepared.eval_sets, run, device=device)
+                except MedfedError as exc:  # one failed run must not lose the others
+                    log.error("%s / %s / seed %d failed: %s", spec.label, fed.label, seed, exc)
+                    error, history, federated = str(exc), [], {METRIC: math.nan}
                 eps = _max_epsilon(history)
                 row = {
                     "kind": "run",
@@ -446,6 +455,7 @@ def run_experiment(
                     "max-epsilon": eps,
                     "seconds": round(time.perf_counter() - t1, 1),
                     "run-dir": str(run_dir),
+                    "error": error,
                 }
                 rows.append(row)
                 note(

@@ -172,8 +172,18 @@ def plot_bytes(rounds: list[dict[str, Any]], path: Path) -> None:
         return sum(_num(r.get(p, {}).get(key, 0)) for p in ("train", "evaluate")) / mb
 
     width = 0.4
-    ax.bar([x - width / 2 for x in xs], [total(r, "bytes-down") for r in rs], width, label="down")
-    ax.bar([x + width / 2 for x in xs], [total(r, "bytes-up") for r in rs], width, label="up")
+    ax.bar(
+        [x - width / 2 for x in xs],
+        [total(r, "bytes-down") for r in rs],
+        width,
+        label="down (server to sites)",
+    )
+    ax.bar(
+        [x + width / 2 for x in xs],
+        [total(r, "bytes-up") for r in rs],
+        width,
+        label="up (sites to server)",
+    )
     ax.set(xlabel="round", ylabel="model arrays on the wire (MB)", title="Bytes per round")
     ax.legend(fontsize=8)
     ax.xaxis.get_major_locator().set_params(integer=True)

@@ -38,16 +38,21 @@ def results_table(rows: list[dict[str, Any]]) -> Table:
     for r in rows:
         if r.get("kind") != "summary":
             continue
+
+        def cell(key: str, r: dict[str, Any] = r) -> str:
+            # one seed has no spread: show the value alone, not "± 0.000"
+            return _fmt(r[key], r[f"{key}-std"] if r["seeds"] > 1 else None)
+
         table.add_row(
             r["split"],
             r["setting"],
             "on" if r["dp"] else "off",
             str(r["seeds"]),
-            _fmt(r["federated"], r["federated-std"]),
-            _fmt(r["pooled"], r["pooled-std"]),
-            _fmt(r["best-local"], r["best-local-std"]),
-            _fmt(r["fed/pooled"], r["fed/pooled-std"]),
-            _fmt(r["fed/best-local"], r["fed/best-local-std"]),
+            cell("federated"),
+            cell("pooled"),
+            cell("best-local"),
+            cell("fed/pooled"),
+            cell("fed/best-local"),
             _fmt(r["max-epsilon"], digits=2) if r["dp"] else "-",
         )
     return table
@@ -93,7 +98,8 @@ def experiment(
     except MedfedError as exc:
         err_console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(code=2) from None
-    console.print(results_table(rows), width=150)
+    # a log file is not a terminal: do not squeeze the table into 80 columns
+    (console if console.is_terminal else Console(width=150)).print(results_table(rows))
     console.print(f"results: {target / 'results.csv'}, report: {html}")
 
 

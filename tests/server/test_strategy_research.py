@@ -1,6 +1,10 @@
 """Strategy registry (server/strategy.py) and the config rules around it."""
 
+import uuid
+
+import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
@@ -32,7 +36,7 @@ PLAIN = {"secagg.enabled": False, "dp.enabled": False}
 )
 def test_every_configured_strategy_builds(name, cls):
     strategy = build_strategy(RunConfig.from_run_config({"strategy": name, **PLAIN}))
-    assert type(strategy) is cls
+    assert isinstance(strategy, cls)
 
 
 def test_registry_and_config_list_the_same_strategies():
@@ -70,3 +74,35 @@ def test_nonlinear_strategies_refuse_secure_aggregation(name):
 def test_fedprox_refuses_dp():
     with pytest.raises(ConfigError, match="proximal term"):
         RunConfig.from_run_config({"strategy": "fedprox", "dp.enabled": True})
+
+
+def _reply(value: float) -> Message:
+    md = Metadata(
+        run_id=1, message_id=uuid.uuid4().hex, src_node_id=0, dst_node_id=5,
+        reply_to_message_id="", group_id="1", created_at=0.0, ttl=3600.0,
+        message_type="train",
+    )  # fmt: skip
+    sent = Message(RecordDict({}), metadata=md)
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"w": Array(np.full(3, value, dtype=np.float32))}),
+            "metrics": MetricRecord({"num-examples": 10}),
+        }
+    )
+    return Message(content, reply_to=sent)
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+def test_server_optimisers_keep_the_model_dtype(name, monkeypatch):
+    # Flower 1.41's FedAdam/FedYogi return float64 under NumPy 2 promotion; the sites
+    # refuse a float64 global model, so medfed casts back to what the sites sent.
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1 if attr == "_run_id" else 0)
+    strategy = build_strategy(RunConfig.from_run_config({"strategy": name}))
+    strategy.current_arrays = {"w": np.zeros(3, dtype=np.float32)}
+    arrays, _ = strategy.aggregate_train(1, [_reply(1.0), _reply(3.0)])
+    out = arrays["w"].numpy()
+    assert out.dtype == np.float32
+    assert np.all(out > 0)  # moved towards the mean update (+2)

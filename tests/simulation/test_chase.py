@@ -101,3 +101,39 @@ def test_simulate_refuses_bad_segmentation_setups(args, message, tmp_path, share
     )  # fmt: skip
     assert result.exit_code != 0
     assert message in " ".join(result.output.split())
+
+
+def _tiny_site(path, value, n):
+    from common.site_dataset import SplitArrays, write_site_dataset
+
+    images = np.full((n, 1, 16, 16), value, dtype=np.float32)
+    masks = (images[:, 0] > 0.5).astype(np.int64)
+    split = SplitArrays.create(images, masks)
+    write_site_dataset(
+        path, task="segmentation", label_names=["background", "vessel"],
+        splits={"train": split, "val": split}, preprocessing={}, provenance={},
+    )  # fmt: skip
+
+
+def test_pooled_baseline_trains_on_the_union_of_the_sites(tmp_path):
+    import torch
+
+    from common.config import RunConfig
+    from simulation.pooled import pool_splits, train_pooled
+
+    # Prepare: site A has 2 dark images, site B 3 bright ones; B doubles as eval set
+    _tiny_site(tmp_path / "a", 0.2, 2)
+    _tiny_site(tmp_path / "b", 0.8, 3)
+    run = RunConfig(
+        task="segmentation", model="unet", num_server_rounds=2, local_epochs=1,
+        batch_size=4, dp_enabled=False,
+    )  # fmt: skip
+    # Execute
+    pooled = pool_splits([tmp_path / "a", tmp_path / "b"])
+    result = train_pooled(
+        [tmp_path / "a", tmp_path / "b"], tmp_path / "b", run=run, device=torch.device("cpu")
+    )
+    # Assert: 5 images, rounds x local epochs = 2 epochs, metrics of the task
+    assert len(pooled) == 5 and pooled.labels.sum() == 3 * 256
+    assert result.train_examples == 5 and result.epochs == 2
+    assert 0.0 <= result.metrics["pixel-accuracy"] <= 1.0 and "dice" in result.metrics
