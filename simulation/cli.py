@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 import time
 import tomllib
@@ -13,7 +12,6 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common.config import RunConfig
 from common.errors import ConfigError, MedfedError
@@ -21,8 +19,6 @@ from common.errors import ConfigError, MedfedError
 log = logging.getLogger(__name__)
 console = Console()
 err_console = Console(stderr=True)
-
-ROUND_RE = re.compile(r"\[ROUND (\d+)/(\d+)\]")
 
 
 def _parse_set(pairs: list[str]) -> dict[str, Any]:
@@ -171,7 +167,7 @@ def simulate(
     from simulation.datasets import MEDMNIST, medmnist_path, resolve_data_dir
     from simulation.engine import run_simulation
     from simulation.sites import GLOBAL_EVAL, SplitPlan, create_virtual_sites
-    from simulation.summary import read_rounds, site_table, summary_table
+    from simulation.summary import read_rounds, round_progress, site_table, summary_table
 
     try:
         overrides: dict[str, Any] = {}
@@ -229,22 +225,7 @@ def simulate(
         )
 
     verbose = logging.getLogger().level <= logging.DEBUG
-    with Progress(
-        TextColumn("[bold blue]federated rounds"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as progress:
-        task = progress.add_task("rounds", total=rounds)
-
-        def on_line(line: str) -> None:
-            if m := ROUND_RE.search(line):
-                progress.update(task, completed=int(m.group(1)) - 1)
-            if verbose or "ERROR" in line or "Traceback" in line:
-                progress.console.print(line, markup=False, highlight=False)
-
+    with round_progress(console, rounds, echo_all=verbose) as on_line:
         try:
             run_simulation(
                 run_dir=out,
@@ -257,7 +238,6 @@ def simulate(
             )
         except MedfedError as exc:
             raise _fail(exc) from None
-        progress.update(task, completed=rounds)
 
     history = read_rounds(out)
     console.print(summary_table(history))

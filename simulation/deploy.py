@@ -25,7 +25,6 @@ import logging
 import os
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ from simulation.processes import (
     ProcessGroup,
     bin_path,
     flower_env,
-    stop_process,
+    stream_command,
     wait_port,
 )
 
@@ -333,33 +332,14 @@ class LocalFederation:
         """
         cmd = [bin_path("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
         cmd += run_config_args(run_config)
-        log_path = self.group.log_dir / "flwr-run.log"
-        with log_path.open("w") as log_fh:
-            proc = subprocess.Popen(
-                cmd,
-                env=self.env,
-                cwd=app_dir,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            watchdog = threading.Timer(
-                timeout, stop_process, args=(proc,), kwargs={"name": "flwr run"}
-            )
-            watchdog.start()
-            try:
-                for raw in proc.stdout or ():
-                    line = raw.decode(errors="replace").rstrip()
-                    log_fh.write(line + "\n")
-                    log_fh.flush()
-                    if on_line:
-                        on_line(line)
-                proc.wait()
-            finally:
-                watchdog.cancel()
-                stop_process(proc, name="flwr run", grace=5.0)
-        return proc.returncode if proc.returncode is not None else -1
+        return stream_command(
+            cmd,
+            env=self.env,
+            cwd=app_dir,
+            log_path=self.group.log_dir / "flwr-run.log",
+            on_line=on_line,
+            timeout=timeout,
+        )
 
 
 def _port(service: LocalService) -> int:

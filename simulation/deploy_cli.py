@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common.errors import FederationError, MedfedError
 
 log = logging.getLogger(__name__)
 console = Console()
 err_console = Console(stderr=True)
-
-ROUND_RE = re.compile(r"\[ROUND (\d+)/(\d+)\]")
 
 
 def deploy_local(
@@ -61,7 +57,7 @@ def deploy_local(
         prepare_site_datasets,
     )
     from simulation.processes import sigterm_as_interrupt
-    from simulation.summary import read_rounds, summary_table
+    from simulation.summary import read_rounds, round_progress, summary_table
 
     root = Path(__file__).resolve().parents[1]
     deploy_dir = (
@@ -95,24 +91,8 @@ def deploy_local(
                 f"SuperLink {fed.superlink.address} (TLS + node auth), "
                 f"{len(pids)} processes; 3 SuperNodes online"
             )
-            with Progress(
-                TextColumn("[bold blue]federated rounds"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=console,
-            ) as progress:
-                task = progress.add_task("rounds", total=rounds)
-
-                def on_line(line: str) -> None:
-                    if m := ROUND_RE.search(line):
-                        progress.update(task, completed=int(m.group(1)) - 1)
-                    if "ERROR" in line or "Traceback" in line:
-                        progress.console.print(line, markup=False, highlight=False)
-
+            with round_progress(console, rounds) as on_line:
                 rc = fed.run(run_config, on_line=on_line, timeout=timeout)
-                if rc == 0 and (run_dir / "final_model.pt").exists():
-                    progress.update(task, completed=rounds)
             pids = [m.pid for m in fed.group.procs.values()]
         if rc != 0 or not (run_dir / "final_model.pt").exists():
             raise FederationError(

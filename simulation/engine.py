@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import subprocess
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from simulation.processes import (
     free_port,
     sigterm_as_interrupt,
     stop_process,
+    stream_command,
     wait_port,
 )
 
@@ -154,33 +154,11 @@ def run_simulation(
         cmd += run_config_args(run_config)
         cmd += ["--federation-config", " ".join(fed)]
         log_path = run_dir / "flwr-run.log"
-        with log_path.open("w") as log_fh:
-            proc = subprocess.Popen(
-                cmd,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                cwd=app_dir,
-            )
-            # `flwr run --stream` returns once the run has finished; the watchdog
-            # bounds a run that hangs (e.g. a site that never connects).
-            watchdog = threading.Timer(
-                timeout, stop_process, args=(proc,), kwargs={"name": "flwr run"}
-            )
-            watchdog.start()
-            try:
-                for raw in proc.stdout or ():
-                    line = raw.decode(errors="replace").rstrip()
-                    log_fh.write(line + "\n")
-                    if on_line:
-                        on_line(line)
-                proc.wait()
-            finally:
-                watchdog.cancel()
-                stop_process(proc, name="flwr run", grace=5.0)
-    if proc.returncode not in (0, None) or not (run_dir / "final_model.pt").exists():
+        code = stream_command(
+            cmd, env=env, cwd=app_dir, log_path=log_path, on_line=on_line, timeout=timeout
+        )
+    if code != 0 or not (run_dir / "final_model.pt").exists():
         raise FederationError(
-            f"the federated run did not finish (exit code {proc.returncode}); see {log_path} "
+            f"the federated run did not finish (exit code {code}); see {log_path} "
             f"and {flwr_home / 'superlink.log'}"
         )

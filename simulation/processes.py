@@ -18,8 +18,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -225,3 +226,46 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def stream_command(
+    cmd: Sequence[str],
+    *,
+    env: dict[str, str],
+    cwd: Path,
+    log_path: Path,
+    on_line: Callable[[str], None] | None = None,
+    timeout: float,
+) -> int:
+    """Run ``cmd``, tee its output lines to ``log_path`` and ``on_line``; return its exit code.
+
+    Returns -1 if the command had to be stopped. ``flwr run --stream`` returns once the
+    run has finished; a watchdog stops it after ``timeout`` seconds so a run that hangs
+    (e.g. a site that never connects) cannot block forever. The command's process group
+    is always stopped on the way out.
+    """
+    with log_path.open("w") as log_fh:
+        proc = subprocess.Popen(
+            list(cmd),
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        name = Path(cmd[0]).name
+        watchdog = threading.Timer(timeout, stop_process, args=(proc,), kwargs={"name": name})
+        watchdog.start()
+        try:
+            for raw in proc.stdout or ():
+                line = raw.decode(errors="replace").rstrip()
+                log_fh.write(line + "\n")
+                log_fh.flush()
+                if on_line:
+                    on_line(line)
+            proc.wait()
+        finally:
+            watchdog.cancel()
+            stop_process(proc, name=name, grace=5.0)
+    return proc.returncode if proc.returncode is not None else -1

@@ -2,13 +2,48 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 ROUNDS_FILE = "rounds.jsonl"
+ROUND_RE = re.compile(r"\[ROUND (\d+)/(\d+)\]")
+
+
+@contextlib.contextmanager
+def round_progress(
+    console: Console, rounds: int, *, echo_all: bool = False
+) -> Iterator[Callable[[str], None]]:
+    """Show a per-round progress bar driven by the lines ``flwr run --stream`` prints.
+
+    Yields the ``on_line`` callback to hand to the runner: it advances the bar on every
+    ``[ROUND r/R]`` line of Flower's strategy log and echoes errors (or every line with
+    ``echo_all``). The bar is completed when the block exits normally.
+    """
+    with Progress(
+        TextColumn("[bold blue]federated rounds"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("rounds", total=rounds)
+
+        def on_line(line: str) -> None:
+            if m := ROUND_RE.search(line):
+                progress.update(task, completed=int(m.group(1)) - 1)
+            if echo_all or "ERROR" in line or "Traceback" in line:
+                progress.console.print(line, markup=False, highlight=False)
+
+        yield on_line
+        progress.update(task, completed=rounds)
 
 
 def read_rounds(run_dir: Path) -> list[dict[str, Any]]:
