@@ -33,6 +33,9 @@ from client.privacy import (
     private_training,
 )
 from client.proximal import ProximalLoss
+from client.scaffold import DELTA_RECORD as SCAFFOLD_DELTA_RECORD
+from client.scaffold import SERVER_RECORD as SCAFFOLD_SERVER_RECORD
+from client.scaffold import ScaffoldRound, variate_path
 from client.secagg_mod import secagg_mod
 from client.train import make_optimizer, make_train_loader, train_epochs
 from common.config import NodeConfig, RunConfig
@@ -70,6 +73,8 @@ class Job:
     run_id: int
     #: FedProx's mu from the train message config (``proximal-mu``); 0 without FedProx.
     proximal_mu: float = 0.0
+    #: SCAFFOLD's server control variate from the train message; None without SCAFFOLD.
+    scaffold_c: dict[str, torch.Tensor] | None = None
 
 
 def _check_dataset(run: RunConfig, data: SiteDataset) -> None:
@@ -111,7 +116,10 @@ def prepare(content: RecordDict, context: Context) -> Job:
     mu = content.config_records["config"].get("proximal-mu", 0.0)
     if not isinstance(mu, int | float):
         raise DataError(f"config 'proximal-mu' must be a number, got {mu!r}")
-    return Job(run, node, data, model, device, server_round, context.run_id, float(mu))
+    scaffold_c = None
+    if SCAFFOLD_SERVER_RECORD in content.array_records:
+        scaffold_c = content.array_records[SCAFFOLD_SERVER_RECORD].to_torch_state_dict()
+    return Job(run, node, data, model, device, server_round, context.run_id, float(mu), scaffold_c)
 
 
 def _round_seed(job: Job) -> int:
@@ -138,7 +146,22 @@ def train_content(job: Job) -> RecordDict:
         if job.proximal_mu > 0
         else task_loss
     )
-    with site_privacy(job, len(split), job.model, optimizer, loader) as priv:
+    scaffold = (
+        None
+        if job.scaffold_c is None
+        else ScaffoldRound(
+            job.model,
+            c=job.scaffold_c,
+            path=variate_path(
+                job.node.resolve_state_dir(job.run),
+                ledger_key(job.run.project, job.data.fingerprint),
+            ),
+        )
+    )
+    with (
+        site_privacy(job, len(split), job.model, optimizer, loader) as priv,
+        scaffold.correction(job.model, optimizer) if scaffold else contextlib.nullcontext(),
+    ):
         stats = train_epochs(
             priv.model,
             priv.loader,
@@ -176,7 +199,12 @@ def train_content(job: Job) -> RecordDict:
             job.run.project,
         )
     metrics = MetricRecord(values)
-    return RecordDict({"arrays": state_to_record(job.model), "metrics": metrics})
+    reply = RecordDict({"arrays": state_to_record(job.model), "metrics": metrics})
+    if scaffold is not None:
+        reply[SCAFFOLD_DELTA_RECORD] = scaffold.finish(
+            job.model, steps=stats.steps, learning_rate=job.run.learning_rate
+        )
+    return reply
 
 
 def evaluate_content(job: Job) -> RecordDict:

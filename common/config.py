@@ -62,6 +62,7 @@ STRATEGIES = (
     "fedmedian",
     "fedtrimmedavg",
     "krum",
+    "scaffold",
 )
 #: Strategies whose aggregation is not a weighted mean: they need each site's plaintext
 #: update, which secure aggregation hides by design (the server sees only the sum).
@@ -318,6 +319,18 @@ class RunConfig:
             raise ConfigError(
                 f"config key 'min-replies'={self.min_replies} exceeds 'min-sites'="
                 f"{self.min_sites}: no round could reach the quorum; lower 'min-replies'."
+            )
+        if self.strategy == "scaffold" and (self.dp_enabled or self.secagg_enabled):
+            raise ConfigError(
+                "config key 'strategy'='scaffold' needs 'dp.enabled'=false and "
+                "'secagg.enabled'=false: Opacus overwrites the gradient the drift correction "
+                "is added to, and each site's control-variate delta would leave unmasked."
+            )
+        if self.strategy == "scaffold" and self.momentum != 0.0:
+            raise ConfigError(
+                "config key 'strategy'='scaffold' needs plain local SGD ('momentum'=0): its "
+                "control-variate update (x - y) / (K * learning-rate) assumes it "
+                "(Karimireddy et al. 2020, option II); set momentum=0."
             )
         if self.strategy == "fedprox" and self.dp_enabled:
             raise ConfigError(

@@ -21,6 +21,8 @@ from flwr.serverapp.strategy import (
 
 from common.config import RunConfig
 from common.errors import ConfigError, did_you_mean
+from common.models import get_model
+from server.scaffold import Scaffold
 
 
 def aggregate_metrics_nan_aware(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -146,7 +148,15 @@ def _krum(run: RunConfig) -> Strategy:
     return Krum(**_common(run), num_malicious_nodes=run.strategy_krum_byzantine)
 
 
+def _scaffold(run: RunConfig) -> Strategy:
+    # Karimireddy et al. 2020; server/scaffold.py keeps the server control variate and
+    # the sites keep theirs in their state-dir (client/scaffold.py).
+    model = get_model(run.model, **run.model_kwargs())
+    return Scaffold(parameter_names=[n for n, _ in model.named_parameters()], **_common(run))
+
+
 _FACTORIES: dict[str, Callable[[RunConfig], Strategy]] = {
+    "scaffold": _scaffold,
     "fedavg": _fedavg,
     "fedprox": _fedprox,
     "fedadam": _fedadam,

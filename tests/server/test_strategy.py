@@ -24,7 +24,23 @@ def test_nan_sites_are_left_out_of_that_metric_only():
 
 def test_every_configured_strategy_builds():
     for name in STRATEGIES:
-        # robust strategies need plaintext updates, FedProx needs DP off (common/config.py)
-        run = RunConfig(strategy=name, secagg_enabled=False, dp_enabled=False)
+        # robust strategies need plaintext updates, FedProx needs DP off, SCAFFOLD also
+        # plain SGD (common/config.py)
+        run = RunConfig(strategy=name, secagg_enabled=False, dp_enabled=False, momentum=0.0)
         assert build_strategy(run) is not None
     assert isinstance(build_strategy(RunConfig()), FedAvg)
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"dp_enabled": True, "secagg_enabled": False, "momentum": 0.0}, "dp.enabled"),
+        ({"dp_enabled": False, "secagg_enabled": True, "momentum": 0.0}, "secagg.enabled"),
+        ({"dp_enabled": False, "secagg_enabled": False, "momentum": 0.9}, "momentum"),
+    ],
+)
+def test_scaffold_refuses_settings_it_cannot_honour(changes, match):
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        RunConfig(strategy="scaffold", **changes)
