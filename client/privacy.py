@@ -48,14 +48,14 @@ from typing import Any
 import torch
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
-from opacus import GradSampleModule, PrivacyEngine
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader
 
 from common.errors import MedfedError
+
+# Opacus is imported inside the functions that use it ("lazy Opacus import"): with
+# SciPy it takes ~1.5 s, and under the deployment engine every Flower message runs in a
+# fresh ClientApp process, so an evaluate message should not pay for it.
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,8 @@ def epsilon_of(history: History, *, delta: float, accountant: str = "rdp") -> fl
     """
     if not history:
         return 0.0
+    from opacus.accountants import create_accountant  # lazy Opacus import
+
     acc = create_accountant(mechanism=accountant)
     acc.load_state_dict({"history": [tuple(h) for h in history], "mechanism": accountant})
     return float(acc.get_epsilon(delta=delta))
@@ -280,6 +282,8 @@ def plan_round(
     sample_rate = 1.0 / batches
     steps = local_epochs * batches
     if not noise_multiplier:
+        from opacus.accountants.utils import get_noise_multiplier  # lazy Opacus import
+
         noise_multiplier = float(
             get_noise_multiplier(
                 target_epsilon=target_epsilon,
@@ -360,6 +364,9 @@ def private_training(
     entry = ledger.entry(key)
     history: History = [tuple(h) for h in entry.get("history", [])]
     check_budget(history, plan, max_epsilon=max_epsilon)
+
+    from opacus import GradSampleModule, PrivacyEngine  # lazy Opacus import
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
 
     engine = PrivacyEngine(accountant=plan.accountant)
     engine.accountant.load_state_dict({"history": list(history), "mechanism": plan.accountant})

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from client.data.torch_dataset import SplitDataset
+from common.host_memory import keep_training_buffers_in_heap
 from common.site_dataset import SplitArrays
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ def train_epochs(
         If the loss becomes NaN or infinite (lower the learning rate).
 
     """
+    keep_training_buffers_in_heap()  # per-step DP buffers: no mmap/munmap churn
     t0 = time.perf_counter()
     model.train()
     criterion = criterion if criterion is not None else nn.CrossEntropyLoss()

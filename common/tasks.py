@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
-from monai.losses.dice import DiceCELoss as MonaiDiceCELoss
 from torch import nn
 
 from common.errors import ConfigError, DataError, did_you_mean
@@ -222,6 +221,10 @@ class DiceCELoss(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        # Imported here: MONAI takes ~1 s to import, which every ClientApp process of a
+        # classification run would pay for nothing (one process per Flower message).
+        from monai.losses.dice import DiceCELoss as MonaiDiceCELoss
+
         self.inner = MonaiDiceCELoss(to_onehot_y=True, softmax=True, batch=False)
 
     def forward(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,6 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 from numpy.typing import NDArray
 
 from common.secagg import crypto
@@ -74,6 +73,7 @@ from common.secagg.schema import (
     parse_masked_input_reply,
     parse_share_keys_reply,
 )
+from server.grid import DelegatingGrid
 
 log = logging.getLogger(__name__)
 
@@ -490,7 +490,7 @@ def _record(content: RecordDict) -> Any:
     return rec
 
 
-class SecAggGrid(Grid):
+class SecAggGrid(DelegatingGrid):
     """A ``Grid`` that runs SecAgg+ for every batch of ``train`` messages.
 
     All other calls (and ``evaluate``/``query`` messages) go to the wrapped grid. See the
@@ -508,47 +508,10 @@ class SecAggGrid(Grid):
     """
 
     def __init__(self, grid: Grid, *, params: SecAggParams, run_dir: Path | None = None) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self.params = params
         self.run_dir = run_dir
         self.reports: list[RoundReport] = []
-
-    # ---------------------------------------------------------------- delegation
-    def set_run(self, run: Run) -> None:
-        """Delegate."""
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        """Delegate."""
-        return self._grid.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        """Delegate."""
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """Delegate."""
-        return self._grid.get_node_ids()
-
-    def get_nodes(self) -> Iterable[Any]:
-        """Delegate (Flower's ``NodeInfo`` of every connected node)."""
-        return self._grid.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Delegate."""
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Delegate."""
-        return self._grid.pull_messages(message_ids)
 
     # ------------------------------------------------------------- the protocol
     def send_and_receive(

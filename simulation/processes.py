@@ -59,6 +59,8 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
             "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            # SuperExec: check for new tasks every 0.1 s instead of 1 s (docker-compose.yml).
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
             "PYTHONUNBUFFERED": "1",
             # Ray workers / ClientApps must not each grab every core of a small machine.
             "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),

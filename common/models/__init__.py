@@ -8,6 +8,7 @@ Opacus's ``ModuleValidator.validate`` accepts it unchanged. Modelled on torchvis
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -42,28 +43,27 @@ class ModelSpec:
     factory: Callable[..., nn.Module]
 
 
-def _registry() -> dict[str, ModelSpec]:
-    # Imported lazily so `common` stays importable without torch (ingestion installs).
-    from common.models.cnn import build_cnn
-    from common.models.mlp import HEART_FEATURES, build_heart_logreg, build_heart_mlp
-    from common.models.rnn import build_gru, build_lstm
-    from common.models.unet import build_unet
+#: Features of the FLamby Fed-Heart-Disease preprocessing (simulation/heart.py): 8 numeric
+#: columns + 3 chest-pain dummies + 2 resting-ECG dummies.
+HEART_FEATURES = 13
 
-    return {
-        "cnn": ModelSpec("cnn", "classification", (1, 28, 28), build_cnn),
-        "gru": ModelSpec("gru", "classification", (1, 28, 28), build_gru),
-        "lstm": ModelSpec("lstm", "classification", (1, 28, 28), build_lstm),
-        # Fully convolutional: input_shape is the training patch; any H, W divisible by
-        # 16 fits (common.tasks.SegmentationTask.check_image_shape).
-        "unet": ModelSpec("unet", "segmentation", (1, 32, 32), build_unet),
-        "heart-mlp": ModelSpec("heart-mlp", "tabular", (HEART_FEATURES, 1, 1), build_heart_mlp),
-        "heart-logreg": ModelSpec(
-            "heart-logreg", "tabular", (HEART_FEATURES, 1, 1), build_heart_logreg
-        ),
-    }
+#: name -> (task, input shape, factory as "module:function"). Each model's module is
+#: imported only when that model is asked for: a ClientApp process building the CNN
+#: must not pay for importing MONAI (U-Net) or Opacus's DP layers (GRU/LSTM), and
+#: ``common`` stays importable without torch (ingestion installs).
+_SPECS: dict[str, tuple[str, tuple[int, ...], str]] = {
+    "cnn": ("classification", (1, 28, 28), "common.models.cnn:build_cnn"),
+    "gru": ("classification", (1, 28, 28), "common.models.rnn:build_gru"),
+    "lstm": ("classification", (1, 28, 28), "common.models.rnn:build_lstm"),
+    # Fully convolutional: input_shape is the training patch; any H, W divisible by 16
+    # fits (common.tasks.SegmentationTask.check_image_shape).
+    "unet": ("segmentation", (1, 32, 32), "common.models.unet:build_unet"),
+    "heart-mlp": ("tabular", (HEART_FEATURES, 1, 1), "common.models.mlp:build_heart_mlp"),
+    "heart-logreg": ("tabular", (HEART_FEATURES, 1, 1), "common.models.mlp:build_heart_logreg"),
+}
 
 
-_NAMES = ("cnn", "heart-mlp", "heart-logreg", "gru", "lstm", "unet")
+_NAMES = tuple(_SPECS)
 
 
 def list_models() -> list[str]:
@@ -97,7 +97,10 @@ def get_spec(name: str) -> ModelSpec:
 
     """
     check_model_name(name)
-    return _registry()[name]
+    task, input_shape, target = _SPECS[name]
+    module_name, attr = target.split(":")
+    factory = getattr(importlib.import_module(module_name), attr)
+    return ModelSpec(name, task, input_shape, factory)
 
 
 def get_model(name: str, **cfg: Any) -> nn.Module:

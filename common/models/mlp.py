@@ -13,9 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-#: Features of the FLamby Fed-Heart-Disease preprocessing (simulation/heart.py): 8 numeric
-#: columns + 3 chest-pain dummies + 2 resting-ECG dummies.
-HEART_FEATURES = 13
+from common.models import HEART_FEATURES
 
 
 class TabularMLP(nn.Module):

@@ -116,3 +116,19 @@ def test_env_expansion_and_unknown_images():
         image_entrypoint("flwr/superlink:latest")
     with pytest.raises(ConfigError, match="no local equivalent"):
         image_entrypoint("nginx:1.27")
+
+
+def test_local_processes_get_the_superexec_environment_of_the_compose_file(
+    compose, tmp_path, monkeypatch
+):
+    """deploy-local's Flower processes run with what the compose superexecs set."""
+    from simulation.processes import flower_env
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    env = flower_env(tmp_path / "flwr-home")
+    superexecs = [s for n, s in compose["services"].items() if n.startswith("superexec-")]
+    assert superexecs
+    for service in superexecs:
+        for key, value in service["environment"].items():
+            assert env.get(key) == value, key
+    assert float(env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"]) <= 0.1
