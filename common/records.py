@@ -58,7 +58,9 @@ def check_state(
     extra = sorted(set(state) - set(spec))
     if missing or extra:
         raise ModelError(
-            f"arrays do not fit the model: missing {missing[:3]}, unexpected {extra[:3]}"
+            f"arrays do not fit the model: missing {missing[:3]}, unexpected {extra[:3]}. "
+            "They were made for another model or another version of it (e.g. a checkpoint "
+            "from an older medfed): use the same model and medfed version on both ends."
         )
     for key, (shape, dtype) in spec.items():
         t = state[key]

@@ -526,8 +526,14 @@ class IngestReport:
 
 
 def _split_groups(group_keys: Sequence[str], val_fraction: float, seed: int) -> dict[str, str]:
-    """Assign each patient group to ``train`` or ``val`` (seeded shuffle of groups)."""
-    uniq = sorted(set(group_keys))
+    """Assign each patient group to ``train`` or ``val`` (seeded shuffle of groups).
+
+    Groups are taken in order of first appearance (files are read in sorted path order),
+    not sorted by key: keys are salted hashes, and the salt is random per site, so
+    sorting by them would make the split differ between two fresh ingests of the same
+    files with the same seed.
+    """
+    uniq = list(dict.fromkeys(group_keys))
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(uniq))
     n_val = round(val_fraction * len(uniq))
@@ -727,7 +733,7 @@ def _ingest(
         )
 
     split_of = _split_groups([g for *_, g in keep], opts.val_fraction, opts.seed)
-    group_ids = {g: n for n, g in enumerate(sorted(split_of))}
+    group_ids = {g: n for n, g in enumerate(split_of)}  # first-appearance order
     parts: dict[str, dict[str, list[np.ndarray]]] = {}
     for i, px, label, g in keep:
         split = split_of[g]
