@@ -14,7 +14,7 @@ that Opacus computes every per-sample gradient with its registered grad samplers
   Networks on GPUs", 2016). Only the recurrent projection stays an ``RNNLinear`` called
   once per step. ``opacus.layers.DPGRU`` calls two ``RNNLinear`` per step and
   materialises a per-sample gradient for each call: 4.4x ``torch.nn.GRU``'s step time
-  on CPU here against about 3x for this layer (bench/dp_overhead.py).
+  on CPU here against about 3.7x for this layer (bench/dp_overhead.py).
 - LSTM: ``opacus.layers.DPLSTM``.
 
 Both keep the parameter names of ``torch.nn.GRU`` / ``LSTM`` (``weight_ih_l0`` ...) in
