@@ -16,7 +16,6 @@ Performance Tuning Guide, "CPU specific optimizations: switch memory allocator".
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import platform
 
@@ -50,12 +49,10 @@ def keep_training_buffers_in_heap() -> bool:
     """
     if platform.system() != "Linux":
         return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        # The symbols already loaded into this process (libc among them): no library
+        # search, which for ctypes.util.find_library means running ldconfig each call.
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]

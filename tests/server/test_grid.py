@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-import uuid
 
 import pytest
-from flwr.app import ConfigRecord, Message, MessageType, Metadata, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from server.grid import PromptGrid
+from tests.server.messages import new_message
 
 
 class DelayedReplyGrid(Grid):
@@ -28,18 +28,7 @@ class DelayedReplyGrid(Grid):
         raise NotImplementedError
 
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        md = Metadata(
-            run_id=1,
-            message_id=uuid.uuid4().hex,
-            src_node_id=0,
-            dst_node_id=dst_node_id,
-            reply_to_message_id="",
-            group_id=group_id,
-            created_at=time.time(),
-            ttl=ttl or 3600.0,
-            message_type=message_type,
-        )
-        return Message(content, metadata=md)
+        return new_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self):
         return list(self.delays)

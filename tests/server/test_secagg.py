@@ -9,7 +9,6 @@ drop chosen sites at chosen stages.
 from __future__ import annotations
 
 import math
-import uuid
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -21,7 +20,6 @@ from flwr.app import (
     Context,
     Message,
     MessageType,
-    Metadata,
     MetricRecord,
     RecordDict,
 )
@@ -36,6 +34,7 @@ from common.records import state_to_record
 from common.secagg.errors import SecAggAbortedError
 from common.secagg.params import RECORD, SecAggParams
 from server.secagg import SecAggGrid, SecAggRound
+from tests.server.messages import new_message
 
 Handler = Callable[[Message, Context], Message]
 
@@ -95,18 +94,7 @@ class InProcessGrid(Grid):
         raise NotImplementedError
 
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        md = Metadata(
-            run_id=1,
-            message_id=uuid.uuid4().hex,
-            src_node_id=0,
-            dst_node_id=dst_node_id,
-            reply_to_message_id="",
-            group_id=group_id,
-            created_at=0.0,
-            ttl=ttl or 3600.0,
-            message_type=message_type,
-        )
-        return Message(content, metadata=md)
+        return new_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self):
         return list(self.contexts)
