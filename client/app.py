@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader
 from client.egress import egress_guard
 from client.faults import fault_injection
 from client.privacy import (
+    DPRandomness,
     PrivacyBudgetError,
     PrivacyError,
     PrivacyLedger,
@@ -123,9 +125,35 @@ def prepare(content: RecordDict, context: Context) -> Job:
 
 
 def _round_seed(job: Job) -> int:
-    """Seed for this site's sampling in this round: differs per round and per site."""
+    """Seed for this site's shuffling in this round: differs per round and per site.
+
+    Known to the coordinator (it is derived from run config), so it seeds only what
+    carries no privacy guarantee: the shuffling of non-DP training, and DP randomness
+    under the simulation-only ``dp.reproducible-noise`` switch (:func:`dp_randomness`).
+    """
     site = job.node.partition_id if job.node.partition_id is not None else 0
     return job.run.seed * 1_000_003 + job.server_round * 1_009 + site
+
+
+def dp_randomness(job: Job) -> DPRandomness:
+    """Return the round's DP generators: secret site entropy, or (simulation only) reproducible.
+
+    Raises
+    ------
+    PrivacyError
+        If run config asks for ``dp.reproducible-noise`` on a node that is not a
+        virtual site of a simulation (node config without ``partition-id``): the site
+        refuses to train rather than draw noise the coordinator can predict.
+    """
+    if not job.run.dp_reproducible_noise:
+        return DPRandomness.secret(job.device)
+    if job.node.partition_id is None:
+        raise PrivacyError(
+            "run config 'dp.reproducible-noise'=true asks for DP noise seeded from the run "
+            "config, which the coordinator knows; it exists for simulation only and this "
+            "site refuses to train with it (set dp.reproducible-noise=false)"
+        )
+    return DPRandomness.seeded(_round_seed(job), job.device)
 
 
 def train_content(job: Job) -> RecordDict:
@@ -236,6 +264,11 @@ def site_privacy(
     if not run.dp_enabled:
         yield NonPrivateTraining(model, optimizer, loader)
         return
+    randomness = dp_randomness(job)
+    if not randomness.reproducible:
+        # prepare() seeded torch's global generator from run config for model init;
+        # anything else drawn during a DP round must not be predictable either.
+        torch.manual_seed(secrets.randbits(63))
     ledger = PrivacyLedger(node.resolve_state_dir(run))
     key = ledger_key(run.project, job.data.fingerprint)
     stored = ledger.entry(key).get("plans", {}).get(str(job.run_id))
@@ -251,7 +284,6 @@ def site_privacy(
         noise_multiplier=run.dp_noise_multiplier or stored,
         target_epsilon=run.dp_target_epsilon,
     )
-    noise = torch.Generator(device=job.device).manual_seed(_round_seed(job) + 7)
     with private_training(
         model=model,
         optimizer=optimizer,
@@ -262,7 +294,7 @@ def site_privacy(
         run_id=job.run_id,
         max_epsilon=node.dp_max_epsilon,
         max_physical_batch_size=run.dp_max_physical_batch_size,
-        noise_generator=noise,
+        randomness=randomness,
     ) as session:
         yield session
 

@@ -25,6 +25,19 @@ Privacy model (DESIGN section 5):
   always cumulative over the ledger, never per round (Flower's Opacus example resets
   the accountant each round).
 
+DP randomness (DESIGN section 5): the Gaussian noise and the Poisson sampling of every
+round are drawn from torch generators seeded at the site with 64 bits from the operating
+system's CSPRNG (:func:`secrets.randbits`, i.e. ``os.urandom``), fresh for every round;
+nothing the coordinator knows (run seed, round, site id) determines them. Opacus's own
+``secure_mode`` needs ``torchcsprng``, which has no build for torch 2.x (none on the
+registry here; the project is archived), so ``PrivacyEngine(secure_mode=True)`` raises
+ImportError. medfed instead switches the DP optimizer to secure mode's noise algorithm
+(the sum of four Gaussian draws, robust to the floating-point attack of Jin et al. 2021,
+arXiv:2112.05307, following Holohan & Braghin 2021, arXiv:2107.10138, section 5.1) on
+the OS-seeded generator: :class:`DPRandomness`. Reproducible noise exists only as the
+simulation switch ``dp.reproducible-noise`` (:meth:`DPRandomness.seeded`), which
+is refused outside simulation and labelled "not private" everywhere it is reported.
+
 Delta defaults to ``0.1 / N`` for ``N`` training examples (below ``1 / N``). The unit of
 privacy is one training example; in every dataset medfed writes today one example is
 one patient (``groups`` in the site dataset are all distinct); with several images per
@@ -38,6 +51,7 @@ import hmac as std_hmac
 import json
 import logging
 import os
+import secrets
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -65,6 +79,65 @@ FORMAT = "medfed-privacy-ledger"
 VERSION = 1
 
 History = list[tuple[float, float, int]]
+
+
+@dataclass(frozen=True)
+class DPRandomness:
+    """The generators one DP round samples batches and draws noise from.
+
+    Build it with :meth:`secret` (every real round) or :meth:`seeded` (simulation
+    research only, NOT PRIVATE); never from a seed in run config.
+
+    Attributes
+    ----------
+    sampling : torch.Generator
+        CPU generator for Opacus's Poisson sampling (``UniformWithReplacementSampler``).
+    noise : torch.Generator
+        Generator on the training device for the Gaussian noise of ``DPOptimizer``.
+    reproducible : bool
+        True when both were seeded from a known seed: the noise is then predictable by
+        whoever knows that seed and gives no differential privacy against them.
+    """
+
+    sampling: torch.Generator
+    noise: torch.Generator
+    reproducible: bool
+
+    @classmethod
+    def secret(cls, device: torch.device) -> DPRandomness:
+        """Seed both generators with 64 bits each from the OS CSPRNG (``os.urandom``).
+
+        Called once per round at the site, so no two rounds (or runs) share a draw.
+        torch's CPU generator is MT19937 and its CUDA generator Philox; both take a
+        64-bit seed, so an attacker who sees only aggregated, noised updates would have
+        to search 2**64 seeds per generator and round.
+        """
+        return cls(
+            sampling=torch.Generator().manual_seed(secrets.randbits(64)),
+            noise=torch.Generator(device=device).manual_seed(secrets.randbits(64)),
+            reproducible=False,
+        )
+
+    @classmethod
+    def seeded(cls, seed: int, device: torch.device) -> DPRandomness:
+        """Build generators from a known ``seed``: simulation research only, NOT PRIVATE.
+
+        Parameters
+        ----------
+        seed : int
+            Any integer; the noise generator uses ``seed + 7``.
+        device : torch.device
+            Device of the noise generator (the training device).
+        """
+        log.warning(
+            "dp.reproducible-noise: DP noise and sampling are seeded from the run config; "
+            "this run is NOT PRIVATE against anyone who knows the seed (simulation only)"
+        )
+        return cls(
+            sampling=torch.Generator().manual_seed(seed),
+            noise=torch.Generator(device=device).manual_seed(seed + 7),
+            reproducible=True,
+        )
 
 
 class PrivacyError(MedfedError, RuntimeError):
@@ -346,9 +419,13 @@ def private_training(
     run_id: int,
     max_epsilon: float,
     max_physical_batch_size: int,
-    noise_generator: torch.Generator | None = None,
+    randomness: DPRandomness,
 ) -> Iterator[PrivateTraining]:
     """Check the budget, make the training objects private, and record what was spent.
+
+    Poisson sampling and noise come only from ``randomness`` (the generator ``loader``
+    was built with is replaced), and the DP optimizer draws its noise with Opacus's
+    ``secure_mode`` algorithm (see the module docstring for why not its csprng).
 
     The ledger entry's history is loaded into a fresh Opacus accountant before any
     step, and whatever the accountant recorded is written back on exit, also when
@@ -368,21 +445,39 @@ def private_training(
     from opacus import GradSampleModule, PrivacyEngine  # lazy Opacus import
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
-    engine = PrivacyEngine(accountant=plan.accountant)
-    engine.accountant.load_state_dict({"history": list(history), "mechanism": plan.accountant})
     with warnings.catch_warnings():
-        # Opacus warns that secure_mode is off; that choice is documented above.
-        warnings.filterwarnings("ignore", message=".*[Ss]ecure [Rr][Nn][Gg].*")
-        dp_model, dp_optimizer, dp_loader = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=plan.max_grad_norm,
-            poisson_sampling=True,
-            grad_sample_mode="hooks",
-            noise_generator=noise_generator,
-        )
+        # PrivacyEngine(secure_mode=False) warns "Secure RNG turned off ... turn it on
+        # before production". Here the generators are not Opacus's default: they are
+        # seeded per round from os.urandom (DPRandomness.secret) and the optimizer is put
+        # into secure mode's noise algorithm below; torchcsprng, the only thing missing,
+        # cannot be installed for torch 2.x. A reproducible (not private) run is logged
+        # loudly by DPRandomness.seeded instead.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+        engine = PrivacyEngine(accountant=plan.accountant)
+    engine.accountant.load_state_dict({"history": list(history), "mechanism": plan.accountant})
+    # Opacus's Poisson sampler takes the generator of the loader it wraps
+    # (DPDataLoader.from_data_loader): give it the round's secret one.
+    sampled = DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        shuffle=True,
+        generator=randomness.sampling,
+        num_workers=0,
+        pin_memory=loader.pin_memory,
+    )
+    dp_model, dp_optimizer, dp_loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=sampled,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=plan.max_grad_norm,
+        poisson_sampling=True,
+        grad_sample_mode="hooks",
+        noise_generator=randomness.noise,
+    )
+    # Secure mode's noise: four draws summed and halved (opacus.optimizers.optimizer.
+    # _generate_noise), on the OS-seeded generator.
+    dp_optimizer.secure_mode = True
     session = PrivateTraining(dp_model, dp_optimizer, dp_loader, plan)
     try:
         with (

@@ -195,6 +195,14 @@ class RunConfig:
         default="rdp",
         metadata=_key("dp.accountant", "Opacus accountant", _one_of(*ACCOUNTANTS)),
     )
+    dp_reproducible_noise: bool = field(
+        default=False,
+        metadata=_key(
+            "dp.reproducible-noise",
+            "simulation only, NOT PRIVATE: seed DP noise and sampling from 'seed' so a run "
+            "repeats exactly; refused by every site outside simulation",
+        ),
+    )
     dp_max_physical_batch_size: int = field(
         default=128,
         metadata=_key(

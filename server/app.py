@@ -32,7 +32,7 @@ from common.site_dataset import SiteDataset
 from common.tasks import get_task
 from server.grid import PromptGrid
 from server.quorum import SAMPLE_WAIT_SECONDS, QuorumStrategy
-from server.runlog import EvaluateFn, RecordingStrategy
+from server.runlog import EvaluateFn, RecordingStrategy, dp_noise_label
 from server.secagg import SecAggGrid
 from server.strategy import build_strategy
 
@@ -134,7 +134,13 @@ def main(grid: Grid, context: Context) -> None:
         min_sites=run.min_sites,
         sample_timeout=min(run.connect_timeout, SAMPLE_WAIT_SECONDS),
     )
-    strategy = RecordingStrategy(bounded, run_dir=run_dir, checkpoint_meta=meta)
+    dp_noise = dp_noise_label(dp_enabled=run.dp_enabled, reproducible=run.dp_reproducible_noise)
+    if run.dp_enabled and run.dp_reproducible_noise:
+        log.warning(
+            "dp.reproducible-noise=true: DP noise is seeded from the run config; this run "
+            "is NOT PRIVATE (simulation research only; real sites refuse it)"
+        )
+    strategy = RecordingStrategy(bounded, run_dir=run_dir, checkpoint_meta=meta, dp_noise=dp_noise)
 
     connected = wait_for_sites(grid, min_sites=run.min_sites, timeout=run.connect_timeout)
     log.info("%d sites connected; starting %d rounds", connected, run.num_server_rounds)

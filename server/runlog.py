@@ -79,6 +79,22 @@ class _Phase:
         }
 
 
+#: ``dp-noise`` of a round line: DP noise drawn from each site's own OS entropy.
+DP_NOISE_SECRET = "site-secret"
+#: ``dp-noise`` of a round line under ``dp.reproducible-noise`` (simulation only).
+DP_NOISE_REPRODUCIBLE = "reproducible (NOT PRIVATE)"
+#: ``dp-noise`` of a round line without DP.
+DP_NOISE_OFF = "off"
+DP_NOISE_LABELS = (DP_NOISE_SECRET, DP_NOISE_REPRODUCIBLE, DP_NOISE_OFF)
+
+
+def dp_noise_label(*, dp_enabled: bool, reproducible: bool) -> str:
+    """Return the ``dp-noise`` label of a run's round lines (see :class:`RecordingStrategy`)."""
+    if not dp_enabled:
+        return DP_NOISE_OFF
+    return DP_NOISE_REPRODUCIBLE if reproducible else DP_NOISE_SECRET
+
+
 class RecordingStrategy(Strategy):
     """Wrap ``inner`` and record every round to ``run_dir``.
 
@@ -92,10 +108,24 @@ class RecordingStrategy(Strategy):
         ``Checkpoint`` fields other than ``state_dict``/``round``/``metrics`` (model
         name and kwargs, task, label names, run config), so each checkpoint is
         self-describing.
+    dp_noise : str
+        Written as ``dp-noise`` on every round line: :data:`DP_NOISE_SECRET`,
+        :data:`DP_NOISE_REPRODUCIBLE` (simulation research, not private) or
+        :data:`DP_NOISE_OFF`.
 
     """
 
-    def __init__(self, inner: Strategy, *, run_dir: Path, checkpoint_meta: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        inner: Strategy,
+        *,
+        run_dir: Path,
+        checkpoint_meta: dict[str, Any],
+        dp_noise: str = "off",
+    ) -> None:
+        if dp_noise not in DP_NOISE_LABELS:
+            raise ValueError(f"dp_noise={dp_noise!r} must be one of {DP_NOISE_LABELS}")
+        self.dp_noise = dp_noise
         self.inner = inner
         self.run_dir = run_dir
         self.checkpoint_meta = checkpoint_meta
@@ -209,6 +239,7 @@ class RecordingStrategy(Strategy):
             "round": server_round,
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
             "error": str(exc),
+            "dp-noise": self.dp_noise,
             "wall-seconds": round(time.perf_counter() - self._round_start, 3),
             "train": self._train.as_json(),
         }
@@ -224,6 +255,7 @@ class RecordingStrategy(Strategy):
             "round": server_round,
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
             "global": _clean(central),
+            "dp-noise": self.dp_noise,
         }
         if server_round > 0:
             line["wall-seconds"] = round(time.perf_counter() - self._round_start, 3)

@@ -32,6 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from common.errors import DataNotFoundError
+from server.runlog import DP_NOISE_REPRODUCIBLE
 
 REPORT_DIR = "report"
 REPORT_HTML = "report.html"
@@ -311,8 +312,19 @@ def write_run_report(run_dir: Path) -> Path:
         ]
         for r in rounds
     ]
+    not_private = any(r.get("dp-noise") == DP_NOISE_REPRODUCIBLE for r in rounds)
     body = [
         f"<h1>medfed run report: {html.escape(run_dir.name)}</h1>",
+        *(
+            [
+                "<p class='warn'><b>NOT PRIVATE:</b> this run used dp.reproducible-noise; "
+                "its DP noise and sampling were seeded from the run config, so its epsilon "
+                "means nothing against anyone who knows the seed (simulation research "
+                "only).</p>"
+            ]
+            if not_private
+            else []
+        ),
         f"<p>{len([r for r in rounds if r['round'] > 0])} rounds; model "
         f"{html.escape(str(config.get('model', '?')))}, strategy "
         f"{html.escape(str(config.get('strategy', '?')))}, DP "

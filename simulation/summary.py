@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from server.runlog import DP_NOISE_REPRODUCIBLE
+
 ROUNDS_FILE = "rounds.jsonl"
 ROUND_RE = re.compile(r"\[ROUND (\d+)/(\d+)\]")
 
@@ -83,6 +85,11 @@ def summary_table(rounds: list[dict[str, Any]]) -> Table:
     if dice:
         table.add_column("val Dice", justify="right")
         table.add_column("site Dice", justify="right")
+    if any(r.get("dp-noise") == DP_NOISE_REPRODUCIBLE for r in rounds):
+        table.title = (
+            "medfed: per-round results: NOT PRIVATE (dp.reproducible-noise: DP noise "
+            "seeded from the run config)"
+        )
     for r in rounds:
         g = r.get("global", {})
         tr, ev = r.get("train", {}), r.get("evaluate", {})

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
 
 from client.privacy import (
+    DPRandomness,
     PrivacyBudgetError,
     PrivacyError,
     PrivacyLedger,
@@ -77,7 +78,7 @@ def _tiny_split(n=40, seed=0):
     return SplitArrays.create(rng.random((n, 1, 28, 28)), rng.integers(0, 2, n))
 
 
-def _dp_round(state_dir, *, max_epsilon=50.0, run_id=1):
+def _dp_round(state_dir, *, max_epsilon=50.0, run_id=1, randomness=None):
     torch.manual_seed(0)
     model = get_model("cnn")
     split = _tiny_split()
@@ -106,6 +107,7 @@ def _dp_round(state_dir, *, max_epsilon=50.0, run_id=1):
         run_id=run_id,
         max_epsilon=max_epsilon,
         max_physical_batch_size=4,
+        randomness=randomness or DPRandomness.secret(torch.device("cpu")),
     ) as priv:
         train_epochs(
             priv.model, priv.loader, optimizer=priv.optimizer, epochs=1, device=torch.device("cpu")

@@ -127,3 +127,25 @@ def test_run_config_quorum_key_is_validated():
     assert RunConfig.from_run_config({"min-replies": 2}).min_replies == 2
     with pytest.raises(ConfigError, match="min-replies"):
         RunConfig.from_run_config({"min-replies": 4, "min-sites": 3})
+
+
+@pytest.mark.parametrize(
+    ("dp", "reproducible", "label"),
+    [
+        (True, False, "site-secret"),
+        (True, True, "reproducible (NOT PRIVATE)"),
+        (False, True, "off"),
+    ],
+)
+def test_every_round_line_says_how_dp_noise_was_drawn(tmp_path, dp, reproducible, label):
+    from server.runlog import dp_noise_label
+
+    strategy = RecordingStrategy(
+        _quorum(min_replies=1),
+        run_dir=tmp_path,
+        checkpoint_meta={},
+        dp_noise=dp_noise_label(dp_enabled=dp, reproducible=reproducible),
+    )
+    strategy.make_evaluate_fn(None)(0, ArrayRecord())
+    line = json.loads((tmp_path / "rounds.jsonl").read_text().splitlines()[0])
+    assert line["dp-noise"] == label

@@ -72,6 +72,24 @@ def test_run_report_writes_every_plot_and_the_page_references_them(run_dir):
     assert "injected fault: crash" in html  # the failed site's reason
     assert "pneumonia: 3 (75%)" in html  # label balance from the site manifest
     assert re.search(r"<td>strategy</td><td>fedavg</td>", html)
+    assert "NOT PRIVATE" not in html
+
+
+def test_a_run_with_reproducible_noise_is_labelled_not_private(run_dir):
+    # Prepare: the round log of a simulation with dp.reproducible-noise
+    from server.runlog import DP_NOISE_REPRODUCIBLE
+    from simulation.summary import read_rounds, summary_table
+
+    lines = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    for line in lines:
+        line["dp-noise"] = DP_NOISE_REPRODUCIBLE
+    (run_dir / "rounds.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    # Execute
+    html = write_run_report(run_dir).read_text()
+    table = summary_table(read_rounds(run_dir))
+    # Assert: the report and the end-of-run table both say so
+    assert "NOT PRIVATE" in html
+    assert "NOT PRIVATE" in str(table.title)
 
 
 def test_experiment_report_writes_ratio_plots_and_table(tmp_path):
