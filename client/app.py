@@ -1,331 +1,61 @@
-"""The medfed Flower ``ClientApp`` (Message API): thin glue around client/train.py.
+"""The medfed Flower ``ClientApp`` (Message API): a relay in deployment, in-process in simulation.
 
-Each handler parses configuration once, prepares the job in one shared place
-(:func:`prepare`), calls plain-PyTorch code and packages the reply. The same app runs
-under the deployment engine (SuperNode, data from node config ``dataset-dir``) and the
-simulation engine (data from run config ``sites-dir`` + ``partition-id``).
+The same app runs on both engines (DESIGN section 1):
+
+* **Deployment** (a SuperNode whose node config names ``site-worker``): every message is
+  forwarded to the hospital's own site worker (``medfed site serve``) over a Unix
+  socket, and the worker's reply is returned unchanged (client/relay.py). This code,
+  which arrives in the coordinator's FAB, touches no data, no keys and no privacy state,
+  and imports no torch.
+* **Simulation** (a virtual site: Flower's node config has ``partition-id``): the same
+  site service (client/site/service.py) runs in-process behind the same interface, with
+  the policy of run config ``site-policy`` (``medfed simulate --site-policy FILE``) or
+  the research default.
+
+A SuperNode with neither answers every message with an error reply: this ClientApp never
+reads a dataset itself.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import secrets
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
 
-import torch
-from flwr.app import Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
-from torch import nn
-from torch.utils.data import DataLoader
 
-from client.egress import egress_guard
-from client.faults import fault_injection
-from client.privacy import (
-    DPRandomness,
-    PrivacyBudgetError,
-    PrivacyError,
-    PrivacyLedger,
-    PrivateTraining,
-    default_delta,
-    ledger_key,
-    plan_round,
-    private_training,
-)
-from client.proximal import ProximalLoss
-from client.scaffold import DELTA_RECORD as SCAFFOLD_DELTA_RECORD
-from client.scaffold import SERVER_RECORD as SCAFFOLD_SERVER_RECORD
-from client.scaffold import ScaffoldRound, variate_path
-from client.secagg_mod import secagg_mod
-from client.train import make_optimizer, make_train_loader, train_epochs
-from common.config import NodeConfig, RunConfig
-from common.device import resolve_device
-from common.errors import DataError
-from common.evaluation import evaluate_task
-from common.models import get_model
-from common.records import load_record, state_to_record
-from common.site_dataset import SiteDataset
-from common.tasks import get_task
+from client.relay import WORKER_KEY, relay
+from common.replies import ReplyCode, fixed_reason
 
 log = logging.getLogger(__name__)
 
-#: Error code of a reply that refuses a round for privacy reasons (ledger or budget).
-ERROR_PRIVACY = 1001
-
-# Client mods, outermost first: the egress guard (when present) must stay first so it
-# checks what really leaves; secure aggregation inside it replaces the trained arrays
-# with the masked 32-bit vector (client/secagg_mod.py).
-# Fault injection (client/faults.py) is innermost and acts only on simulated sites
-# (node config with a partition-id).
-app = ClientApp(mods=[egress_guard, secagg_mod, fault_injection])
+app = ClientApp()
 
 
-@dataclass(frozen=True)
-class Job:
-    """Everything a handler needs, built once per message by :func:`prepare`."""
+def dispatch(msg: Message, context: Context) -> Message:
+    """Send ``msg`` to the site: the worker's socket in deployment, in-process in simulation."""
+    socket = context.node_config.get(WORKER_KEY)
+    if isinstance(socket, str) and socket:
+        return relay(msg, context.run_config, socket=socket)
+    if "partition-id" in context.node_config:
+        from client.site.simulated import handle_virtual_site  # torch: simulation only
 
-    run: RunConfig
-    node: NodeConfig
-    data: SiteDataset
-    model: nn.Module
-    device: torch.device
-    server_round: int
-    run_id: int
-    #: FedProx's mu from the train message config (``proximal-mu``); 0 without FedProx.
-    proximal_mu: float = 0.0
-    #: SCAFFOLD's server control variate from the train message; None without SCAFFOLD.
-    scaffold_c: dict[str, torch.Tensor] | None = None
-
-
-def _check_dataset(run: RunConfig, data: SiteDataset) -> None:
-    """Raise DataError unless the site dataset fits the run's task and model (common/tasks.py)."""
-    get_task(run.task).check_dataset(data, model=run.model, num_classes=run.num_classes)
-
-
-def prepare(content: RecordDict, context: Context) -> Job:
-    """Parse config, open the site dataset, build the model and load the global weights.
-
-    Shared by the train and evaluate handlers (DESIGN section 9, rule 9).
-
-    Parameters
-    ----------
-    content : RecordDict
-        The server's message content: ``arrays`` (global model) and ``config``.
-    context : Context
-        Flower's context with ``run_config`` and ``node_config``.
-
-    Raises
-    ------
-    ConfigError, DataError, ModelError
-        Bad config, a site dataset that does not fit the run, or arrays that do not fit
-        the model. Flower turns the exception into an error reply for the server.
-
-    """
-    run = RunConfig.from_run_config(context.run_config)
-    node = NodeConfig.from_node_config(context.node_config)
-    data = SiteDataset(node.resolve_dataset_dir(run))
-    _check_dataset(run, data)
-    torch.manual_seed(run.seed)
-    model = get_model(run.model, **run.model_kwargs())
-    load_record(model, content.array_records["arrays"])
-    device = resolve_device(node.device)
-    model.to(device)
-    server_round = content.config_records["config"].get("server-round", 0)
-    if not isinstance(server_round, int):
-        raise DataError(f"config 'server-round' must be an int, got {server_round!r}")
-    mu = content.config_records["config"].get("proximal-mu", 0.0)
-    if not isinstance(mu, int | float):
-        raise DataError(f"config 'proximal-mu' must be a number, got {mu!r}")
-    scaffold_c = None
-    if SCAFFOLD_SERVER_RECORD in content.array_records:
-        scaffold_c = content.array_records[SCAFFOLD_SERVER_RECORD].to_torch_state_dict()
-    return Job(run, node, data, model, device, server_round, context.run_id, float(mu), scaffold_c)
-
-
-def _round_seed(job: Job) -> int:
-    """Seed for this site's shuffling in this round: differs per round and per site.
-
-    Known to the coordinator (it is derived from run config), so it seeds only what
-    carries no privacy guarantee: the shuffling of non-DP training, and DP randomness
-    under the simulation-only ``dp.reproducible-noise`` switch (:func:`dp_randomness`).
-    """
-    site = job.node.partition_id if job.node.partition_id is not None else 0
-    return job.run.seed * 1_000_003 + job.server_round * 1_009 + site
-
-
-def dp_randomness(job: Job) -> DPRandomness:
-    """Return the round's DP generators: secret site entropy, or (simulation only) reproducible.
-
-    Raises
-    ------
-    PrivacyError
-        If run config asks for ``dp.reproducible-noise`` on a node that is not a
-        virtual site of a simulation (node config without ``partition-id``): the site
-        refuses to train rather than draw noise the coordinator can predict.
-    """
-    if not job.run.dp_reproducible_noise:
-        return DPRandomness.secret(job.device)
-    if job.node.partition_id is None:
-        raise PrivacyError(
-            "run config 'dp.reproducible-noise'=true asks for DP noise seeded from the run "
-            "config, which the coordinator knows; it exists for simulation only and this "
-            "site refuses to train with it (set dp.reproducible-noise=false)"
-        )
-    return DPRandomness.seeded(_round_seed(job), job.device)
-
-
-def train_content(job: Job) -> RecordDict:
-    """Train the global model on the site's ``train`` split; return the reply content."""
-    split = job.data.load("train")
-    generator = torch.Generator().manual_seed(_round_seed(job))
-    loader = make_train_loader(split, batch_size=job.run.batch_size, generator=generator)
-    optimizer = make_optimizer(
-        job.model,
-        learning_rate=job.run.learning_rate,
-        momentum=job.run.momentum,
-        weight_decay=job.run.weight_decay,
+        return handle_virtual_site(msg, context)
+    log.error(
+        "this SuperNode has no site worker: set node config %r to the socket of "
+        "'medfed site serve' (see README, Hospitals)",
+        WORKER_KEY,
     )
-    task_loss = get_task(job.run.task).make_loss()
-    # FedProx: anchor the proximal term at the global weights just loaded.
-    criterion = (
-        ProximalLoss(task_loss, model=job.model, mu=job.proximal_mu)
-        if job.proximal_mu > 0
-        else task_loss
-    )
-    scaffold = (
-        None
-        if job.scaffold_c is None
-        else ScaffoldRound(
-            job.model,
-            c=job.scaffold_c,
-            path=variate_path(
-                job.node.resolve_state_dir(job.run),
-                ledger_key(job.run.project, job.data.fingerprint),
-            ),
-        )
-    )
-    with (
-        site_privacy(job, len(split), job.model, optimizer, loader) as priv,
-        scaffold.correction(job.model, optimizer) if scaffold else contextlib.nullcontext(),
-    ):
-        stats = train_epochs(
-            priv.model,
-            priv.loader,
-            optimizer=priv.optimizer,
-            epochs=job.run.local_epochs,
-            device=job.device,
-            criterion=criterion,
-            amp=job.run.amp,
-        )
-    log.info(
-        "round %d: trained %d steps on %d examples in %.1f s (loss %.4f)",
-        job.server_round,
-        stats.steps,
-        stats.examples,
-        stats.seconds,
-        stats.loss,
-    )
-    values: dict[str, int | float | list[int] | list[float]] = {
-        "num-examples": len(split),
-        "train-loss": stats.loss,
-        "train-steps": stats.steps,
-        "train-seconds": stats.seconds,
-    }
-    if priv.plan is not None:
-        values |= {
-            "epsilon": priv.epsilon,
-            "delta": priv.plan.delta,
-            "dp-noise-multiplier": priv.plan.noise_multiplier,
-        }
-        log.info(
-            "round %d: cumulative epsilon %.3f (delta %.2e) for project %r",
-            job.server_round,
-            priv.epsilon,
-            priv.plan.delta,
-            job.run.project,
-        )
-    metrics = MetricRecord(values)
-    reply = RecordDict({"arrays": state_to_record(job.model), "metrics": metrics})
-    if scaffold is not None:
-        reply[SCAFFOLD_DELTA_RECORD] = scaffold.finish(
-            job.model, steps=stats.steps, learning_rate=job.run.learning_rate
-        )
-    return reply
-
-
-def evaluate_content(job: Job) -> RecordDict:
-    """Evaluate the global model on the site's local ``val`` split; return the content."""
-    split = job.data.load("val")
-    metrics = evaluate_task(
-        job.run.task, job.model, split.images, split.labels, batch_size=64, device=job.device
-    )
-    values: dict[str, int | float | list[int] | list[float]] = {"num-examples": len(split)}
-    values |= {f"val-{k}": float(v) for k, v in metrics.items() if k != "num-examples"}
-    record = MetricRecord(values)
-    return RecordDict({"metrics": record})
-
-
-@contextlib.contextmanager
-def site_privacy(
-    job: Job,
-    num_examples: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loader: DataLoader[Any],
-) -> Iterator[PrivateTraining | NonPrivateTraining]:
-    """Wrap the round's training objects with DP-SGD, or pass them through if DP is off.
-
-    With DP on, the site's ledger (``state-dir``) is checked against its ceiling
-    (``dp-max-epsilon``) before any step and updated after (client/privacy.py).
-    """
-    run, node = job.run, job.node
-    if not run.dp_enabled:
-        yield NonPrivateTraining(model, optimizer, loader)
-        return
-    randomness = dp_randomness(job)
-    if not randomness.reproducible:
-        # prepare() seeded torch's global generator from run config for model init;
-        # anything else drawn during a DP round must not be predictable either.
-        torch.manual_seed(secrets.randbits(63))
-    ledger = PrivacyLedger(node.resolve_state_dir(run))
-    key = ledger_key(run.project, job.data.fingerprint)
-    stored = ledger.entry(key).get("plans", {}).get(str(job.run_id))
-    plan = plan_round(
-        num_examples=num_examples,
-        batch_size=run.batch_size,
-        local_epochs=run.local_epochs,
-        num_rounds=run.num_server_rounds,
-        max_grad_norm=run.dp_max_grad_norm,
-        # delta below 1/N with N counted in patients (groups), not images
-        delta=node.dp_delta or default_delta(job.data.group_count("train")),
-        accountant=run.dp_accountant,
-        noise_multiplier=run.dp_noise_multiplier or stored,
-        target_epsilon=run.dp_target_epsilon,
-    )
-    with private_training(
-        model=model,
-        optimizer=optimizer,
-        loader=loader,
-        plan=plan,
-        ledger=ledger,
-        key=key,
-        run_id=job.run_id,
-        max_epsilon=node.dp_max_epsilon,
-        max_physical_batch_size=run.dp_max_physical_batch_size,
-        randomness=randomness,
-    ) as session:
-        yield session
-
-
-@dataclass
-class NonPrivateTraining:
-    """Training objects passed through unchanged (``dp.enabled = false``)."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    loader: DataLoader[Any]
-    plan: None = None
-    epsilon: float = 0.0
+    code = ReplyCode.WORKER_UNAVAILABLE
+    return Message(Error(code=int(code), reason=fixed_reason(code)), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Flower handler: train the received global model locally.
-
-    A round the site's privacy budget cannot afford is answered with an error reply
-    that states the reason; the server records it and carries on with the others.
-    """
-    try:
-        content = train_content(prepare(msg.content, context))
-    except (PrivacyBudgetError, PrivacyError) as exc:
-        log.warning("refusing to train: %s", exc)
-        return Message(Error(code=ERROR_PRIVACY, reason=str(exc)), reply_to=msg)
-    return Message(content=content, reply_to=msg)
+    """Flower handler: relay a train message (SecAgg+ stages included) to the site."""
+    return dispatch(msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Flower handler: evaluate the received global model locally."""
-    return Message(content=evaluate_content(prepare(msg.content, context)), reply_to=msg)
+    """Flower handler: relay an evaluate message to the site."""
+    return dispatch(msg, context)

@@ -1,37 +1,59 @@
-"""The egress guard: a Flower client mod that checks every reply before it leaves the site.
+"""The egress guard: every reply is checked against an exact schema before it leaves.
 
-Installed in front of the ClientApp (``ClientApp(mods=[egress_guard])``, Flower 1.41 mod
-signature ``(Message, Context, ClientAppCallable) -> Message``, see
-``flwr/clientapp/typing.py``). It lets a reply through only if every record in it is
-allowed by :mod:`common.wire`:
+The schema of a reply (:func:`reply_schema`) depends on the message type, the
+secure-aggregation stage of the *request* (its ``secagg`` ``ConfigRecord``,
+``common.secagg.schema.stage_of``) and the run config:
 
-* ``ArrayRecord`` ``arrays``: exactly the ``state_dict`` names, shapes and dtypes of the
-  model named by the run config (``common.models.get_model`` +
-  ``common.records.expected_spec``), no extra payload bytes;
-* ``MetricRecord`` s: allow-listed keys only, numeric scalars only (no lists);
-* records registered in ``common.wire.EXTRA_RECORDS`` (secure aggregation), checked by
-  their own check;
-* nothing else (no ``ConfigRecord``: it can carry strings and bytes).
+==============================  ===========================================================
+reply to                        records it carries, exactly
+==============================  ===========================================================
+``train``, no SecAgg+           ``arrays`` (the model's ``state_dict`` spec) + ``metrics``
+                                (+ ``scaffold-dc``, the trainable parameters' spec, only
+                                with ``strategy = scaffold``)
+``train``, ``advertise-keys``   ``secagg`` (public keys, seed commitment) + ``metrics``
+``train``, ``share-keys``       ``secagg`` (ciphertexts to the request's neighbours)
+``train``, ``masked-input``     ``masked`` (one ``uint32`` vector of the model's float
+                                length) + ``secagg`` (peers, a subset of the request's)
+``train``, ``unmask``           ``secagg`` (shares of the request's survivors / dropped)
+``evaluate``                    ``metrics``
+==============================  ===========================================================
 
-Anything else is replaced by an error reply (``ErrorCode.MOD_FAILED_PRECONDITION``) and a
-site-side log line that names the offending record and key, never its value. Error
-replies from the handler pass unchanged (they carry only Flower's error reason).
+``metrics`` holds exactly names of the message type's table (``common.wire``: train
+statistics, DP's ``epsilon``/``delta``/``dp-noise-multiplier`` when DP is on; ``val-``
++ the run task's metric names for evaluate), each a finite numeric scalar in its range.
+A ``train`` reply without a stage in a run with ``secagg.enabled`` has no schema: the
+plaintext update never leaves such a run. The protocol records (``secagg``, ``masked``,
+``scaffold-dc``) are the explicit table :data:`PROTOCOL_RECORDS`; nothing registers
+records on import.
+
+Two entry points:
+
+* :func:`check_reply`, which the site worker calls on every reply, raising
+  :class:`~common.wire.EgressRefused` (``.code``, ``.detail``);
+* :func:`egress_guard`, the same check as a Flower client mod (Flower 1.41 signature
+  ``(Message, Context, ClientAppCallable) -> Message``, ``flwr/clientapp/typing.py``).
+  It never lets an exception or a free-text reason out: the inner call's and its own
+  exceptions become an ``INTERNAL`` error reply, a refused reply an ``EGRESS`` one, and
+  an inner error reply passes only with a :class:`~common.replies.ReplyCode` and that
+  code's :func:`~common.replies.fixed_reason`. Exceptions, tracebacks and replaced
+  reasons go to the site's log.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, cast
 
 from flwr.app import (
-    ArrayRecord,
     ConfigRecord,
     Context,
     Error,
     Message,
     MessageType,
-    MetricRecord,
     RecordDict,
 )
 from flwr.clientapp.typing import ClientAppCallable
@@ -41,10 +63,93 @@ from common import wire
 from common.config import RunConfig
 from common.models import get_model
 from common.records import expected_spec
+from common.replies import ReplyCode, fixed_reason
+from common.secagg.errors import SecAggError
+from common.secagg.params import ADVERTISE, MASKED_INPUT, MASKED_RECORD, RECORD, SHARE_KEYS, UNMASK
+from common.secagg.schema import (
+    Ciphertexts,
+    ShareKeysRequest,
+    UnmaskRequest,
+    check_reply_record,
+    masked_spec,
+    stage_of,
+)
+from common.wire import EgressRefused
+
+__all__ = [
+    "PROTOCOL_RECORDS",
+    "EgressRefused",
+    "ReplySchema",
+    "check_reply",
+    "egress_guard",
+    "model_spec",
+    "reply_schema",
+    "vetted_error",
+]
 
 log = logging.getLogger(__name__)
 
+#: Start of the site-log line of every refusal.
 REASON_PREFIX = "egress guard refused the reply"
+
+#: Name of SCAFFOLD's reply record (client/scaffold.py ``DELTA_RECORD``).
+SCAFFOLD_DELTA_RECORD = "scaffold-dc"
+
+#: Check of one reply record: raises :class:`EgressRefused` if it may not leave.
+RecordCheck = Callable[[Any], None]
+
+
+@dataclass(frozen=True)
+class ReplySchema:
+    """The exact records a reply may carry.
+
+    Parameters
+    ----------
+    records : Mapping[str, RecordCheck]
+        Record name -> its check.
+    required : frozenset[str]
+        Names that must be present.
+    """
+
+    records: Mapping[str, RecordCheck]
+    required: frozenset[str]
+
+    def check(self, content: RecordDict) -> None:
+        """Check every record of ``content``.
+
+        Raises
+        ------
+        EgressRefused
+            ``record-name`` for a record outside the schema, ``record-missing`` for a
+            required one absent, or whatever the record's check raises.
+        """
+        for name, record in content.items():
+            check = self.records.get(name)
+            if check is None:
+                raise EgressRefused(
+                    wire.RECORD_NAME,
+                    f"a record outside the {sorted(self.records)} this reply may carry",
+                )
+            check(record)
+        missing = sorted(self.required - set(content.keys()))
+        if missing:
+            raise EgressRefused(wire.RECORD_MISSING, f"record {missing[0]!r} is missing")
+
+
+# ------------------------------------------------------------------ record specs
+@functools.lru_cache(maxsize=8)
+def _model_spec(model: str, kwargs: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+    return expected_spec(get_model(model, **dict(kwargs)))
+
+
+@functools.lru_cache(maxsize=8)
+def _parameter_spec(model: str, kwargs: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+    net = get_model(model, **dict(kwargs))
+    return {n: (tuple(p.shape), "float32") for n, p in net.named_parameters()}
+
+
+def _model_key(run: RunConfig) -> tuple[str, tuple[tuple[str, Any], ...]]:
+    return run.model, tuple(sorted(run.model_kwargs().items()))
 
 
 def model_spec(run_config: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -54,98 +159,343 @@ def model_spec(run_config: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...]
     ------
     ConfigError, ModelError
         For an invalid run config or unknown model.
-
     """
-    run = RunConfig.from_run_config(run_config)
-    return expected_spec(get_model(run.model, **run.model_kwargs()))
+    return dict(_model_spec(*_model_key(RunConfig.from_run_config(run_config))))
 
 
-def check_content(
-    content: RecordDict, run_config: Mapping[str, Any], *, plaintext_model: bool = True
-) -> str | None:
-    """Return the first reason ``content`` may not leave the site, or ``None``.
+def _arrays_check(spec: wire.ArraySpec, name: str) -> RecordCheck:
+    return lambda record: wire.check_arrays(record, spec, name=name)
+
+
+def _metrics_check(rules: wire.MetricRules, allowed: frozenset[str] | None) -> RecordCheck:
+    return lambda record: wire.check_metrics(record, rules, allowed=allowed)
+
+
+# ------------------------------------------------------ secure-aggregation records
+def _ids(record: ConfigRecord, key: str) -> list[int]:
+    value = cast(list[int], record[key])  # check_reply_record checked: a list of ids
+    if len(set(value)) != len(value):
+        raise EgressRefused(wire.STAGE_RECORD, f"field {key!r} repeats a node id")
+    return value
+
+
+def _bound(record: ConfigRecord, key: str, allowed: set[int], stage: str) -> None:
+    if not set(_ids(record, key)) <= allowed:
+        raise EgressRefused(
+            wire.STAGE_RECORD, f"field {key!r} of a {stage!r} reply names nodes outside the request"
+        )
+
+
+def _same_length(record: ConfigRecord, ids: str, values: str) -> None:
+    if len(cast(list[Any], record[ids])) != len(cast(list[Any], record[values])):
+        raise EgressRefused(wire.STAGE_RECORD, f"fields {ids!r} and {values!r} differ in length")
+
+
+def _secagg_check(stage: str, request: ConfigRecord) -> RecordCheck:
+    """Return the check of a ``secagg`` reply record to ``stage``, bound to the request.
+
+    Field names, types and byte lengths are ``common.secagg.schema.REPLY_FIELDS``; node
+    ids must be distinct and among those the request named (so their number is
+    bounded by the request): share-keys ``dst`` among ``nodes``; masked-input
+    ``active`` and ``rejected`` among ``src``; unmask ``seed-nodes`` among
+    ``survivors`` and ``key-nodes`` among ``dropped``.
+    """
+    # Node ids each list field may name, from the request (parsing checks the request).
+    bounds: dict[str, set[int]] = {}
+    if stage == SHARE_KEYS:
+        bounds["dst"] = set(ShareKeysRequest.parse(request).nodes)
+    elif stage == MASKED_INPUT:
+        senders = set(Ciphertexts.parse(request, "src").peers)
+        bounds |= {"active": senders, "rejected": senders}
+    elif stage == UNMASK:
+        unmask = UnmaskRequest.parse(request)
+        bounds |= {"seed-nodes": set(unmask.survivors), "key-nodes": set(unmask.dropped)}
+
+    def check(record: Any) -> None:
+        problem = check_reply_record(record, {})
+        if problem is not None:
+            raise EgressRefused(wire.STAGE_RECORD, f"secagg record: {problem}")
+        if record["stage"] != stage:
+            raise EgressRefused(
+                wire.STAGE_RECORD, f"secagg record of another stage in a reply to {stage!r}"
+            )
+        for key, allowed in bounds.items():
+            _bound(record, key, allowed, stage)
+        if stage == SHARE_KEYS:
+            _same_length(record, "dst", "ciphertexts")
+        elif stage == MASKED_INPUT:
+            if set(_ids(record, "active")) & set(_ids(record, "rejected")):
+                raise EgressRefused(wire.STAGE_RECORD, "a peer is both 'active' and 'rejected'")
+        elif stage == UNMASK:
+            _same_length(record, "seed-nodes", "seed-shares")
+            _same_length(record, "key-nodes", "key-shares")
+
+    return check
+
+
+#: The protocol records a reply may carry, and the builder of each one's check from
+#: ``(run config, stage, the request's secagg record)``. :func:`reply_schema` puts them
+#: into a schema only for the stage or strategy that produces them.
+PROTOCOL_RECORDS: dict[str, Callable[[RunConfig, str | None, ConfigRecord | None], RecordCheck]]
+PROTOCOL_RECORDS = {
+    RECORD: lambda run, stage, req: _secagg_check(str(stage), req or ConfigRecord()),
+    MASKED_RECORD: lambda run, stage, req: _arrays_check(
+        masked_spec(run.to_run_config()), MASKED_RECORD
+    ),
+    SCAFFOLD_DELTA_RECORD: lambda run, stage, req: _arrays_check(
+        _parameter_spec(*_model_key(run)), SCAFFOLD_DELTA_RECORD
+    ),
+}
+
+#: Records of a train reply per SecAgg+ stage (besides ``metrics`` at advertise-keys).
+_STAGE_RECORDS: dict[str, tuple[str, ...]] = {
+    ADVERTISE: (RECORD,),
+    SHARE_KEYS: (RECORD,),
+    MASKED_INPUT: (MASKED_RECORD, RECORD),
+    UNMASK: (RECORD,),
+}
+
+
+# ------------------------------------------------------------------------ schema
+def _faults_on(run: RunConfig) -> bool:
+    return run.faults_dropout > 0 or run.faults_slow_site >= 0 or run.faults_crash_site >= 0
+
+
+def reply_schema(
+    *,
+    message_type: str,
+    request: RecordDict,
+    run_config: Mapping[str, Any],
+    allowed_metrics: frozenset[str] | None = None,
+) -> ReplySchema:
+    """Return the exact schema of a reply to ``request`` (see the module docstring).
 
     Parameters
     ----------
-    content : RecordDict
+    message_type : str
+        The request's ``metadata.message_type`` (``train`` or ``evaluate``).
+    request : RecordDict
+        The request's content; only its ``secagg`` ``ConfigRecord`` is read.
+    run_config : Mapping
+        The run config (model, task, classes, strategy, DP, SecAgg+, faults).
+    allowed_metrics : frozenset[str] or None
+        The site policy's further restriction of metric names; None for none.
+
+    Raises
+    ------
+    EgressRefused
+        ``message-type`` for a type without a schema; ``stage-record`` for a train
+        reply in a SecAgg+ run to a request without a stage; code ``SECAGG`` with
+        ``stage-record`` if the request's secagg record is malformed.
+    ConfigError, ModelError
+        For an invalid run config.
+    """
+    run = RunConfig.from_run_config(run_config)
+    if message_type == MessageType.EVALUATE:
+        rules = wire.evaluate_metric_rules(
+            task=run.task, num_classes=run.num_classes, faults=_faults_on(run)
+        )
+        checks = {wire.METRICS_RECORD: _metrics_check(rules, allowed_metrics)}
+        return ReplySchema(checks, frozenset({wire.METRICS_RECORD}))
+    if message_type != MessageType.TRAIN:
+        raise EgressRefused(wire.MESSAGE_TYPE, "no reply schema for this message type")
+    train_metrics = _metrics_check(
+        wire.train_metric_rules(dp=run.dp_enabled, faults=_faults_on(run)), allowed_metrics
+    )
+    try:
+        stage = stage_of(request)
+        secagg_request = request.config_records.get(RECORD)
+        if stage is None:
+            if run.secagg_enabled:
+                raise EgressRefused(
+                    wire.STAGE_RECORD,
+                    "a train reply without a secure-aggregation stage in a run with "
+                    "secagg.enabled: the plaintext update may not leave",
+                )
+            checks = {
+                wire.MODEL_RECORD: _arrays_check(_model_spec(*_model_key(run)), wire.MODEL_RECORD),
+                wire.METRICS_RECORD: train_metrics,
+            }
+            if run.strategy == "scaffold":
+                checks[SCAFFOLD_DELTA_RECORD] = PROTOCOL_RECORDS[SCAFFOLD_DELTA_RECORD](
+                    run, None, None
+                )
+            return ReplySchema(checks, frozenset({wire.MODEL_RECORD, wire.METRICS_RECORD}))
+        checks = {
+            name: PROTOCOL_RECORDS[name](run, stage, secagg_request)
+            for name in _STAGE_RECORDS[stage]
+        }
+    except SecAggError as exc:
+        raise EgressRefused(
+            wire.STAGE_RECORD,
+            f"the request's secagg record is unusable: {exc}",
+            code=ReplyCode.SECAGG,
+        ) from exc
+    if stage == ADVERTISE:
+        checks[wire.METRICS_RECORD] = train_metrics
+    return ReplySchema(checks, frozenset(checks))
+
+
+def check_reply(
+    *,
+    message_type: str,
+    request: RecordDict,
+    reply: RecordDict,
+    run_config: Mapping[str, Any],
+    allowed_metrics: frozenset[str] | None = None,
+) -> None:
+    """Check that ``reply`` is exactly what may leave the site in answer to ``request``.
+
+    Parameters
+    ----------
+    message_type : str
+        The request's ``metadata.message_type``.
+    request : RecordDict
+        The request's content as the coordinator sent it (its ``secagg`` record names
+        the stage). Pass a copy taken before any handler could change it.
+    reply : RecordDict
         The reply's content.
     run_config : Mapping
-        The run config (names the model).
-    plaintext_model : bool
-        Whether the plaintext model record may leave. False for training replies when
-        secure aggregation is on: then only the masked vector may carry the update.
+        The run config.
+    allowed_metrics : frozenset[str] or None
+        The site policy's allowed metric names (a further restriction); None for none.
 
-    Returns
-    -------
-    str or None
-        The reason, naming the record and key, never a value.
+    Raises
+    ------
+    EgressRefused
+        With ``.code`` (``EGRESS``, or ``SECAGG`` for an unusable request stage) and
+        ``.detail`` (``metric-name``, ``metric-value``, ``metric-missing``,
+        ``record-name``, ``record-type``, ``record-missing``, ``array-spec``,
+        ``stage-record``, ``message-type``; :data:`common.wire.DETAILS`).
+    ConfigError, ModelError
+        For an invalid run config (the guard then refuses with ``INTERNAL``).
     """
-    for name, record in content.items():
-        if name in wire.EXTRA_RECORDS:
-            problem = wire.EXTRA_RECORDS[name](record, run_config)
-            if problem:
-                return f"record {name!r}: {problem}"
-            continue
-        if isinstance(record, ArrayRecord):
-            if name != wire.MODEL_RECORD:
-                return f"array record {name!r} is not the model update ({wire.MODEL_RECORD!r})"
-            if not plaintext_model:
-                return (
-                    f"record {name!r}: plaintext model update while secure aggregation is on "
-                    "(only the masked vector may leave)"
-                )
-            problem = wire.check_arrays(record, model_spec(run_config))
-            if problem:
-                return f"record {name!r}: {problem}"
-        elif isinstance(record, MetricRecord):
-            for key, value in record.items():
-                if not wire.metric_allowed(key):
-                    return f"metric {key!r} in record {name!r} is not allow-listed"
-                if isinstance(value, bool) or not isinstance(value, int | float):
-                    return f"metric {key!r} in record {name!r} is not a numeric scalar"
-        elif isinstance(record, ConfigRecord):
-            keys = sorted(record.keys())
-            first = f" (first key {keys[0]!r})" if keys else ""
-            return f"config record {name!r}{first} may carry strings or bytes; not allowed"
-        else:
-            return f"record {name!r} of type {type(record).__name__} is not allowed"
-    return None
+    schema = reply_schema(
+        message_type=message_type,
+        request=request,
+        run_config=run_config,
+        allowed_metrics=allowed_metrics,
+    )
+    schema.check(reply)
+
+
+# ---------------------------------------------------------------- error replies
+def _is_fixed(code: int, reason: str) -> bool:
+    """Whether ``reason`` is ``fixed_reason(code)`` or ``fixed_reason(code, detail)``."""
+    try:
+        known = ReplyCode(code)
+    except ValueError:
+        return False
+    base = fixed_reason(known)
+    if reason == base:
+        return True
+    detail = reason.removeprefix(f"{base}: ")
+    if detail == reason:
+        return False
+    try:
+        return fixed_reason(known, detail) == reason
+    except ValueError:
+        return False
+
+
+def _is_simulated_fault(error: Error, context: Context) -> bool:
+    """Return True for a virtual site's injected dropout (client/faults.py, fixed text)."""
+    from client.faults import REASON_DROPOUT
+
+    return (
+        "partition-id" in context.node_config
+        and error.code == ErrorCode.NODE_UNAVAILABLE
+        and error.reason == REASON_DROPOUT
+    )
+
+
+def _error_reply(msg: Message, code: int, reason: str) -> Message:
+    return Message(Error(code=int(code), reason=reason), reply_to=msg)
+
+
+def vetted_error(msg: Message, reply: Message, context: Context) -> Message:
+    """Return ``reply`` (an error reply) if its reason is fixed, else an ``INTERNAL`` one.
+
+    An inner error reply passes only if its code is a :class:`ReplyCode` and its reason
+    is that code's :func:`fixed_reason` (with or without a vocabulary detail), or if it
+    is a virtual site's injected dropout; otherwise its reason (which may hold a path or
+    a value) is logged at the site and replaced.
+    """
+    error = reply.error
+    if _is_fixed(error.code, error.reason or "") or _is_simulated_fault(error, context):
+        return reply
+    log.warning(
+        "%s: replacing an error reply (code %s) by %s; its reason stays here: %s",
+        REASON_PREFIX,
+        error.code,
+        ReplyCode.INTERNAL.name,
+        error.reason,
+    )
+    return _error_reply(msg, ReplyCode.INTERNAL, fixed_reason(ReplyCode.INTERNAL))
+
+
+# ----------------------------------------------------------------------- the mod
+def _request_view(msg: Message) -> RecordDict:
+    """Copy of what the schema reads from the request (its ``secagg`` record).
+
+    Taken before the inner call, so a handler that rewrites the request cannot change
+    the schema its reply is checked against.
+    """
+    if not msg.has_content() or RECORD not in msg.content.config_records:
+        return RecordDict()
+    return RecordDict({RECORD: copy.deepcopy(msg.content.config_records[RECORD])})
 
 
 def egress_guard(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Flower client mod: run the handler, then refuse any reply with disallowed content.
+    """Flower client mod: run the inner call, let out only a reply that fits its schema.
 
     Parameters
     ----------
     msg : Message
         The incoming instruction.
     context : Context
-        Flower's context (``run_config`` names the model).
+        Flower's context (``run_config`` gives the schema; ``node_config`` tells a
+        virtual site of a simulation by its ``partition-id``).
     call_next : ClientAppCallable
         The next mod or the handler.
 
     Returns
     -------
     Message
-        The handler's reply if it passes, otherwise an error reply whose reason names the
-        offending record/key.
-
+        The inner reply if it passes :func:`check_reply`; otherwise an error reply with
+        a :class:`ReplyCode` and its :func:`fixed_reason` only: ``EGRESS`` (+ detail)
+        for a refused reply, ``INTERNAL`` for an exception or an inner error reply
+        without a fixed reason. A virtual site's injected crash (client/faults.py)
+        leaves as Flower's ``CLIENT_APP_RAISED_EXCEPTION`` with the fixed text
+        ``client.faults.REASON_CRASH``.
     """
-    reply = call_next(msg, context)
-    if reply.has_error():
-        return reply
+    message_type = msg.metadata.message_type
     try:
-        secagg = RunConfig.from_run_config(context.run_config).secagg_enabled
-        is_train = msg.metadata.message_type == MessageType.TRAIN
-        problem = check_content(
-            reply.content, context.run_config, plaintext_model=not (secagg and is_train)
+        request = _request_view(msg)
+        reply = call_next(msg, context)
+        if not isinstance(reply, Message):
+            raise TypeError(f"the inner call returned a {type(reply).__name__}, not a Message")
+    except Exception as exc:
+        from client.faults import REASON_CRASH, InjectedFault
+
+        if isinstance(exc, InjectedFault) and "partition-id" in context.node_config:
+            log.warning("%s: injected crash of a virtual site", REASON_PREFIX)
+            return _error_reply(msg, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, REASON_CRASH)
+        log.exception("%s: the %s handler raised", REASON_PREFIX, message_type)
+        return _error_reply(msg, ReplyCode.INTERNAL, fixed_reason(ReplyCode.INTERNAL))
+    try:
+        if reply.has_error():
+            return vetted_error(msg, reply, context)
+        check_reply(
+            message_type=message_type,
+            request=request,
+            reply=reply.content,
+            run_config=context.run_config,
         )
-    except Exception as exc:  # a guard that cannot decide must refuse
-        problem = f"could not check the reply ({type(exc).__name__})"
-    if problem is None:
-        return reply
-    log.error("%s to %s message: %s", REASON_PREFIX, msg.metadata.message_type, problem)
-    return Message(
-        Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=f"{REASON_PREFIX}: {problem}"),
-        reply_to=msg,
-    )
+    except EgressRefused as exc:
+        log.error("%s to a %s message (%s): %s", REASON_PREFIX, message_type, exc.detail, exc)
+        return _error_reply(msg, exc.code, exc.reason)
+    except Exception:  # a guard that cannot decide refuses
+        log.exception("%s: the check of a %s reply failed", REASON_PREFIX, message_type)
+        return _error_reply(msg, ReplyCode.INTERNAL, fixed_reason(ReplyCode.INTERNAL))
+    return reply

@@ -11,14 +11,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from client.privacy import PrivacyError, PrivacyLedger, epsilon_of, plan_round
+from client.privacy import PrivacyError, PrivacyLedger, epsilon_of, ledger_key, plan_round
 from common.config import ACCOUNTANTS
 
 console = Console()
 err = Console(stderr=True)
 
 budget_app = typer.Typer(
-    help="Privacy budget of this site: spent per project (show) and planned (forecast).",
+    help="Privacy budget of this site: spent per dataset (show), planned (forecast), and an "
+    "explicit, audited reset.",
     no_args_is_help=True,
 )
 
@@ -28,10 +29,11 @@ def show(
     state_dir: Annotated[Path, typer.Argument(help="The site's state-dir (node config).")],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Show the cumulative epsilon each project has spent on each dataset of this site.
+    """Show the cumulative epsilon spent on each dataset of this site, over all projects.
 
-    Reads and verifies the site's privacy ledger (HMAC-SHA256); a tampered or corrupt
-    ledger is reported, never reset.
+    Reads and verifies the site's privacy ledger (HMAC-SHA256, and its anchor in the
+    site's audit log); a tampered, corrupt, rolled-back, replaced or deleted ledger is
+    reported, never reset.
     """
     try:
         entries = PrivacyLedger(state_dir).read()
@@ -40,12 +42,10 @@ def show(
         raise typer.Exit(code=2) from None
     rows = []
     for key, e in sorted(entries.items()):
-        project, _, dataset = key.partition("/")
         history = [tuple(h) for h in e.get("history", [])]
         rows.append(
             {
-                "project": project,
-                "dataset": dataset[:12],
+                "dataset": key,
                 "accountant": e.get("accountant", "rdp"),
                 "delta": e.get("delta"),
                 "steps": int(sum(h[2] for h in history)),
@@ -65,12 +65,11 @@ def show(
         console.print(f"no privacy spent yet (no ledger in {state_dir})")
         return
     table = Table(title=f"privacy ledger: {state_dir}")
-    for col in ("project", "dataset", "accountant", "delta", "steps", "runs", "epsilon", "updated"):
+    for col in ("dataset", "accountant", "delta", "steps", "runs", "epsilon", "updated"):
         table.add_column(col)
     for r in rows:
         table.add_row(
-            r["project"],
-            r["dataset"],
+            r["dataset"][:16],
             r["accountant"],
             f"{r['delta']:.2e}",
             str(r["steps"]),
@@ -141,6 +140,52 @@ def forecast(
             f"noise multiplier for epsilon {target_epsilon:g} after {rounds} rounds: "
             f"[bold]{plan.noise_multiplier:.4f}[/]"
         )
+
+
+@budget_app.command()
+def reset(
+    state_dir: Annotated[Path, typer.Argument(help="The site's state-dir (node config).")],
+    dataset: Annotated[
+        str,
+        typer.Option(
+            "--dataset",
+            help="Full fingerprint of the dataset to reset (`medfed budget show --json`).",
+        ),
+    ],
+    yes: Annotated[
+        bool,
+        typer.Option("--yes-i-understand", help="Confirm: this dataset's budget restarts at 0."),
+    ] = False,
+) -> None:
+    """Restart one dataset's privacy budget at zero, recorded in the site's audit log.
+
+    For a site that refuses to train because its ledger was rolled back, replaced or
+    deleted, when restoring the ledger and audit log that belong together is not
+    possible. Epsilon already spent on that dataset is then no longer counted: the
+    site's ceiling no longer bounds the total. Other datasets keep what the ledger file
+    holds (if its integrity check passes). The audit log records a `ledger-reset`
+    entry with the steps dropped.
+
+    Example: medfed budget reset /var/lib/medfed --dataset 3f2a... --yes-i-understand
+    """
+    if not yes:
+        err.print(
+            "[bold red]error:[/] resetting restarts this dataset's privacy budget at zero; "
+            "pass --yes-i-understand to confirm"
+        )
+        raise typer.Exit(code=2)
+    if not state_dir.is_dir():
+        err.print(f"[bold red]error:[/] no state dir at {state_dir}")
+        raise typer.Exit(code=2)
+    try:
+        steps = PrivacyLedger(state_dir).reset(ledger_key(dataset))
+    except PrivacyError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(code=2) from None
+    console.print(
+        f"privacy budget of dataset {dataset[:16]} reset ({steps} recorded steps dropped); "
+        "recorded in the site's audit log"
+    )
 
 
 def register(app: typer.Typer) -> None:

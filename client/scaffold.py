@@ -49,8 +49,8 @@ def parameter_spec(run_config: Mapping[str, object]) -> wire.ArraySpec:
     return {n: (tuple(p.shape), "float32") for n, p in model.named_parameters()}
 
 
-# The reply's delta must pass the egress guard: exactly the model's parameter shapes.
-wire.register_record(DELTA_RECORD, wire.array_spec_check(parameter_spec))
+# The reply's delta is checked by the egress guard's explicit schema (client/egress.py
+# PROTOCOL_RECORDS, only with strategy = scaffold): nothing is registered on import.
 
 
 def zeros_like_params(model: nn.Module) -> Variate:

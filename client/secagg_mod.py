@@ -50,7 +50,6 @@ from flwr.app import (
 from flwr.clientapp.typing import ClientAppCallable
 from numpy.typing import NDArray
 
-from common import wire
 from common.config import RunConfig
 from common.errors import ConfigError
 from common.secagg import crypto
@@ -65,7 +64,6 @@ from common.secagg.errors import SecAggError, SecAggProtocolError
 from common.secagg.params import (
     ADVERTISE,
     MASKED_INPUT,
-    MASKED_RECORD,
     RECORD,
     SHARE_KEYS,
     UNMASK,
@@ -79,19 +77,15 @@ from common.secagg.schema import (
     ShareKeysRequest,
     UnmaskReply,
     UnmaskRequest,
-    check_reply_record,
     masked_input_reply,
-    masked_spec,
     share_keys_reply,
     stage_of,
 )
 
 log = logging.getLogger(__name__)
 
-# What this mod sends must pass the egress guard (client/egress.py): allow-list exactly
-# the protocol record and the masked uint32 vector (common/wire.py).
-wire.register_record(RECORD, check_reply_record)
-wire.register_record(MASKED_RECORD, wire.array_spec_check(masked_spec))
+# What this mod sends is checked by the egress guard's explicit schema per stage
+# (client/egress.py PROTOCOL_RECORDS): nothing is registered on import.
 
 STATE_RECORD = "medfed.secagg"
 STATE_DELTA = "medfed.secagg.delta"

@@ -8,12 +8,20 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from client.site.audit_cli import audit_app
+from client.site.policy_cli import policy_app
+from client.site.serve_cli import register_serve
 from common.errors import MedfedError
 from common.tls import check_node_key_pair, write_node_keys
 
 console = Console()
 
-site_app = typer.Typer(help="Hospital site administration (SuperNode keys).", no_args_is_help=True)
+site_app = typer.Typer(
+    help="Hospital site administration: the site worker, its policy and audit log, SuperNode keys.",
+    no_args_is_help=True,
+)
+site_app.add_typer(policy_app, name="policy")
+site_app.add_typer(audit_app, name="audit")
 
 
 @site_app.command("keys")
@@ -35,6 +43,9 @@ def keys(
         raise typer.Exit(2) from None
     console.print(f"private key: {paths.private_key}  (stays at the hospital)")
     console.print(f"public key:  {paths.public_key}  (send to the coordinator)")
+
+
+register_serve(site_app)
 
 
 def register(app: typer.Typer) -> None:

@@ -308,6 +308,14 @@ class RunConfig:
         default="",
         metadata=_key("eval-dataset-dir", "optional server-side held-out site dataset"),
     )
+    site_policy: str = field(
+        default="",
+        metadata=_key(
+            "site-policy",
+            "simulation only: site policy TOML every virtual site applies (a real site "
+            "uses its own worker's policy and ignores this key)",
+        ),
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -431,11 +439,9 @@ class NodeConfig:
         ``device`` key: 'auto', 'cpu', 'cuda' or 'cuda:N'; default ``auto``.
     site_id : str
         Human-readable site name (``site-id``); never leaves the site.
-    dp_max_epsilon : float
-        ``dp-max-epsilon``: the hospital's ceiling on cumulative epsilon per project and
-        dataset (default 10). Set by the site, never by the coordinator.
-    dp_delta : float or None
-        ``dp-delta``: the site's delta; default ``0.1 / N`` for N training examples.
+
+    The site's privacy limits (epsilon ceiling, delta, noise floor) are not node config:
+    they live in the site policy the worker reads (client/site/policy.py).
     """
 
     dataset_dir: Path | None = None
@@ -443,8 +449,6 @@ class NodeConfig:
     state_dir: Path | None = None
     device: str = "auto"
     site_id: str = ""
-    dp_max_epsilon: float = 10.0
-    dp_delta: float | None = None
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, ConfigScalar]) -> NodeConfig:
@@ -464,13 +468,13 @@ class NodeConfig:
             return Path(str(_coerce(key, v, str))).expanduser()
 
         pid = node_config.get("partition-id")
-        max_eps = float(_coerce("dp-max-epsilon", node_config.get("dp-max-epsilon", 10.0), float))
-        if not max_eps > 0:
-            raise ConfigError(f"node config 'dp-max-epsilon'={max_eps} must be > 0")
-        delta_raw = node_config.get("dp-delta")
-        delta = None if delta_raw is None else float(_coerce("dp-delta", delta_raw, float))
-        if delta is not None and not 0.0 < delta < 1.0:
-            raise ConfigError(f"node config 'dp-delta'={delta} must be in (0, 1)")
+        for moved in ("dp-max-epsilon", "dp-delta"):
+            if moved in node_config:
+                raise ConfigError(
+                    f"node config {moved!r} is no longer read: the site's privacy limits "
+                    "live in its site policy (medfed site policy init; keys max-epsilon "
+                    "and delta)"
+                )
         device = str(_coerce("device", node_config.get("device", "auto"), str))
         if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
             raise ConfigError(f"node config key 'device'={device!r} must be {DEVICES_HELP}.")
@@ -480,8 +484,6 @@ class NodeConfig:
             state_dir=opt_path("state-dir"),
             device=device,
             site_id=str(_coerce("site-id", node_config.get("site-id", ""), str)),
-            dp_max_epsilon=max_eps,
-            dp_delta=delta,
         )
 
     def resolve_state_dir(self, run: RunConfig) -> Path:

@@ -1,88 +1,316 @@
-"""What may leave a hospital: the allow-lists the egress guard enforces (DESIGN section 5).
+"""What may leave a hospital: the reply vocabulary and checks of the egress rules (DESIGN 5).
 
-A site's reply may contain only
+A site's reply is checked against an exact schema that depends on the message type, the
+secure-aggregation stage of the request and the run config; the schema itself is built
+by :func:`client.egress.reply_schema`. This module holds the pieces that need no client
+code: record names, metric rules, array checks and the refusal they raise.
 
-* the model update: an ``ArrayRecord`` named :data:`MODEL_RECORD` whose array names,
-  shapes and dtypes equal the ``state_dict`` of the model being trained;
-* numeric scalar metrics in ``MetricRecord`` s whose keys are in :data:`METRIC_KEYS` or
-  start with one of :data:`METRIC_PREFIXES`;
-* records registered in :data:`EXTRA_RECORDS` by other protocols (secure aggregation).
+* The model update: an ``ArrayRecord`` named :data:`MODEL_RECORD` whose array names,
+  shapes and dtypes equal the ``state_dict`` of the model being trained, and whose
+  payload holds no byte beyond the array data (:func:`check_arrays`).
+* Metrics: one ``MetricRecord`` named :data:`METRICS_RECORD` whose keys are exactly
+  names of a :data:`MetricRules` table and whose values are finite numeric scalars in
+  each rule's range (:func:`check_metrics`). The tables per message type are
+  :func:`train_metric_rules` and :func:`evaluate_metric_rules`; the evaluate table
+  follows the run's task (``val-`` + the keys its metrics function returns).
+* Nothing else unless the schema names it (secure-aggregation and SCAFFOLD records are
+  added explicitly by the schema for the stage or strategy that produces them).
 
-Extending the allow-lists (one place, reviewed like code):
-
-* a new metric: add its key to :data:`METRIC_KEYS` here (differential privacy will add
-  ``epsilon``, ``delta`` and the ``dp-`` prefix);
-* another record, e.g. SecAgg+'s masked vector or its public keys/shares: call
-  :func:`register_record` at import time of the module that produces it, with a check
-  that returns ``None`` when the record is acceptable or a one-line problem naming the
-  offending key (never a value)::
-
-      from common import wire
-
-      def _check_masked(record, run_config):
-          ...
-          return None
-
-      wire.register_record("secagg-masked", _check_masked)
-
-  :func:`array_spec_check` builds such a check for an ``ArrayRecord`` whose expected
-  ``{name: (shape, dtype)}`` follows from the run config.
+A refusal is an :class:`EgressRefused` whose :attr:`~EgressRefused.detail` is a name
+from :data:`DETAILS`, so the error reply that leaves the site says which rule refused
+(``common.replies.fixed_reason(EGRESS, detail)``) and never what the reply held. Its
+message, for the site's own log, names schema keys only, never values nor names the
+schema does not know (a key may itself carry data).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import functools
+import math
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
+
+from common.errors import MedfedError
+from common.replies import ReplyCode, fixed_reason
+
+__all__ = [
+    "ARRAY_SPEC",
+    "DETAILS",
+    "MESSAGE_TYPE",
+    "METRICS_RECORD",
+    "METRIC_MISSING",
+    "METRIC_NAME",
+    "METRIC_VALUE",
+    "MODEL_RECORD",
+    "RECORD_MISSING",
+    "RECORD_NAME",
+    "RECORD_TYPE",
+    "STAGE_RECORD",
+    "ArraySpec",
+    "EgressRefused",
+    "MetricRule",
+    "MetricRules",
+    "check_arrays",
+    "check_metrics",
+    "evaluate_metric_rules",
+    "task_metric_names",
+    "train_metric_rules",
+]
 
 #: Name of the reply record that carries the model update.
 MODEL_RECORD = "arrays"
+#: Name of the only reply record that may carry metrics.
+METRICS_RECORD = "metrics"
 
-#: Metric keys a site may report (numeric scalars only). Produced by client/app.py:
-#: training statistics, and the site's cumulative privacy spend (client/privacy.py).
-METRIC_KEYS: set[str] = {
-    "num-examples",
-    "train-loss",
-    "train-steps",
-    "train-seconds",
-    "epsilon",
-    "delta",
-    # simulation only: the delay client/faults.py injected at a slow virtual site
-    "fault-delay-seconds",
-}
-
-#: Metric key prefixes a site may report: local validation metrics (``val-accuracy``...;
-#: segmentation: ``val-dice``, ``val-pixel-accuracy``, ``val-loss`` from common/tasks.py)
-#: and DP-SGD settings (``dp-noise-multiplier``...).
-METRIC_PREFIXES: list[str] = ["val-", "dp-"]
-
-#: A record check: ``(record, run_config) -> None`` if acceptable, else the problem.
-RecordCheck = Callable[[Any, Mapping[str, Any]], str | None]
-
-#: Extra reply records by name (e.g. secure-aggregation payloads) and their checks.
-EXTRA_RECORDS: dict[str, RecordCheck] = {}
+# Details of refusals (the vocabulary of ``fixed_reason(ReplyCode.EGRESS, detail)``).
+#: A metric whose name is not in the reply's schema (or the site policy's list).
+METRIC_NAME = "metric-name"
+#: A metric value that is not a finite numeric scalar in its rule's range.
+METRIC_VALUE = "metric-value"
+#: A metric the schema requires (``num-examples``) is absent.
+METRIC_MISSING = "metric-missing"
+#: A record whose name is not in the reply's schema.
+RECORD_NAME = "record-name"
+#: A record of the wrong kind (e.g. metrics in an ``ArrayRecord``'s place).
+RECORD_TYPE = "record-type"
+#: A record the schema requires is absent.
+RECORD_MISSING = "record-missing"
+#: An array record whose names, shapes, dtypes or payload differ from the expected.
+ARRAY_SPEC = "array-spec"
+#: A secure-aggregation record that does not answer the request's stage exactly.
+STAGE_RECORD = "stage-record"
+#: A message type that has no reply schema.
+MESSAGE_TYPE = "message-type"
+#: Every detail an :class:`EgressRefused` may carry.
+DETAILS = frozenset(
+    {
+        METRIC_NAME,
+        METRIC_VALUE,
+        METRIC_MISSING,
+        RECORD_NAME,
+        RECORD_TYPE,
+        RECORD_MISSING,
+        ARRAY_SPEC,
+        STAGE_RECORD,
+        MESSAGE_TYPE,
+    }
+)
 
 ArraySpec = Mapping[str, tuple[tuple[int, ...], str]]
 
+#: The one NaN a metric may be: Python's ``math.nan`` (0x7FF8000000000000). Any other NaN
+#: carries up to 51 bits in its payload, and Flower's wire keeps them.
+CANONICAL_NAN_BITS = 0x7FF8_0000_0000_0000
 
-def register_record(name: str, check: RecordCheck) -> None:
-    """Allow a reply record called ``name`` if ``check`` accepts it.
+
+class EgressRefused(MedfedError, ValueError):  # noqa: N818 - a refusal, named as the API asks
+    """A reply may not leave the site.
+
+    Parameters
+    ----------
+    detail : str
+        Which rule refused, a name from :data:`DETAILS` (``metric-name``...): it goes into
+        the error reply's fixed reason.
+    message : str
+        For the site's log only: names schema keys and rules, never values.
+    code : ReplyCode
+        The reply code, :attr:`ReplyCode.EGRESS` unless the request itself was unusable.
 
     Raises
     ------
     ValueError
-        If ``name`` is the model record or already registered with another check.
-
+        If ``detail`` is not a vocabulary name (it could carry data out).
     """
-    if name == MODEL_RECORD:
-        raise ValueError(f"record name {name!r} is reserved for the model update")
-    if name in EXTRA_RECORDS and EXTRA_RECORDS[name] is not check:
-        raise ValueError(f"record {name!r} is already allow-listed with another check")
-    EXTRA_RECORDS[name] = check
+
+    def __init__(self, detail: str, message: str, *, code: ReplyCode = ReplyCode.EGRESS) -> None:
+        fixed_reason(code, detail)  # raises ValueError unless detail is a vocabulary name
+        super().__init__(message)
+        self.code = ReplyCode(code)
+        self.detail = detail
+
+    @property
+    def reason(self) -> str:
+        """The fixed reason of the error reply: ``fixed_reason(code, detail)``."""
+        return fixed_reason(self.code, self.detail)
 
 
-def metric_allowed(key: str) -> bool:
-    """Whether a metric key may leave the site."""
-    return key in METRIC_KEYS or any(key.startswith(p) for p in METRIC_PREFIXES)
+@dataclass(frozen=True, kw_only=True)
+class MetricRule:
+    """What one metric's value may be.
+
+    Parameters
+    ----------
+    integer : bool
+        The value must be an ``int`` (counts); else ``int`` or ``float``.
+    low, high : float
+        Inclusive range of the value.
+    undefined_ok : bool
+        Whether the canonical NaN (``math.nan``, "undefined", e.g. AUROC of a one-class
+        split, see ``common.tasks.Task.evaluate``) is accepted. NaNs with a payload
+        and infinities never are.
+    required : bool
+        Whether the metric must be present.
+    """
+
+    integer: bool = False
+    low: float = -math.inf
+    high: float = math.inf
+    undefined_ok: bool = False
+    required: bool = False
+
+    def accepts(self, value: Any) -> bool:
+        """Return True if ``value`` is a scalar this rule allows."""
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if self.integer and not isinstance(value, int):
+            return False
+        if isinstance(value, float) and math.isnan(value):
+            return self.undefined_ok and _bits(value) == CANONICAL_NAN_BITS
+        return self.low <= value <= self.high
+
+
+MetricRules = Mapping[str, MetricRule]
+
+#: ``num-examples``: the FedAvg weight, a count of images (at most 2^31 - 1).
+_COUNT = MetricRule(integer=True, low=0, high=2**31 - 1, required=True)
+_TRAIN_RULES: dict[str, MetricRule] = {
+    "num-examples": _COUNT,
+    "train-loss": MetricRule(low=0.0, high=1e9),
+    "train-steps": MetricRule(integer=True, low=0, high=2**31 - 1),
+    "train-seconds": MetricRule(low=0.0, high=1e7),
+}
+#: DP-SGD's report (client/privacy.py): cumulative epsilon, delta, noise multiplier.
+_DP_RULES: dict[str, MetricRule] = {
+    "epsilon": MetricRule(low=0.0, high=1e6),
+    "delta": MetricRule(low=0.0, high=0.1),
+    "dp-noise-multiplier": MetricRule(low=0.0, high=1e4),
+}
+#: Simulation only: the delay client/faults.py injected at a slow virtual site (seconds).
+_FAULT_RULES: dict[str, MetricRule] = {"fault-delay-seconds": MetricRule(low=0.0, high=1e6)}
+#: Local validation metrics: ``loss`` (nats), rates in [0, 1]; NaN when undefined.
+_VAL_RULE = MetricRule(low=0.0, high=1e9, undefined_ok=True)
+
+
+def _bits(value: float) -> int:
+    return int(struct.unpack("<Q", struct.pack("<d", value))[0])
+
+
+def train_metric_rules(*, dp: bool, faults: bool) -> MetricRules:
+    """Metrics of a train reply (plaintext, or the advertise-keys stage of SecAgg+).
+
+    ``num-examples``, ``train-loss``, ``train-steps``, ``train-seconds``; with DP also
+    ``epsilon``, ``delta``, ``dp-noise-multiplier``; in a run with injected faults
+    (simulation) also ``fault-delay-seconds``.
+    """
+    rules = dict(_TRAIN_RULES)
+    if dp:
+        rules |= _DP_RULES
+    if faults:
+        rules |= _FAULT_RULES
+    return rules
+
+
+def evaluate_metric_rules(*, task: str, num_classes: int, faults: bool) -> MetricRules:
+    """Metrics of an evaluate reply: ``num-examples`` and ``val-<name>`` of the run's task.
+
+    Raises
+    ------
+    ConfigError
+        If ``task`` is not registered.
+    """
+    rules: dict[str, MetricRule] = {"num-examples": _COUNT}
+    rules |= {f"val-{name}": _VAL_RULE for name in task_metric_names(task, num_classes)}
+    if faults:
+        rules |= _FAULT_RULES
+    return rules
+
+
+@functools.lru_cache(maxsize=16)
+def task_metric_names(task: str, num_classes: int) -> frozenset[str]:
+    """Names of the metrics ``common.tasks.get_task(task).evaluate`` returns, bar the count.
+
+    Looked up from the task registry: the task's own metrics function, called on an
+    empty input, gives its keys; both evaluation loops add ``loss``. A registered task
+    of an unknown kind gets no metrics (the guard fails closed).
+
+    Parameters
+    ----------
+    task : str
+        Registered task name (``classification``, ``segmentation``, ``tabular``).
+    num_classes : int
+        ``K``; segmentation reports ``dice-<c>`` per foreground class when ``K > 2``.
+
+    Returns
+    -------
+    frozenset[str]
+        E.g. ``{"loss", "accuracy", "balanced-accuracy", "auroc", ...}``.
+
+    Raises
+    ------
+    ConfigError
+        If ``task`` is not registered.
+    """
+    import numpy as np
+
+    from common.metrics import classification_metrics
+    from common.tasks import ClassificationTask, SegmentationTask, get_task, metrics_from_counts
+
+    kind = get_task(task)
+    names: Iterable[str]
+    if isinstance(kind, SegmentationTask):
+        counts = np.zeros((max(int(num_classes), 2), 3), dtype=np.int64)
+        names = metrics_from_counts(counts, correct=0, total=0, images=0)
+    elif isinstance(kind, ClassificationTask):
+        names = classification_metrics(np.zeros(0, dtype=np.int64), np.zeros((0, num_classes)))
+    else:
+        return frozenset()
+    return frozenset(set(names) - {"num-examples"} | {"loss"})
+
+
+def check_metrics(
+    record: Any, rules: MetricRules, *, allowed: frozenset[str] | None = None
+) -> None:
+    """Check a metric record against an exact table of names and value rules.
+
+    Parameters
+    ----------
+    record : flwr.app.MetricRecord
+        The reply's :data:`METRICS_RECORD`.
+    rules : MetricRules
+        The allowed names and the rule of each.
+    allowed : frozenset[str] or None
+        A further restriction (the site policy's allowed metrics); None for none.
+
+    Raises
+    ------
+    EgressRefused
+        ``record-type`` if not a ``MetricRecord``; ``metric-name`` for a name outside
+        the table (or ``allowed``); ``metric-value`` for a value its rule refuses;
+        ``metric-missing`` if a required metric is absent.
+    """
+    from flwr.app import MetricRecord
+
+    if not isinstance(record, MetricRecord):
+        raise EgressRefused(RECORD_TYPE, f"record {METRICS_RECORD!r} is not a MetricRecord")
+    for key, value in record.items():
+        rule = rules.get(key)
+        if rule is None or (allowed is not None and key not in allowed):
+            raise EgressRefused(
+                METRIC_NAME,
+                f"a metric name outside the {len(rules)} this reply may carry "
+                f"({sorted(rules)}){'' if allowed is None else ' and the site policy'}",
+            )
+        if not rule.accepts(value):
+            raise EgressRefused(
+                METRIC_VALUE,
+                f"metric {key!r} is not a finite numeric scalar in its range "
+                f"[{rule.low}, {rule.high}]{' (an int)' if rule.integer else ''}",
+            )
+    for key, rule in rules.items():
+        if rule.required and key not in record:
+            raise EgressRefused(METRIC_MISSING, f"metric {key!r} is missing")
 
 
 def normalise_dtype(dtype: str) -> str:
@@ -90,53 +318,57 @@ def normalise_dtype(dtype: str) -> str:
     return dtype.removeprefix("torch.")
 
 
-def check_arrays(arrays: Any, spec: ArraySpec) -> str | None:
-    """Check an ``ArrayRecord`` against ``{name: (shape, dtype)}``.
+def check_arrays(arrays: Any, spec: ArraySpec, *, name: str = MODEL_RECORD) -> None:
+    """Check an ``ArrayRecord`` against ``{name: (shape, dtype)}``, exactly.
 
     Declared and decoded shape and dtype must match, and the serialized payload must be
     exactly as long as a plain serialization of that array (no bytes smuggled after
     the array data).
 
-    Returns
-    -------
-    str or None
-        The first problem (naming the array), or ``None``.
+    Parameters
+    ----------
+    arrays : flwr.app.ArrayRecord
+        The record to check.
+    spec : ArraySpec
+        Expected ``{array name: (shape, numpy dtype name)}``.
+    name : str
+        The record's name, for the log.
 
+    Raises
+    ------
+    EgressRefused
+        ``record-type`` if not an ``ArrayRecord``; ``array-spec`` for a missing, extra,
+        reshaped, retyped or padded array.
     """
     import numpy as np
-    from flwr.app import Array
+    from flwr.app import Array, ArrayRecord
 
+    if not isinstance(arrays, ArrayRecord):
+        raise EgressRefused(RECORD_TYPE, f"record {name!r} is not an ArrayRecord")
     names = set(arrays.keys())
-    missing = sorted(set(spec) - names)
-    extra = sorted(names - set(spec))
-    if extra:
-        return f"unexpected array {extra[0]!r} (not part of the model)"
-    if missing:
-        return f"array {missing[0]!r} of the model is missing"
-    for name, (shape, dtype) in spec.items():
-        arr = arrays[name]
+    if names != set(spec):
+        missing = sorted(set(spec) - names)
+        raise EgressRefused(
+            ARRAY_SPEC,
+            f"record {name!r} does not hold exactly the expected arrays"
+            + (f" (missing {missing[0]!r})" if missing else " (an unexpected array)"),
+        )
+    for key, (shape, dtype) in spec.items():
+        arr = arrays[key]
         want = (tuple(shape), normalise_dtype(dtype))
         if (tuple(arr.shape), str(arr.dtype)) != want:
-            return f"array {name!r} is declared {tuple(arr.shape)} {arr.dtype}, expected {want}"
+            raise EgressRefused(
+                ARRAY_SPEC, f"array {key!r} of record {name!r} is not declared as {want}"
+            )
         try:
             decoded = np.asarray(arr.numpy())
-        except Exception:
-            return f"array {name!r} cannot be decoded"
+        except Exception as exc:
+            raise EgressRefused(
+                ARRAY_SPEC, f"array {key!r} of record {name!r} cannot be decoded"
+            ) from exc
         if (tuple(decoded.shape), str(decoded.dtype)) != want:
-            return f"array {name!r} holds {decoded.shape} {decoded.dtype}, expected {want}"
+            raise EgressRefused(ARRAY_SPEC, f"array {key!r} of record {name!r} holds another array")
         if len(arr.data) != len(Array(decoded).data):
-            return f"array {name!r} carries extra bytes beyond its data"
-    return None
-
-
-def array_spec_check(spec_fn: Callable[[Mapping[str, Any]], ArraySpec]) -> RecordCheck:
-    """Build a :data:`RecordCheck` for an ``ArrayRecord`` whose spec depends on run config."""
-
-    def check(record: Any, run_config: Mapping[str, Any]) -> str | None:
-        from flwr.app import ArrayRecord
-
-        if not isinstance(record, ArrayRecord):
-            return f"expected an ArrayRecord, got {type(record).__name__}"
-        return check_arrays(record, spec_fn(run_config))
-
-    return check
+            raise EgressRefused(
+                ARRAY_SPEC, f"array {key!r} of record {name!r} carries extra bytes beyond its data"
+            )

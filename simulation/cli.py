@@ -151,6 +151,15 @@ def simulate(
             "(medfed export-dicom + medfed ingest) before training."
         ),
     ] = False,
+    site_policy: Annotated[
+        Path | None,
+        typer.Option(
+            "--site-policy",
+            help="Site policy TOML every virtual site applies, as a hospital's worker would "
+            "(write one with `medfed site policy init`). Default: the hospital default with "
+            "the research limits lifted (DP and SecAgg+ may be off).",
+        ),
+    ] = None,
 ) -> None:
     """Run N virtual hospitals on Flower's simulation engine and report per round.
 
@@ -188,6 +197,11 @@ def simulate(
             "sites-dir": str(out / "sites"),
             "eval-dataset-dir": str(out / "sites" / GLOBAL_EVAL),
         }
+        if site_policy is not None:
+            from client.site.policy import SitePolicy
+
+            SitePolicy.load(site_policy)  # a bad policy fails before any work
+            overrides["site-policy"] = str(site_policy.resolve())
         run = RunConfig.from_run_config(overrides)  # fail before any work on a bad config
         _check_model_task(run)
     except MedfedError as exc:

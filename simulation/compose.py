@@ -38,7 +38,11 @@ ENTRYPOINTS = {
     "flwr/supernode": "flower-supernode",
     "flwr/superexec": "flower-superexec",
     "medfed/superexec": "flower-superexec",
+    "medfed/site-worker": "medfed",
 }
+
+#: Console script -> role of its service (default: the script without ``flower-``).
+ROLES = {"medfed": "worker"}
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -98,7 +102,7 @@ class LocalService:
     executable: str
     argv: list[str]
     port: int | None
-    role: str  # superlink | supernode | superexec
+    role: str  # superlink | supernode | superexec | worker
 
     @property
     def address(self) -> str:
@@ -134,6 +138,17 @@ class LocalPlan:
                 return s
         raise ConfigError(f"no superexec service connects to {service.name}")
 
+    def worker_for(self, supernode: LocalService) -> LocalService:
+        """Return the site worker whose ``--socket`` is the SuperNode's ``site-worker``."""
+        socket = node_config_value(supernode, "site-worker")
+        for s in self.by_role("worker"):
+            if socket is not None and _flag(s.argv, "--socket") == socket:
+                return s
+        raise ConfigError(
+            f"no site-worker service serves the socket of {supernode.name} "
+            "(node config 'site-worker' must equal the worker's --socket)"
+        )
+
 
 def _flag(argv: list[str], name: str) -> str | None:
     for i, tok in enumerate(argv):
@@ -145,7 +160,7 @@ def _flag(argv: list[str], name: str) -> str | None:
 
 
 def _role(executable: str) -> str:
-    return executable.removeprefix("flower-")
+    return ROLES.get(executable, executable.removeprefix("flower-"))
 
 
 def local_plan(

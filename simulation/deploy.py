@@ -47,6 +47,7 @@ from simulation.processes import (
     flower_env,
     stream_command,
     wait_port,
+    wait_socket,
 )
 
 log = logging.getLogger(__name__)
@@ -285,7 +286,10 @@ class LocalFederation:
         return sum(1 for n in nodes if str(n.get("status", "")).lower() == "online")
 
     def start_site(self, supernode: LocalService) -> None:
-        """Start one hospital: its SuperNode and the SuperExec that runs its ClientApp."""
+        """Start one hospital: its site worker, SuperNode and the SuperExec of its ClientApp."""
+        worker = self.plan.worker_for(supernode)
+        wk = self.group.start(worker.name, [bin_path(worker.executable), *worker.argv])
+        wait_socket(Path(_socket(worker)), wk.proc, wk.log_file, 120.0, name=worker.name)
         sn = self.group.start(supernode.name, [bin_path(supernode.executable), *supernode.argv])
         wait_port(_port(supernode), sn.proc, sn.log_file, 60.0, name=supernode.name)
         sx = self.plan.superexec_for(supernode)
@@ -294,7 +298,8 @@ class LocalFederation:
     def stop_site(self, supernode: LocalService, *, kill: bool = False) -> None:
         """Stop (or SIGKILL, to simulate a crash) one hospital's processes."""
         sx = self.plan.superexec_for(supernode)
-        for name in (supernode.name, sx.name):
+        worker = self.plan.worker_for(supernode)
+        for name in (supernode.name, sx.name, worker.name):
             if kill:
                 self.group.kill(name)
             else:
@@ -342,6 +347,13 @@ class LocalFederation:
         )
 
 
+def _socket(service: LocalService) -> str:
+    for i, tok in enumerate(service.argv[:-1]):
+        if tok == "--socket":
+            return service.argv[i + 1]
+    raise ConfigError(f"compose service {service.name} has no --socket")
+
+
 def _port(service: LocalService) -> int:
     if service.port is None:
         raise ConfigError(f"compose service {service.name} has no --port; it must listen")
@@ -349,11 +361,50 @@ def _port(service: LocalService) -> int:
 
 
 def compose_env(deploy_dir: Path, num_sites: int) -> dict[str, str]:
-    """Variables that point the compose file's secrets and data mounts at ``deploy_dir``."""
+    """Variables that point the compose file's secrets, data and policy mounts at ``deploy_dir``."""
     env = {"MEDFED_DEPLOY_DIR": str(deploy_dir)}
     for i in range(1, num_sites + 1):
         env[f"MEDFED_SITE_{i}_DATA"] = str(deploy_dir / "data" / f"site-{i}")
+        env[f"MEDFED_SITE_{i}_POLICY"] = str(policy_path(deploy_dir, i))
     return env
+
+
+def policy_path(deploy_dir: Path, site: int) -> Path:
+    """Where a local deployment keeps hospital ``site``'s policy file."""
+    return deploy_dir / "policy" / f"site-{site}.toml"
+
+
+def prepare_policies(
+    deploy_dir: Path, *, num_sites: int, overrides: Mapping[str, object] | None = None
+) -> list[Path]:
+    """Write each hospital's site policy (as ``medfed site policy init``) if it has none.
+
+    Parameters
+    ----------
+    overrides : Mapping, optional
+        :class:`~client.site.policy.SitePolicy` fields (snake_case) that differ from the
+        default, e.g. ``{"require_secagg": False}`` for a test without SecAgg+; applied
+        only to files written now.
+
+    Raises
+    ------
+    ConfigError
+        If an existing policy file does not load.
+    """
+    import dataclasses
+
+    from client.site.policy import SitePolicy
+
+    policy = dataclasses.replace(SitePolicy.default(), **dict(overrides or {}))
+    paths = []
+    for i in range(1, num_sites + 1):
+        path = policy_path(deploy_dir, i)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(policy.to_toml())
+        SitePolicy.load(path)  # fail before any process starts
+        paths.append(path)
+    return paths
 
 
 @contextlib.contextmanager
@@ -368,8 +419,9 @@ def local_federation(
     """Start the compose services locally; yield a :class:`LocalFederation`; stop all.
 
     Order: SuperLink (TLS, node auth, database) -> wait for its port -> ServerApp
-    SuperExec -> register every hospital's public key -> per hospital SuperNode +
-    ClientApp SuperExec -> wait until all are online.
+    SuperExec -> register every hospital's public key -> per hospital site worker (wait
+    for its socket) + SuperNode + ClientApp SuperExec -> wait until all are online.
+    Hospitals without a policy file get the default one (:func:`prepare_policies`).
 
     Raises
     ------
@@ -380,6 +432,7 @@ def local_federation(
     deploy_dir = deploy_dir.resolve()
     compose = load_compose(compose_file)
     num_sites = sum(1 for s in compose["services"] if s.startswith("supernode-"))
+    prepare_policies(deploy_dir, num_sites=num_sites)
     plan = local_plan(compose, deploy_dir=deploy_dir, env=compose_env(deploy_dir, num_sites))
     for path in plan.volumes.values():
         path.mkdir(parents=True, exist_ok=True)

@@ -116,6 +116,30 @@ def wait_port(
     raise FederationError(f"{name} did not open port {port} within {timeout:.0f} s; see {log_file}")
 
 
+def wait_socket(
+    path: Path, proc: subprocess.Popen[bytes], log_file: Path, timeout: float, *, name: str
+) -> None:
+    """Wait until the Unix socket ``path`` accepts connections or ``proc`` exits.
+
+    Raises
+    ------
+    FederationError
+        If ``proc`` exits first or the socket stays closed for ``timeout`` seconds.
+
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise FederationError(
+                f"{name} exited with code {proc.returncode} at start-up; see {log_file}"
+            )
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            if path.exists() and s.connect_ex(str(path)) == 0:
+                return
+        time.sleep(0.2)
+    raise FederationError(f"{name} did not open {path} within {timeout:.0f} s; see {log_file}")
+
+
 @dataclass
 class Managed:
     """One started process, its name and its log file."""

@@ -1,10 +1,11 @@
-"""The ClientApp's handlers on a real (tiny) site dataset, without a Flower runtime."""
+"""The site's handlers on a real (tiny) site dataset, without a Flower runtime."""
 
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, RecordDict
 
-from client.app import evaluate_content, prepare, train_content
+from client.site.handlers import evaluate_content, prepare, train_content
+from client.site.simulated import research_policy
 from common.errors import DataError, ModelError
 from common.models import get_model
 from common.records import expected_spec, state_to_record
@@ -39,6 +40,10 @@ def _content(model=None):
     )
 
 
+def prepare_(content, context):
+    return prepare(content, context, policy=research_policy())
+
+
 def _context(site, **run):
     return Context(
         run_id=1,
@@ -52,7 +57,7 @@ def _context(site, **run):
 @pytest.mark.parametrize("dp", [True, False])
 def test_train_reply_holds_only_model_arrays_and_numeric_metrics(site, dp):
     ctx = _context(site, **{"batch-size": 8, "dp.enabled": dp})
-    reply = train_content(prepare(_content(), ctx))
+    reply = train_content(prepare_(_content(), ctx))
     arrays = reply.array_records["arrays"].to_torch_state_dict()
     spec = expected_spec(get_model("cnn"))
     assert {k: (tuple(v.shape), str(v.dtype)) for k, v in arrays.items()} == spec
@@ -66,7 +71,7 @@ def test_train_reply_holds_only_model_arrays_and_numeric_metrics(site, dp):
 
 
 def test_evaluate_reply_reports_local_validation(site):
-    reply = evaluate_content(prepare(_content(), _context(site)))
+    reply = evaluate_content(prepare_(_content(), _context(site)))
     metrics = reply.metric_records["metrics"]
     assert metrics["num-examples"] == 10
     assert 0.0 <= metrics["val-accuracy"] <= 1.0
@@ -74,9 +79,9 @@ def test_evaluate_reply_reports_local_validation(site):
 
 def test_dataset_that_does_not_fit_the_run_is_refused(site):
     with pytest.raises(DataError, match=r"has 2 classes, run config .num-classes. is 3"):
-        prepare(_content(get_model("cnn", num_classes=3)), _context(site, **{"num-classes": 3}))
+        prepare_(_content(get_model("cnn", num_classes=3)), _context(site, **{"num-classes": 3}))
 
 
 def test_arrays_of_another_model_are_refused(site):
     with pytest.raises(ModelError, match="expects"):
-        prepare(_content(get_model("cnn", width=16)), _context(site))
+        prepare_(_content(get_model("cnn", width=16)), _context(site))

@@ -10,10 +10,13 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
-from client.app import _round_seed, dp_randomness, prepare, train, train_content
 from client.privacy import DPRandomness, PrivacyError
+from client.site.handlers import _round_seed, dp_randomness, prepare, train_content
+from client.site.service import SiteService
+from client.site.simulated import research_policy
 from common.models import get_model
 from common.records import state_to_record
+from common.replies import ReplyCode
 from common.site_dataset import SplitArrays, write_site_dataset
 from tests.server.messages import new_message
 
@@ -64,7 +67,7 @@ def _context(site, *, simulated, **run):
 
 
 def _update(site, *, simulated=False, **run):
-    job = prepare(_content(), _context(site, simulated=simulated, **run))
+    job = prepare(_content(), _context(site, simulated=simulated, **run), policy=research_policy())
     reply = train_content(job)
     return reply.array_records["arrays"].to_torch_state_dict()
 
@@ -86,7 +89,7 @@ def test_replaying_the_generators_from_run_config_does_not_reproduce_an_update(s
     secret = _flat(_update(site, simulated=True))
     # Execute: the coordinator regenerates the site's generators from what it knows
     # (run seed, round, partition id), with the seeds medfed used before this change
-    import client.app as app_module
+    import client.site.handlers as app_module
 
     monkeypatch.setattr(
         app_module, "dp_randomness", lambda j: DPRandomness.seeded(_round_seed(j), j.device)
@@ -110,14 +113,16 @@ def test_reproducible_noise_repeats_exactly_in_simulation_only(site):
 def test_reproducible_noise_is_refused_outside_simulation(site):
     # Prepare: a coordinator asks a real site (no partition-id) for seeded noise
     ctx = _context(site, simulated=False, **{"dp.reproducible-noise": True})
-    job = prepare(_content(), ctx)
+    job = prepare(_content(), ctx, policy=research_policy())
     # Execute / Assert: the generators are refused ...
     with pytest.raises(PrivacyError, match="simulation only"):
         dp_randomness(job)
-    # ... and the handler answers with an error reply; nothing is trained or charged
-    reply = train(new_message(_content(), "train", 1, "3"), ctx)
+    # ... and a site worker's service refuses the message before any work, even under
+    # a permissive policy; nothing is trained or charged
+    service = SiteService(policy=research_policy(), simulated=False)
+    reply = service.handle(new_message(_content(), "train", 1, "3"), ctx)
     assert reply.has_error()
-    assert "reproducible-noise" in reply.error.reason
+    assert reply.error.code == ReplyCode.POLICY
     assert not (site.parent.parent / "state" / "privacy-ledger.json").exists()
 
 

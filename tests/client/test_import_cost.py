@@ -1,8 +1,9 @@
-"""A ClientApp process imports only what its message needs.
+"""Each process imports only what it needs.
 
 Under the deployment engine every Flower message runs in a fresh ClientApp process, so
-import time is paid per message: MONAI (U-Net, Dice loss) and Opacus (DP-SGD) load
-only when used.
+import time is paid per message: the relay ClientApp imports no torch at all (it only
+forwards to the site worker). In the site worker and in simulation, MONAI (U-Net, Dice
+loss) and Opacus (DP-SGD) load only when used.
 """
 
 from __future__ import annotations
@@ -10,9 +11,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
-CHECK = """
+RELAY = """
 import sys
 import client.app
+print(sorted(m for m in ("torch", "opacus", "monai", "client.site.handlers") if m in sys.modules))
+"""
+
+CHECK = """
+import sys
+import client.site.handlers
 from common.models import get_model
 from common.tasks import get_task
 get_model("cnn")
@@ -21,7 +28,14 @@ print(sorted(m for m in ("monai", "opacus") if m in sys.modules))
 """
 
 
-def test_a_cnn_classification_clientapp_does_not_import_monai_or_opacus():
+def test_the_relay_clientapp_imports_no_training_stack():
+    out = subprocess.run(
+        [sys.executable, "-c", RELAY], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_cnn_classification_site_does_not_import_monai_or_opacus():
     out = subprocess.run(
         [sys.executable, "-c", CHECK], capture_output=True, text=True, check=True, timeout=120
     )

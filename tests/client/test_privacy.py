@@ -1,8 +1,12 @@
 """Site-side DP: Opacus accounting, the persistent privacy ledger and its enforcement."""
 
+import contextlib
+import inspect
 import json
+import shutil
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -18,9 +22,11 @@ from client.privacy import (
     PrivacyLedger,
     check_budget,
     epsilon_of,
+    ledger_key,
     plan_round,
     private_training,
 )
+from client.site.audit import AuditLog
 from client.train import make_optimizer, make_train_loader, train_epochs
 from common.models import get_model
 from common.site_dataset import SplitArrays
@@ -78,7 +84,10 @@ def _tiny_split(n=40, seed=0):
     return SplitArrays.create(rng.random((n, 1, 28, 28)), rng.integers(0, 2, n))
 
 
-def _dp_round(state_dir, *, max_epsilon=50.0, run_id=1, randomness=None):
+KEY = ledger_key("data")
+
+
+def _dp_round(state_dir, *, max_epsilon=50.0, run_id=1, randomness=None, inside=None):
     torch.manual_seed(0)
     model = get_model("cnn")
     split = _tiny_split()
@@ -103,12 +112,14 @@ def _dp_round(state_dir, *, max_epsilon=50.0, run_id=1, randomness=None):
         loader=loader,
         plan=plan,
         ledger=ledger,
-        key="proj/data",
+        key=KEY,
         run_id=run_id,
         max_epsilon=max_epsilon,
         max_physical_batch_size=4,
         randomness=randomness or DPRandomness.secret(torch.device("cpu")),
     ) as priv:
+        if inside is not None:
+            inside()
         train_epochs(
             priv.model, priv.loader, optimizer=priv.optimizer, epochs=1, device=torch.device("cpu")
         )
@@ -125,14 +136,14 @@ def test_ledger_accumulates_across_rounds_and_a_second_process(tmp_path):
     # A separate Python process (a restarted SuperNode) reads the same ledger
     code = (
         "import sys; from pathlib import Path; from client.privacy import PrivacyLedger, "
-        "epsilon_of; e = PrivacyLedger(Path(sys.argv[1])).entry('proj/data'); "
+        "epsilon_of; e = PrivacyLedger(Path(sys.argv[1])).entry(sys.argv[2]); "
         "print(epsilon_of([tuple(h) for h in e['history']], delta=1e-3))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True
+        [sys.executable, "-c", code, str(tmp_path), KEY], capture_output=True, text=True, check=True
     )
     assert float(out.stdout) == pytest.approx(second.epsilon)
-    history = PrivacyLedger(tmp_path).entry("proj/data")["history"]
+    history = PrivacyLedger(tmp_path).entry(KEY)["history"]
     live = RDPAccountant()
     live.history = [tuple(h) for h in history]
     assert second.epsilon == pytest.approx(live.get_epsilon(delta=1e-3))
@@ -174,7 +185,7 @@ def test_tampered_or_corrupt_ledger_is_refused_never_reset(tmp_path, damage):
     path = tmp_path / "privacy-ledger.json"
     if damage == "edit":  # lower the spent steps to fake a fresh budget
         doc = json.loads(path.read_text())
-        doc["entries"]["proj/data"]["history"][0][2] = 1
+        doc["entries"][KEY]["history"][0][2] = 1
         path.write_text(json.dumps(doc))
     elif damage == "garbage":
         path.write_text("{not json")
@@ -186,3 +197,185 @@ def test_tampered_or_corrupt_ledger_is_refused_never_reset(tmp_path, damage):
 
 def test_missing_ledger_starts_at_zero(tmp_path):
     assert PrivacyLedger(tmp_path / "new").entry("p/d")["history"] == []
+
+
+# ---------------------------------------------------------------- attacks on the ledger
+def _ceiling_after(state_dir):
+    """Cumulative epsilon recorded so far (the ceiling that refuses any further round)."""
+    history = [tuple(h) for h in PrivacyLedger(state_dir).entry(KEY)["history"]]
+    return epsilon_of(history, delta=1e-3) + 1e-6
+
+
+def test_rolled_back_ledger_is_refused(tmp_path):
+    # Prepare: one round, keep a validly signed copy, a second round, then the ceiling
+    _dp_round(tmp_path)
+    old = (tmp_path / "privacy-ledger.json").read_bytes()
+    _dp_round(tmp_path)
+    ceiling = _ceiling_after(tmp_path)
+    with pytest.raises(PrivacyBudgetError):
+        _dp_round(tmp_path, max_epsilon=ceiling)
+    # Execute: restore the older copy (its HMAC is valid)
+    (tmp_path / "privacy-ledger.json").write_bytes(old)
+    # Assert: refused as rolled back, and the message carries no path
+    with pytest.raises(PrivacyError, match="rolled back") as info:
+        _dp_round(tmp_path, max_epsilon=ceiling)
+    assert str(tmp_path) not in str(info.value)
+    assert "medfed budget reset" in str(info.value)
+
+
+@pytest.mark.parametrize("also_key", [False, True])
+def test_deleted_ledger_is_refused_not_restarted_at_zero(tmp_path, also_key):
+    _dp_round(tmp_path)
+    (tmp_path / "privacy-ledger.json").unlink()
+    if also_key:
+        (tmp_path / "privacy-ledger.key").unlink()
+    with pytest.raises(PrivacyError, match="deleted") as info:
+        _dp_round(tmp_path)
+    assert str(tmp_path) not in str(info.value)
+
+
+@pytest.mark.parametrize("target", ["anchored-site", "fresh-dir"])
+def test_ledger_and_key_copied_from_another_site_are_refused(tmp_path, target):
+    # Prepare: site A spent one round; site B spent two
+    site_a, site_b = tmp_path / "a", tmp_path / "b"
+    _dp_round(site_a)
+    if target == "anchored-site":
+        _dp_round(site_b)
+        _dp_round(site_b)
+    # Execute: A's ledger and its key copied into B's state dir
+    site_b.mkdir(exist_ok=True)
+    for name in ("privacy-ledger.json", "privacy-ledger.key"):
+        shutil.copy(site_a / name, site_b / name)
+    # Assert
+    with pytest.raises(PrivacyError, match="replaced") as info:
+        _dp_round(site_b)
+    assert str(tmp_path) not in str(info.value)
+
+
+def _overlapping_rounds(state_dir, *, max_epsilon):
+    """Two rounds in two threads whose training overlaps unless the ledger serialises them."""
+    both_inside = threading.Barrier(2)
+
+    def wait_for_the_other():
+        # serialised: the other round waits for the lock, and the barrier times out
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_inside.wait(timeout=3)
+
+    outcomes = []
+
+    def one_round():
+        try:
+            _dp_round(state_dir, max_epsilon=max_epsilon, inside=wait_for_the_other)
+            outcomes.append("trained")
+        except PrivacyBudgetError:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=one_round) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return sorted(outcomes)
+
+
+def test_overlapping_rounds_record_every_step(tmp_path):
+    # Execute
+    outcomes = _overlapping_rounds(tmp_path, max_epsilon=50.0)
+    # Assert: 2 rounds x 4 logical batches, none lost
+    assert outcomes == ["trained", "trained"]
+    history = PrivacyLedger(tmp_path).entry(KEY)["history"]
+    assert sum(h[2] for h in history) == 8
+    assert AuditLog(tmp_path).verify() >= 2
+
+
+def test_overlapping_rounds_cannot_both_pass_the_budget_check(tmp_path):
+    # Prepare: the ceiling affords exactly one more round (measured on a twin site)
+    twin = tmp_path / "twin"
+    _dp_round(twin)
+    ceiling = _ceiling_after(twin)
+    # Execute
+    outcomes = _overlapping_rounds(tmp_path / "site", max_epsilon=ceiling)
+    # Assert
+    assert outcomes == ["refused", "trained"]
+    assert sum(h[2] for h in PrivacyLedger(tmp_path / "site").entry(KEY)["history"]) == 4
+
+
+def test_budget_key_is_the_dataset_whatever_the_project_is_called():
+    # The coordinator names the project; the site's ceiling must not depend on it.
+    assert list(inspect.signature(ledger_key).parameters) == ["dataset_fingerprint"]
+    assert ledger_key("ab12") == ledger_key("ab12") != ledger_key("cd34")
+
+
+def test_honest_rounds_accumulate_and_every_write_is_anchored(tmp_path):
+    # Execute
+    epsilons = [_dp_round(tmp_path, run_id=r)[0].epsilon for r in (1, 1, 2)]
+    # Assert: cumulative epsilon, three anchors in an intact chain matching the ledger
+    assert 0 < epsilons[0] < epsilons[1] < epsilons[2]
+    audit = AuditLog(tmp_path)
+    assert audit.verify() == 3
+    anchors = [e for e in audit.entries() if e["event"] == "ledger"]
+    assert [a["ledger_seq"] for a in anchors] == [1, 2, 3]
+    assert [a["epsilon"] for a in anchors] == pytest.approx(epsilons)
+    assert all(a["dataset"] == KEY for a in anchors)
+    doc = json.loads((tmp_path / "privacy-ledger.json").read_text())
+    assert doc["seq"] == 3 and sorted(doc["entries"][KEY]["plans"]) == ["1", "2"]
+    assert str(tmp_path) not in (tmp_path / "audit.jsonl").read_text()
+
+
+def test_reset_after_rollback_restarts_that_dataset_and_is_audited(tmp_path):
+    # Prepare: a rolled-back ledger the site refuses
+    _dp_round(tmp_path)
+    old = (tmp_path / "privacy-ledger.json").read_bytes()
+    _dp_round(tmp_path)
+    (tmp_path / "privacy-ledger.json").write_bytes(old)
+    with pytest.raises(PrivacyError):
+        _dp_round(tmp_path)
+    # Execute: the hospital resets explicitly
+    PrivacyLedger(tmp_path).reset(KEY)
+    first = _dp_round(tmp_path)[0]
+    # Assert: the dataset restarted (one round of steps), and the audit log says so
+    assert sum(h[2] for h in PrivacyLedger(tmp_path).entry(KEY)["history"]) == 4
+    assert first.epsilon > 0
+    audit = AuditLog(tmp_path)
+    audit.verify()
+    reset = audit.last("ledger-reset")
+    assert reset is not None and reset["dataset"] == KEY
+
+
+def test_interrupted_write_is_completed_on_the_next_read(tmp_path):
+    # Prepare: a round, then simulate a crash after the anchor, before the rename
+    _dp_round(tmp_path)
+    ledger = PrivacyLedger(tmp_path)
+    path = tmp_path / "privacy-ledger.json"
+    before = path.read_bytes()
+    ledger.update(KEY, dict(ledger.entry(KEY), history=[]))
+    after = path.read_bytes()
+    path.write_bytes(before)
+    (tmp_path / "privacy-ledger.json.pending").write_bytes(after)
+    # Execute + Assert: the anchored write wins, and nothing is left pending
+    assert PrivacyLedger(tmp_path).entry(KEY)["history"] == []
+    assert path.read_bytes() == after
+    assert not (tmp_path / "privacy-ledger.json.pending").exists()
+
+
+def test_a_legacy_ledger_is_adopted_with_projects_merged_per_dataset(tmp_path):
+    # Prepare: a version-1 ledger (keyed project/dataset, no seq) signed with its key
+    from client.privacy import KEY_FILE, LEDGER_FILE
+
+    key = b"k" * 32
+    (tmp_path / KEY_FILE).write_bytes(key)
+    body = {
+        "format": "medfed-privacy-ledger",
+        "version": 1,
+        "entries": {
+            "p1/data": {"history": [[1.0, 0.25, 4]], "plans": {"1": 1.0}, "delta": 1e-3},
+            "p2/data": {"history": [[1.0, 0.25, 8]], "plans": {"2": 1.0}, "delta": 1e-3},
+        },
+    }
+    doc = dict(body, mac=PrivacyLedger._mac(key, body))
+    (tmp_path / LEDGER_FILE).write_text(json.dumps(doc))
+    # Execute
+    entries = PrivacyLedger(tmp_path).read()
+    # Assert: one budget per dataset, both projects' steps in it
+    assert list(entries) == [ledger_key("data")]
+    assert sum(h[2] for h in entries[ledger_key("data")]["history"]) == 12

@@ -9,6 +9,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, Reco
 from client.secagg_mod import STATE_RECORD, SiteSecAggState, secagg_mod
 from common.models import get_model
 from common.records import state_to_record
+from common.replies import ReplyCode, fixed_reason
 from common.secagg import crypto
 from common.secagg.params import ADVERTISE, RECORD, SHARE_KEYS, UNMASK
 from common.secagg.schema import Header
@@ -202,4 +203,5 @@ def test_egress_guard_refuses_a_secagg_record_with_an_extra_field():
         _msg(7, content), context, lambda m, c: leaky_secagg(m, c, train_handler())
     )
     # Assert
-    assert reply.has_error() and "'delta'" in reply.error.reason
+    assert reply.has_error()
+    assert reply.error.reason == fixed_reason(ReplyCode.EGRESS, "stage-record")

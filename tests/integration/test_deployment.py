@@ -24,6 +24,7 @@ from simulation.deploy import (
     local_federation,
     pid_alive,
     prepare_credentials,
+    prepare_policies,
     prepare_site_datasets,
 )
 from simulation.processes import bin_path, free_port
@@ -55,6 +56,9 @@ def federation(
         images_per_site=IMAGES_PER_SITE,
         source="virtual",
     )
+    # Each hospital's own policy: the default, but this file's run trains without SecAgg+
+    # (its 4 exchanges per round; tests/integration/test_secagg_e2e.py covers SecAgg+).
+    prepare_policies(deploy_dir, num_sites=3, overrides={"require_secagg": False})
     with local_federation(deploy_dir) as fed:
         yield fed
     # Assert (teardown): every process the federation started is gone

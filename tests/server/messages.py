@@ -14,10 +14,11 @@ def new_message(
     dst_node_id: int,
     group_id: str,
     ttl: float | None = None,
+    run_id: int = 1,
 ) -> Message:
     """A server-to-node message with fresh metadata, as ``Grid.create_message`` makes it."""
     md = Metadata(
-        run_id=1,
+        run_id=run_id,
         message_id=uuid.uuid4().hex,
         src_node_id=0,
         dst_node_id=dst_node_id,

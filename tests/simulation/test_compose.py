@@ -38,9 +38,13 @@ def test_images_are_pinned_to_the_installed_and_required_flwr(compose):
     flwr = version("flwr")
     pin = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert any(re.match(rf"flwr(\[.*\])?>={re.escape(flwr[:4])}", d) for d in pin)
+    medfed = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     for name, svc in compose["services"].items():
         _, tag = image_entrypoint(svc["image"])
-        assert tag.endswith(flwr) or tag == flwr, name
+        if name.startswith("site-worker-"):  # the hospital's own medfed, no Flower inside
+            assert tag == medfed, name
+        else:
+            assert tag.endswith(flwr) or tag == flwr, name
     dockerfile = (ROOT / "docker" / "superexec.Dockerfile").read_text()
     assert f"FROM flwr/superexec:{flwr}" in dockerfile
 
@@ -62,16 +66,23 @@ def test_no_insecure_anywhere_and_tls_plus_node_auth_on(compose):
             assert "--root-certificates" in _cmd(compose, name)
 
 
-def test_hospital_data_is_read_only_and_only_visible_to_its_clientapp(compose):
+def test_hospital_data_state_and_policy_are_visible_to_its_site_worker_only(compose):
     for name, svc in compose["services"].items():
         mounts = [str(v) for v in svc.get("volumes", [])]
-        data = [m for m in mounts if ":/data/" in m]
-        if name.startswith("superexec-clientapp-"):
+        private = [m for m in mounts if ":/data/" in m or ":/state/" in m or ":/etc/medfed/" in m]
+        if name.startswith("site-worker-"):
             i = name.rsplit("-", 1)[1]
+            data = [m for m in private if ":/data/" in m]
             assert len(data) == 1 and data[0].endswith(f":/data/hospital-{i}:ro")
-            assert compose["services"][name]["networks"] == [f"hospital-{i}"]
+            assert any(m.endswith(f":/etc/medfed/hospital-{i}/site-policy.toml:ro") for m in mounts)
+            assert any(m.startswith(f"hospital-{i}-state:") for m in mounts)
+            assert svc["network_mode"] == "none"  # it cannot send anything anywhere
         else:
-            assert not data, f"{name} must not see hospital data"
+            assert not private, f"{name} must not see hospital data, state or policy"
+        if name.startswith("superexec-clientapp-"):  # the coordinator's code: a relay
+            i = name.rsplit("-", 1)[1]
+            assert mounts == [f"hospital-{i}-socket:/run/medfed/hospital-{i}"]
+            assert compose["services"][name]["networks"] == [f"hospital-{i}"]
     for i in SITES:  # each private key is given to its own SuperNode only
         holders = [n for n, s in compose["services"].items()
                    if f"hospital-{i}-key" in s.get("secrets", [])]  # fmt: skip
@@ -96,11 +107,21 @@ def test_local_plan_runs_the_same_commands_on_loopback(compose, tmp_path):
         assert node.argv[node.argv.index("--auth-supernode-private-key") + 1] == str(
             tmp_path / f"hospital-{i}" / "supernode.key"
         )
-        assert node_config_value(node, "dataset-dir") == str(tmp_path / "data" / f"site-{i}")
-        assert node_config_value(node, "state-dir") == str(
+        # the SuperNode (and so the FAB's ClientApp) learns only the worker's socket
+        assert node_config_value(node, "dataset-dir") is None
+        assert node_config_value(node, "state-dir") is None
+        socket = tmp_path / "volumes" / f"hospital-{i}-socket" / "worker.sock"
+        assert node_config_value(node, "site-worker") == str(socket)
+        assert node_config_value(node, "site-id") == f"hospital-{i}"
+        worker = plan.worker_for(node)
+        assert worker.executable == "medfed" and worker.argv[:2] == ["site", "serve"]
+        argv = worker.argv
+        assert argv[argv.index("--socket") + 1] == str(socket)
+        assert argv[argv.index("--dataset-dir") + 1] == str(tmp_path / "data" / f"site-{i}")
+        assert argv[argv.index("--state-dir") + 1] == str(
             tmp_path / "volumes" / f"hospital-{i}-state"
         )
-        assert node_config_value(node, "site-id") == f"hospital-{i}"
+        assert argv[argv.index("--policy") + 1] == str(tmp_path / "policy" / f"site-{i}.toml")
         sx = plan.superexec_for(node)
         assert sx.name == f"superexec-clientapp-{i}"
         assert sx.argv[sx.argv.index("--root-certificates") + 1] == str(tmp_path / "certs/ca.crt")

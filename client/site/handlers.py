@@ -1,0 +1,396 @@
+"""The site's training and evaluation handlers: thin glue around client/train.py.
+
+Run only inside the site service (client/site/service.py): in deployment in the site
+worker the hospital installed (``medfed site serve``), in simulation in-process. Each
+message is prepared in one shared place (:func:`prepare`), trained or evaluated with
+plain PyTorch, and packaged as reply content. The node config a handler sees is the
+site's own (the worker's configuration, or Flower's simulation node config), never the
+coordinator's; the site policy bounds what the run config may ask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import Context, Error, Message, MessageType, MetricRecord, RecordDict
+from torch import nn
+from torch.utils.data import DataLoader
+
+from client.privacy import (
+    DPRandomness,
+    PrivacyBudgetError,
+    PrivacyError,
+    PrivacyLedger,
+    PrivateTraining,
+    default_delta,
+    ledger_key,
+    plan_round,
+    private_training,
+)
+from client.proximal import ProximalLoss
+from client.scaffold import DELTA_RECORD as SCAFFOLD_DELTA_RECORD
+from client.scaffold import SERVER_RECORD as SCAFFOLD_SERVER_RECORD
+from client.scaffold import ScaffoldRound, variate_path
+from client.site.policy import PolicyRefusal, SitePolicy
+from client.train import make_optimizer, make_train_loader, train_epochs
+from common.config import NodeConfig, RunConfig
+from common.device import resolve_device
+from common.errors import ConfigError, DataError, ModelError
+from common.evaluation import evaluate_task
+from common.models import get_model
+from common.records import load_record, state_to_record
+from common.replies import ReplyCode, fixed_reason
+from common.site_dataset import SiteDataset
+from common.tasks import get_task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a handler needs, built once per message by :func:`prepare`."""
+
+    run: RunConfig
+    node: NodeConfig
+    data: SiteDataset
+    model: nn.Module
+    device: torch.device
+    server_round: int
+    run_id: int
+    policy: SitePolicy
+    #: FedProx's mu from the train message config (``proximal-mu``); 0 without FedProx.
+    proximal_mu: float = 0.0
+    #: SCAFFOLD's server control variate from the train message; None without SCAFFOLD.
+    scaffold_c: dict[str, torch.Tensor] | None = None
+
+
+def _check_dataset(run: RunConfig, data: SiteDataset) -> None:
+    """Raise DataError unless the site dataset fits the run's task and model (common/tasks.py)."""
+    get_task(run.task).check_dataset(data, model=run.model, num_classes=run.num_classes)
+
+
+def prepare(content: RecordDict, context: Context, *, policy: SitePolicy) -> Job:
+    """Parse config, open the site dataset, build the model and load the global weights.
+
+    Shared by the train and evaluate handlers (DESIGN section 9, rule 9).
+
+    Parameters
+    ----------
+    content : RecordDict
+        The server's message content: ``arrays`` (global model) and ``config``.
+    context : Context
+        Flower's context with ``run_config`` and the site's own ``node_config``.
+    policy : SitePolicy
+        The site's policy (its epsilon ceiling, delta and noise floor are used here).
+
+    Raises
+    ------
+    ConfigError, DataError, ModelError
+        Bad config, a site dataset that does not fit the run, or arrays that do not fit
+        the model. Flower turns the exception into an error reply for the server.
+
+    """
+    run = RunConfig.from_run_config(context.run_config)
+    node = NodeConfig.from_node_config(context.node_config)
+    data = SiteDataset(node.resolve_dataset_dir(run))
+    _check_dataset(run, data)
+    torch.manual_seed(run.seed)
+    model = get_model(run.model, **run.model_kwargs())
+    load_record(model, content.array_records["arrays"])
+    device = resolve_device(node.device)
+    model.to(device)
+    server_round = content.config_records["config"].get("server-round", 0)
+    if not isinstance(server_round, int):
+        raise DataError(f"config 'server-round' must be an int, got {server_round!r}")
+    mu = content.config_records["config"].get("proximal-mu", 0.0)
+    if not isinstance(mu, int | float):
+        raise DataError(f"config 'proximal-mu' must be a number, got {mu!r}")
+    scaffold_c = None
+    if SCAFFOLD_SERVER_RECORD in content.array_records:
+        scaffold_c = content.array_records[SCAFFOLD_SERVER_RECORD].to_torch_state_dict()
+    return Job(
+        run,
+        node,
+        data,
+        model,
+        device,
+        server_round,
+        context.run_id,
+        policy,
+        float(mu),
+        scaffold_c,
+    )
+
+
+def _round_seed(job: Job) -> int:
+    """Seed for this site's shuffling in this round: differs per round and per site.
+
+    Known to the coordinator (it is derived from run config), so it seeds only what
+    carries no privacy guarantee: the shuffling of non-DP training, and DP randomness
+    under the simulation-only ``dp.reproducible-noise`` switch (:func:`dp_randomness`).
+    """
+    site = job.node.partition_id if job.node.partition_id is not None else 0
+    return job.run.seed * 1_000_003 + job.server_round * 1_009 + site
+
+
+def dp_randomness(job: Job) -> DPRandomness:
+    """Return the round's DP generators: secret site entropy, or (simulation only) reproducible.
+
+    Raises
+    ------
+    PrivacyError
+        If run config asks for ``dp.reproducible-noise`` on a node that is not a
+        virtual site of a simulation (node config without ``partition-id``): the site
+        refuses to train rather than draw noise the coordinator can predict.
+    """
+    if not job.run.dp_reproducible_noise:
+        return DPRandomness.secret(job.device)
+    if job.node.partition_id is None:
+        raise PrivacyError(
+            "run config 'dp.reproducible-noise'=true asks for DP noise seeded from the run "
+            "config, which the coordinator knows; it exists for simulation only and this "
+            "site refuses to train with it (set dp.reproducible-noise=false)"
+        )
+    return DPRandomness.seeded(_round_seed(job), job.device)
+
+
+def train_content(job: Job) -> RecordDict:
+    """Train the global model on the site's ``train`` split; return the reply content."""
+    split = job.data.load("train")
+    generator = torch.Generator().manual_seed(_round_seed(job))
+    loader = make_train_loader(split, batch_size=job.run.batch_size, generator=generator)
+    optimizer = make_optimizer(
+        job.model,
+        learning_rate=job.run.learning_rate,
+        momentum=job.run.momentum,
+        weight_decay=job.run.weight_decay,
+    )
+    task_loss = get_task(job.run.task).make_loss()
+    # FedProx: anchor the proximal term at the global weights just loaded.
+    criterion = (
+        ProximalLoss(task_loss, model=job.model, mu=job.proximal_mu)
+        if job.proximal_mu > 0
+        else task_loss
+    )
+    scaffold = (
+        None
+        if job.scaffold_c is None
+        else ScaffoldRound(
+            job.model,
+            c=job.scaffold_c,
+            path=variate_path(
+                job.node.resolve_state_dir(job.run),
+                ledger_key(job.data.fingerprint),
+            ),
+        )
+    )
+    with (
+        site_privacy(job, len(split), job.model, optimizer, loader) as priv,
+        scaffold.correction(job.model, optimizer) if scaffold else contextlib.nullcontext(),
+    ):
+        stats = train_epochs(
+            priv.model,
+            priv.loader,
+            optimizer=priv.optimizer,
+            epochs=job.run.local_epochs,
+            device=job.device,
+            criterion=criterion,
+            amp=job.run.amp,
+        )
+    log.info(
+        "round %d: trained %d steps on %d examples in %.1f s (loss %.4f)",
+        job.server_round,
+        stats.steps,
+        stats.examples,
+        stats.seconds,
+        stats.loss,
+    )
+    values: dict[str, int | float] = {
+        "num-examples": len(split),
+        "train-loss": stats.loss,
+        "train-steps": stats.steps,
+        "train-seconds": stats.seconds,
+    }
+    if priv.plan is not None:
+        values |= {
+            "epsilon": priv.epsilon,
+            "delta": priv.plan.delta,
+            "dp-noise-multiplier": priv.plan.noise_multiplier,
+        }
+        log.info(
+            "round %d: cumulative epsilon %.3f (delta %.2e) for project %r",
+            job.server_round,
+            priv.epsilon,
+            priv.plan.delta,
+            job.run.project,
+        )
+    metrics = MetricRecord(outgoing_metrics(values, job.policy))
+    reply = RecordDict({"arrays": state_to_record(job.model), "metrics": metrics})
+    if scaffold is not None:
+        reply[SCAFFOLD_DELTA_RECORD] = scaffold.finish(
+            job.model, steps=stats.steps, learning_rate=job.run.learning_rate
+        )
+    return reply
+
+
+#: Metrics sent exactly: privacy accounting of public parameters and counts.
+EXACT_METRICS = frozenset(
+    {"num-examples", "train-steps", "epsilon", "delta", "dp-noise-multiplier"}
+)
+
+
+def outgoing_metrics(
+    values: Mapping[str, int | float], policy: SitePolicy
+) -> dict[str, int | float | list[int] | list[float]]:
+    """Return the metrics a reply may carry: the policy's allowed names, rounded.
+
+    Names the policy does not allow are dropped here (the egress check refuses any that
+    reach it). Every other value is rounded to the policy's ``metric-decimals``, so a
+    coordinator sending crafted models cannot read training or validation images out of
+    the loss or accuracy bit by bit; counts and the privacy accounting (computed from
+    public parameters) are sent exactly.
+    """
+    allowed = policy.allowed_metric_names()
+    kept = {k: v for k, v in values.items() if k in allowed}
+    exact = {k: v for k, v in kept.items() if k in EXACT_METRICS}
+    rounded = policy.round_metrics({k: v for k, v in kept.items() if k not in EXACT_METRICS})
+    return {**rounded, **exact}
+
+
+def evaluate_content(job: Job) -> RecordDict:
+    """Evaluate the global model on the site's local ``val`` split; return the content.
+
+    Metrics are rounded to the policy's ``metric-decimals`` so a coordinator evaluating
+    crafted models cannot read the validation images out bit by bit.
+    """
+    split = job.data.load("val")
+    metrics = evaluate_task(
+        job.run.task, job.model, split.images, split.labels, batch_size=64, device=job.device
+    )
+    values: dict[str, int | float] = {"num-examples": len(split)}
+    values |= {f"val-{k}": float(v) for k, v in metrics.items() if k != "num-examples"}
+    record = MetricRecord(outgoing_metrics(values, job.policy))
+    return RecordDict({"metrics": record})
+
+
+@contextlib.contextmanager
+def site_privacy(
+    job: Job,
+    num_examples: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader[Any],
+) -> Iterator[PrivateTraining | NonPrivateTraining]:
+    """Wrap the round's training objects with DP-SGD, or pass them through if DP is off.
+
+    With DP on, the site's ledger (``state-dir``) is checked against its policy's
+    ceiling (``max-epsilon``) before any step and updated after (client/privacy.py);
+    a noise multiplier derived from the target epsilon must clear the policy's floor.
+    """
+    run, node = job.run, job.node
+    if not run.dp_enabled:
+        yield NonPrivateTraining(model, optimizer, loader)
+        return
+    randomness = dp_randomness(job)
+    if not randomness.reproducible:
+        # prepare() seeded torch's global generator from run config for model init;
+        # anything else drawn during a DP round must not be predictable either.
+        torch.manual_seed(secrets.randbits(63))
+    ledger = PrivacyLedger(node.resolve_state_dir(run))
+    key = ledger_key(job.data.fingerprint)
+    stored = ledger.entry(key).get("plans", {}).get(str(job.run_id))
+    plan = plan_round(
+        num_examples=num_examples,
+        batch_size=run.batch_size,
+        local_epochs=run.local_epochs,
+        num_rounds=run.num_server_rounds,
+        max_grad_norm=run.dp_max_grad_norm,
+        # delta below 1/N with N counted in patients (groups), not images
+        delta=job.policy.delta or default_delta(job.data.group_count("train")),
+        accountant=run.dp_accountant,
+        noise_multiplier=run.dp_noise_multiplier or stored,
+        target_epsilon=run.dp_target_epsilon,
+    )
+    job.policy.check_noise_multiplier(plan.noise_multiplier)
+    with private_training(
+        model=model,
+        optimizer=optimizer,
+        loader=loader,
+        plan=plan,
+        ledger=ledger,
+        key=key,
+        run_id=job.run_id,
+        max_epsilon=job.policy.max_epsilon,
+        max_physical_batch_size=run.dp_max_physical_batch_size,
+        randomness=randomness,
+    ) as session:
+        yield session
+
+
+@dataclass
+class NonPrivateTraining:
+    """Training objects passed through unchanged (``dp.enabled = false``)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader[Any]
+    plan: None = None
+    epsilon: float = 0.0
+
+
+def error_reply(msg: Message, exc: BaseException) -> Message:
+    """Return the error reply for a refusal raised while handling ``msg``.
+
+    The reply carries a :class:`~common.replies.ReplyCode` and its fixed reason (plus the
+    policy rule's name): never the exception text, which may hold a path or a value and
+    goes to the site's own log instead.
+    """
+    code, detail = ReplyCode.INTERNAL, ""
+    if isinstance(exc, PrivacyBudgetError):
+        code = ReplyCode.PRIVACY_BUDGET
+    elif isinstance(exc, PrivacyError):
+        code = ReplyCode.PRIVACY_LEDGER
+    elif isinstance(exc, PolicyRefusal):
+        code, detail = ReplyCode.POLICY, exc.rule
+    elif isinstance(exc, DataError | ModelError):
+        code = ReplyCode.DATA
+    elif isinstance(exc, ConfigError):
+        code = ReplyCode.BAD_REQUEST
+    if code == ReplyCode.INTERNAL:
+        log.error("%s message failed", msg.metadata.message_type, exc_info=exc)
+    else:
+        log.warning("refusing a %s message: %s", msg.metadata.message_type, exc)
+    return Message(Error(code=int(code), reason=fixed_reason(code, detail)), reply_to=msg)
+
+
+def make_handler(policy: SitePolicy) -> Callable[[Message, Context], Message]:
+    """Return the innermost callable of the site service's mod chain: train or evaluate.
+
+    Parameters
+    ----------
+    policy : SitePolicy
+        The site's policy (ceiling, delta, noise floor, metric rounding).
+
+    Returns
+    -------
+    Callable[[Message, Context], Message]
+        Returns the reply content, or an error reply from :func:`error_reply`; it never
+        raises.
+    """
+
+    def handle(msg: Message, context: Context) -> Message:
+        try:
+            job = prepare(msg.content, context, policy=policy)
+            if msg.metadata.message_type == MessageType.TRAIN:
+                return Message(content=train_content(job), reply_to=msg)
+            return Message(content=evaluate_content(job), reply_to=msg)
+        except Exception as exc:  # every failure becomes a fixed-reason reply
+            return error_reply(msg, exc)
+
+    return handle
