@@ -39,7 +39,14 @@ from common.tls import (
     write_dev_certificates,
     write_node_keys,
 )
-from simulation.compose import COMPOSE_FILE, LocalPlan, LocalService, load_compose, local_plan
+from simulation.compose import (
+    COMPOSE_FILE,
+    LocalPlan,
+    LocalService,
+    load_compose,
+    local_plan,
+    node_config_value,
+)
 from simulation.engine import run_config_args
 from simulation.processes import (
     ProcessGroup,
@@ -287,9 +294,10 @@ class LocalFederation:
 
     def start_site(self, supernode: LocalService) -> None:
         """Start one hospital: its site worker, SuperNode and the SuperExec of its ClientApp."""
-        worker = self.plan.worker_for(supernode)
-        wk = self.group.start(worker.name, [bin_path(worker.executable), *worker.argv])
-        wait_socket(Path(_socket(worker)), wk.proc, wk.log_file, 120.0, name=worker.name)
+        if node_config_value(supernode, "site-worker") is not None:
+            worker = self.plan.worker_for(supernode)
+            wk = self.group.start(worker.name, [bin_path(worker.executable), *worker.argv])
+            wait_socket(Path(_socket(worker)), wk.proc, wk.log_file, 120.0, name=worker.name)
         sn = self.group.start(supernode.name, [bin_path(supernode.executable), *supernode.argv])
         wait_port(_port(supernode), sn.proc, sn.log_file, 60.0, name=supernode.name)
         sx = self.plan.superexec_for(supernode)
@@ -297,9 +305,10 @@ class LocalFederation:
 
     def stop_site(self, supernode: LocalService, *, kill: bool = False) -> None:
         """Stop (or SIGKILL, to simulate a crash) one hospital's processes."""
-        sx = self.plan.superexec_for(supernode)
-        worker = self.plan.worker_for(supernode)
-        for name in (supernode.name, sx.name, worker.name):
+        names = [supernode.name, self.plan.superexec_for(supernode).name]
+        if node_config_value(supernode, "site-worker") is not None:
+            names.append(self.plan.worker_for(supernode).name)
+        for name in names:
             if kill:
                 self.group.kill(name)
             else:

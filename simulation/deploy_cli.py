@@ -54,6 +54,7 @@ def deploy_local(
         local_federation,
         pid_alive,
         prepare_credentials,
+        prepare_policies,
         prepare_site_datasets,
     )
     from simulation.processes import sigterm_as_interrupt
@@ -75,6 +76,11 @@ def deploy_local(
         if source == "dicom":
             source = "DICOM export -> ingest" if dicom_path_available() else "virtual (fallback)"
         console.print(f"{len(sites)} hospital site datasets ready (source: {source})")
+        policies = prepare_policies(deploy_dir, num_sites=3)
+        console.print(
+            f"{len(policies)} site policies ({policies[0].parent}; edit, then "
+            "`medfed site policy check FILE`)"
+        )
         run_config = default_run_config(
             deploy_dir,
             run_dir,
@@ -89,7 +95,7 @@ def deploy_local(
             pids = [m.pid for m in fed.group.procs.values()]
             console.print(
                 f"SuperLink {fed.superlink.address} (TLS + node auth), "
-                f"{len(pids)} processes; 3 SuperNodes online"
+                f"{len(pids)} processes; 3 site workers and 3 SuperNodes online"
             )
             with round_progress(console, rounds) as on_line:
                 rc = fed.run(run_config, on_line=on_line, timeout=timeout)
@@ -111,6 +117,10 @@ def deploy_local(
             err_console.print(f"[red]processes still alive: {left}[/]")
     console.print(summary_table(read_rounds(run_dir)))
     console.print(f"run directory: [bold]{run_dir}[/]; all {len(pids)} processes stopped")
+    console.print(
+        "what each hospital's worker was asked, refused and sent: medfed site audit show "
+        f"{deploy_dir / 'volumes' / 'hospital-1-state'} (and -2, -3)"
+    )
 
 
 def register(app: typer.Typer) -> None:

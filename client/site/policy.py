@@ -656,7 +656,7 @@ class SitePolicy:
             policy = cls.from_dict(data)
         except ConfigError as exc:
             raise ConfigError(f"{p}: {exc}") from None
-        log.info("site policy %s loaded (digest %s)", p, policy.digest()[:16])
+        log.debug("site policy %s loaded (digest %s)", p, policy.digest()[:16])
         return policy
 
     # ------------------------------------------------------------------ display
