@@ -299,8 +299,10 @@ def reply_schema(
         return ReplySchema(checks, frozenset({wire.METRICS_RECORD}))
     if message_type != MessageType.TRAIN:
         raise EgressRefused(wire.MESSAGE_TYPE, "no reply schema for this message type")
+    validation = (run.task, run.num_classes) if run.evaluate_in_train else None
     train_metrics = _metrics_check(
-        wire.train_metric_rules(dp=run.dp_enabled, faults=_faults_on(run)), allowed_metrics
+        wire.train_metric_rules(dp=run.dp_enabled, faults=_faults_on(run), validation=validation),
+        allowed_metrics,
     )
     try:
         stage = stage_of(request)

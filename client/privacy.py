@@ -20,8 +20,8 @@ Privacy model (DESIGN section 5):
   the hospital restores it or resets it explicitly (``medfed budget reset``).
 - Before a round the site computes the epsilon its planned steps would reach
   (accountant over the ledger history plus the planned steps) and refuses with
-  :class:`PrivacyBudgetError` if that crosses its ceiling ``dp-max-epsilon`` (node
-  config, set by the hospital).
+  :class:`PrivacyBudgetError` if that crosses its ceiling ``max-epsilon`` (the site
+  policy, set by the hospital; client/site/policy.py).
 - The noise multiplier is either given (``dp.noise-multiplier``) or derived once per
   run from ``dp.target-epsilon`` over the whole planned training (all rounds x local
   epochs) with ``opacus.accountants.utils.get_noise_multiplier``, then stored in the
@@ -700,7 +700,7 @@ def check_budget(history: History, plan: DPPlan, *, max_epsilon: float) -> float
         raise PrivacyBudgetError(
             f"privacy budget: this round would take epsilon from {spent:.3f} to "
             f"{projected:.3f} (delta {plan.delta:.2e}), above this site's ceiling "
-            f"dp-max-epsilon={max_epsilon:g}; the site refuses to train"
+            f"max-epsilon={max_epsilon:g} (site policy); the site refuses to train"
         )
     return projected
 

@@ -10,7 +10,7 @@ with learning rate ``eta`` the site updates its variate with option II::
 
 and replies with ``delta_c_i = c_i+ - c_i`` next to its model. ``c_i`` belongs to the
 site: it is kept in the site's ``state-dir`` (each ClientApp message may run in a fresh
-process), keyed by project and dataset fingerprint, written atomically.
+process), keyed by the dataset fingerprint (as the privacy ledger), written atomically.
 
 Variates cover the trainable parameters only (not buffers), float32, on the CPU.
 """

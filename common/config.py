@@ -142,6 +142,15 @@ class RunConfig:
             "mixed precision (bfloat16 autocast) for local training; only with dp.enabled=false",
         ),
     )
+    evaluate_in_train: bool = field(
+        default=True,
+        metadata=_key(
+            "evaluate-in-train",
+            "sites evaluate the received global model on their validation split inside the "
+            "train message (no separate evaluate exchange per round); the evaluate message "
+            "then runs only for the final model",
+        ),
+    )
     min_sites: int = field(
         default=3, metadata=_key("min-sites", "sites that must connect before round 1", _positive)
     )

@@ -197,18 +197,23 @@ def _bits(value: float) -> int:
     return int(struct.unpack("<Q", struct.pack("<d", value))[0])
 
 
-def train_metric_rules(*, dp: bool, faults: bool) -> MetricRules:
+def train_metric_rules(
+    *, dp: bool, faults: bool, validation: tuple[str, int] | None = None
+) -> MetricRules:
     """Metrics of a train reply (plaintext, or the advertise-keys stage of SecAgg+).
 
     ``num-examples``, ``train-loss``, ``train-steps``, ``train-seconds``; with DP also
     ``epsilon``, ``delta``, ``dp-noise-multiplier``; in a run with injected faults
-    (simulation) also ``fault-delay-seconds``.
+    (simulation) also ``fault-delay-seconds``; with ``evaluate-in-train``
+    (``validation=(task, num_classes)``) also ``val-<name>`` of the run's task.
     """
     rules = dict(_TRAIN_RULES)
     if dp:
         rules |= _DP_RULES
     if faults:
         rules |= _FAULT_RULES
+    if validation is not None:
+        rules |= {f"val-{name}": _VAL_RULE for name in task_metric_names(*validation)}
     return rules
 
 

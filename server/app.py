@@ -133,6 +133,9 @@ def main(grid: Grid, context: Context) -> None:
         min_replies=run.min_replies,
         min_sites=run.min_sites,
         sample_timeout=min(run.connect_timeout, SAMPLE_WAIT_SECONDS),
+        # evaluate-in-train: the sites validate each global model inside the next train
+        # message; only the final model needs its own evaluate exchange.
+        evaluate_rounds=frozenset({run.num_server_rounds}) if run.evaluate_in_train else None,
     )
     dp_noise = dp_noise_label(dp_enabled=run.dp_enabled, reproducible=run.dp_reproducible_noise)
     if run.dp_enabled and run.dp_reproducible_noise:

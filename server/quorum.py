@@ -55,6 +55,8 @@ class QuorumStrategy(Strategy):
         that are connected, >= 0.
     poll : float
         Seconds between connection checks, > 0.
+    evaluate_rounds : frozenset[int] or None
+        Rounds with an evaluate exchange; None for every round.
 
     Raises
     ------
@@ -71,6 +73,7 @@ class QuorumStrategy(Strategy):
         min_sites: int,
         sample_timeout: float,
         poll: float = 1.0,
+        evaluate_rounds: frozenset[int] | None = None,
     ) -> None:
         if min_replies < 1:
             raise ConfigError(f"min_replies must be >= 1, got {min_replies}")
@@ -85,6 +88,7 @@ class QuorumStrategy(Strategy):
         self.min_sites = min_sites
         self.sample_timeout = sample_timeout
         self.poll = poll
+        self.evaluate_rounds = evaluate_rounds
         self._originals = {a: getattr(inner, a) for a in _MIN_ATTRS if hasattr(inner, a)}
 
     def summary(self) -> None:
@@ -130,7 +134,13 @@ class QuorumStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample among connected sites only (bounded wait), then delegate."""
+        """Sample among connected sites only (bounded wait), then delegate.
+
+        Sends nothing in rounds outside ``evaluate_rounds`` (``evaluate-in-train``: the
+        sites evaluated the global model inside the next train message already).
+        """
+        if self.evaluate_rounds is not None and server_round not in self.evaluate_rounds:
+            return []
         self._adapt(self.connected_sites(grid))
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 

@@ -33,6 +33,7 @@ import matplotlib.pyplot as plt
 
 from common.errors import DataNotFoundError
 from server.runlog import DP_NOISE_REPRODUCIBLE
+from simulation.summary import site_validation
 
 REPORT_DIR = "report"
 REPORT_HTML = "report.html"
@@ -86,7 +87,7 @@ def plot_metrics(rounds: list[dict[str, Any]], path: Path, names: dict[str, str]
         ys = [_num(r.get("global", {}).get(key)) for r in rounds]
         if any(math.isfinite(y) for y in ys):
             left.plot(xs, ys, style, label=f"global {label} (held-out set)")
-    ev = [(r["round"], r.get("evaluate", {})) for r in rounds if "evaluate" in r]
+    ev = sorted(site_validation(rounds).items())
     mean_site = [(x, _num(p.get("metrics", {}).get("val-accuracy"))) for x, p in ev]
     if mean_site:
         left.plot(
@@ -292,12 +293,13 @@ def write_run_report(run_dir: Path) -> Path:
     plot_time(rounds, out / "time.png")
     cfg_path = run_dir / "config.json"
     config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    validated = site_validation(rounds)
     per_round = [
         [
             r["round"],
             _f(r.get("global", {}).get("accuracy")),
             _f(r.get("global", {}).get("auroc")),
-            _f(r.get("evaluate", {}).get("metrics", {}).get("val-accuracy")),
+            _f(validated.get(r["round"], {}).get("metrics", {}).get("val-accuracy")),
             _f(r.get("train", {}).get("metrics", {}).get("train-loss")),
             len(r.get("train", {}).get("replied", [])),
             "; ".join(

@@ -60,13 +60,39 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return "-" if v is None else f"{float(v):.{digits}f}"
 
 
+def site_validation(rounds: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Return the sites' local validation of the global model after each round.
+
+    ``{round: {"metrics": aggregated val-*, "sites": {node: val-*}}}`` from round r's
+    evaluate phase or, with ``evaluate-in-train``, from the ``val-*`` metrics of round
+    r+1's train replies, which evaluated the global model of round r (round 0: the
+    initial model).
+    """
+    out: dict[int, dict[str, Any]] = {}
+    for r in rounds:
+        tr = r.get("train", {})
+        folded = {k: v for k, v in tr.get("metrics", {}).items() if k.startswith("val-")}
+        if folded and r["round"] > 0:
+            sites = {
+                node: {k: v for k, v in m.items() if k.startswith("val-")}
+                for node, m in tr.get("sites", {}).items()
+            }
+            out[r["round"] - 1] = {"metrics": folded, "sites": sites}
+    for r in rounds:
+        ev = r.get("evaluate", {})
+        if ev.get("metrics"):
+            out[r["round"]] = {"metrics": ev["metrics"], "sites": ev.get("sites", {})}
+    return out
+
+
 def summary_table(rounds: list[dict[str, Any]]) -> Table:
     """Per-round global validation accuracy and AUROC, local metrics, drops and timing."""
     table = Table(
         title="medfed: per-round results",
         caption="val = global model on the held-out validation split; site acc = mean "
-        "local validation accuracy at the sites; max ε = largest cumulative epsilon of "
-        "any site; lost = sites dropped or failed",
+        "local validation accuracy at the sites (of the round's global model; with "
+        "evaluate-in-train measured in the next train message); max ε = largest "
+        "cumulative epsilon of any site; lost = sites dropped or failed",
     )
     for col, justify in (
         ("round", "right"),
@@ -90,9 +116,11 @@ def summary_table(rounds: list[dict[str, Any]]) -> Table:
             "medfed: per-round results: NOT PRIVATE (dp.reproducible-noise: DP noise "
             "seeded from the run config)"
         )
+    validated = site_validation(rounds)
     for r in rounds:
         g = r.get("global", {})
-        tr, ev = r.get("train", {}), r.get("evaluate", {})
+        tr = r.get("train", {})
+        ev = validated.get(r["round"], {})
         lost = len(tr.get("dropped", [])) + len(tr.get("failed", {}))
         extra = [_fmt(g.get("dice")), _fmt(ev.get("metrics", {}).get("val-dice"))] if dice else []
         table.add_row(

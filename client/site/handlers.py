@@ -160,8 +160,32 @@ def dp_randomness(job: Job) -> DPRandomness:
     return DPRandomness.seeded(_round_seed(job), job.device)
 
 
-def train_content(job: Job) -> RecordDict:
-    """Train the global model on the site's ``train`` split; return the reply content."""
+def local_validation(job: Job) -> dict[str, float]:
+    """Evaluate the job's model on the site's ``val`` split: ``{"val-<metric>": value}``.
+
+    The metrics of the run's task (common/evaluation.py), before rounding.
+    """
+    split = job.data.load("val")
+    metrics = evaluate_task(
+        job.run.task, job.model, split.images, split.labels, batch_size=64, device=job.device
+    )
+    return {f"val-{k}": float(v) for k, v in metrics.items() if k != "num-examples"}
+
+
+def train_content(job: Job, *, evaluate_first: bool = False) -> RecordDict:
+    """Train the global model on the site's ``train`` split; return the reply content.
+
+    Parameters
+    ----------
+    job : Job
+        The prepared message.
+    evaluate_first : bool
+        ``evaluate-in-train``: first evaluate the received global model on the site's
+        ``val`` split and add its ``val-*`` metrics to the reply, which saves the
+        coordinator a separate evaluate exchange in this round.
+    """
+    validation = local_validation(job) if evaluate_first else {}
+    job.model.train()  # evaluation left it in eval mode; Opacus needs training mode
     split = job.data.load("train")
     generator = torch.Generator().manual_seed(_round_seed(job))
     loader = make_train_loader(split, batch_size=job.run.batch_size, generator=generator)
@@ -216,6 +240,7 @@ def train_content(job: Job) -> RecordDict:
         "train-loss": stats.loss,
         "train-steps": stats.steps,
         "train-seconds": stats.seconds,
+        **validation,
     }
     if priv.plan is not None:
         values |= {
@@ -269,12 +294,8 @@ def evaluate_content(job: Job) -> RecordDict:
     Metrics are rounded to the policy's ``metric-decimals`` so a coordinator evaluating
     crafted models cannot read the validation images out bit by bit.
     """
-    split = job.data.load("val")
-    metrics = evaluate_task(
-        job.run.task, job.model, split.images, split.labels, batch_size=64, device=job.device
-    )
-    values: dict[str, int | float] = {"num-examples": len(split)}
-    values |= {f"val-{k}": float(v) for k, v in metrics.items() if k != "num-examples"}
+    values: dict[str, int | float] = {"num-examples": job.data.count("val")}
+    values |= local_validation(job)
     record = MetricRecord(outgoing_metrics(values, job.policy))
     return RecordDict({"metrics": record})
 
@@ -369,13 +390,19 @@ def error_reply(msg: Message, exc: BaseException) -> Message:
     return Message(Error(code=int(code), reason=fixed_reason(code, detail)), reply_to=msg)
 
 
-def make_handler(policy: SitePolicy) -> Callable[[Message, Context], Message]:
+def make_handler(
+    policy: SitePolicy, *, may_evaluate: Callable[[Job], bool] | None = None
+) -> Callable[[Message, Context], Message]:
     """Return the innermost callable of the site service's mod chain: train or evaluate.
 
     Parameters
     ----------
     policy : SitePolicy
         The site's policy (ceiling, delta, noise floor, metric rounding).
+    may_evaluate : Callable[[Job], bool], optional
+        Whether the policy's evaluation limits allow the ``evaluate-in-train``
+        validation of this train message (the service counts evaluations per run);
+        if it says no, the site trains and replies without ``val-*`` metrics.
 
     Returns
     -------
@@ -388,7 +415,14 @@ def make_handler(policy: SitePolicy) -> Callable[[Message, Context], Message]:
         try:
             job = prepare(msg.content, context, policy=policy)
             if msg.metadata.message_type == MessageType.TRAIN:
-                return Message(content=train_content(job), reply_to=msg)
+                evaluate_first = (
+                    job.run.evaluate_in_train
+                    and "val" in job.data.splits
+                    and (may_evaluate is None or may_evaluate(job))
+                )
+                return Message(
+                    content=train_content(job, evaluate_first=evaluate_first), reply_to=msg
+                )
             return Message(content=evaluate_content(job), reply_to=msg)
         except Exception as exc:  # every failure becomes a fixed-reason reply
             return error_reply(msg, exc)

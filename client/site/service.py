@@ -47,7 +47,7 @@ from client.faults import InjectedFault, fault_injection
 from client.secagg_mod import ERROR_CODE as SECAGG_ERROR_CODE
 from client.secagg_mod import secagg_mod
 from client.site.audit import AuditLog
-from client.site.handlers import error_reply, make_handler
+from client.site.handlers import Job, error_reply, make_handler
 from client.site.policy import PolicyRefusal, SitePolicy
 from common.config import NodeConfig, RunConfig
 from common.errors import ConfigError, MedfedError
@@ -160,7 +160,7 @@ class SiteService:
     def __init__(self, *, policy: SitePolicy, simulated: bool) -> None:
         self.policy = policy
         self.simulated = simulated
-        inner: Handler = make_handler(policy)
+        inner: Handler = make_handler(policy, may_evaluate=self._may_evaluate_in_train)
         if simulated:
             handler = inner
 
@@ -274,16 +274,22 @@ class SiteService:
         node = NodeConfig.from_node_config(context.node_config)
         data = SiteDataset(node.resolve_dataset_dir(run))
         num_images = data.count("val") if "val" in data.splits else 0
-        done = 0
-        if audit is not None:
-            done = sum(
-                1
-                for e in audit.entries()
-                if e.get("event") == "reply"
-                and e.get("run-id") == context.run_id
-                and e.get("message-type") == MessageType.EVALUATE
+        self.policy.check_evaluation(
+            evaluations_so_far=_evaluations(audit, context.run_id), num_images=num_images
+        )
+
+    def _may_evaluate_in_train(self, job: Job) -> bool:
+        """Return whether the policy's evaluation limits allow a folded validation now."""
+        audit = AuditLog(job.node.resolve_state_dir(job.run))
+        try:
+            self.policy.check_evaluation(
+                evaluations_so_far=_evaluations(audit, job.run_id),
+                num_images=job.data.count("val"),
             )
-        self.policy.check_evaluation(evaluations_so_far=done, num_images=num_images)
+        except PolicyRefusal as exc:
+            log.warning("no validation in this train reply: %s", exc)
+            return False
+        return True
 
     def _egress(
         self, msg: Message, reply: Message, context: Context, stage: str | None
@@ -332,6 +338,23 @@ class SiteService:
         except ValueError:
             detail, reason = "", fixed_reason(code)
         return _Outcome(Message(Error(code=int(code), reason=reason), reply_to=msg), code, detail)
+
+
+def _evaluations(audit: AuditLog | None, run_id: int) -> int:
+    """Count the replies of run ``run_id`` that carried validation metrics.
+
+    Counts evaluate replies and train replies with ``evaluate-in-train`` alike: each
+    evaluated a model the coordinator chose on the site's validation images.
+    """
+    if audit is None:
+        return 0
+    return sum(
+        1
+        for e in audit.entries()
+        if e.get("event") == "reply"
+        and e.get("run-id") == run_id
+        and any(str(k).startswith("val-") for k in e.get("records", {}).get("metrics", []))
+    )
 
 
 def _details(reason: str, code: ReplyCode) -> list[str]:

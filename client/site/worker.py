@@ -190,6 +190,29 @@ class UndecodableRequestError(MedfedError, ValueError):
     """A request on the socket that is not a Flower message (answered INVALID_ARGUMENT)."""
 
 
+class _OutsideTheApi(grpc.GenericRpcHandler):
+    """Answer any method outside the site API: audit the refusal, then UNIMPLEMENTED."""
+
+    def __init__(self, worker: SiteWorker) -> None:
+        self.worker = worker
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[bytes, bytes] | None:
+        def refuse(request: bytes, context: grpc.ServicerContext) -> bytes:
+            # The method name is the caller's free text: it goes to neither log nor audit.
+            log.warning("refusing a call to a method outside the site API")
+            AuditLog(self.worker.config.state_dir).append(
+                "refusal", code="bad-request", detail="method"
+            )
+            context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, fixed_reason(ReplyCode.BAD_REQUEST, "method")
+            )
+            raise AssertionError("unreachable: abort raises")
+
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+
 def _prepare_socket(path: Path) -> None:
     """Make sure ``path`` can be bound: a stale socket is removed, anything else refused.
 
@@ -256,7 +279,10 @@ def start_server(worker: SiteWorker, *, max_threads: int = 4) -> grpc.Server:
         futures.ThreadPoolExecutor(max_workers=max_threads), options=list(api.GRPC_OPTIONS)
     )
     server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(api.SERVICE, {m: unary(m) for m in api.METHODS}),)
+        (
+            grpc.method_handlers_generic_handler(api.SERVICE, {m: unary(m) for m in api.METHODS}),
+            _OutsideTheApi(worker),
+        )
     )
     old = os.umask(0o177)
     try:

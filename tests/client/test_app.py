@@ -85,3 +85,22 @@ def test_dataset_that_does_not_fit_the_run_is_refused(site):
 def test_arrays_of_another_model_are_refused(site):
     with pytest.raises(ModelError, match="expects"):
         prepare_(_content(get_model("cnn", width=16)), _context(site))
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_evaluate_in_train_validates_the_received_model_before_training(site, fold):
+    # Prepare: the global model the coordinator sends
+    model = get_model("cnn")
+    ctx = _context(site, **{"batch-size": 8, "dp.enabled": False, "evaluate-in-train": fold})
+    expected = evaluate_content(prepare_(_content(model), ctx)).metric_records["metrics"]
+    # Execute
+    job = prepare_(_content(model), ctx)
+    reply = train_content(job, evaluate_first=job.run.evaluate_in_train)
+    # Assert: the train reply carries the evaluate message's validation of the same model
+    metrics = reply.metric_records["metrics"]
+    val = {k: v for k, v in metrics.items() if k.startswith("val-")}
+    if fold:
+        assert val == {k: v for k, v in expected.items() if k.startswith("val-")}
+        assert val["val-accuracy"] == pytest.approx(expected["val-accuracy"])
+    else:
+        assert val == {}

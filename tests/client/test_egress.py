@@ -230,11 +230,26 @@ def test_metric_values_outside_their_range_are_refused(run, key, value):
     _assert_refused(reply, "metric-value")
 
 
+def test_evaluate_in_train_admits_exactly_the_tasks_validation_metrics_in_train_replies():
+    # Prepare: a train reply that also validated the received global model
+    metrics = _train_metrics(**{"val-accuracy": 0.5, "val-auroc": 0.75, "val-loss": 0.6})
+    # Execute
+    reply = _guard(_plain_train(metrics=metrics), run=RUN | {"evaluate-in-train": True})
+    # Assert
+    assert not reply.has_error()
+
+
 @pytest.mark.parametrize(
     ("run", "message_type", "metrics"),
     [
         (RUN, MessageType.TRAIN, _train_metrics(epsilon=1.0)),  # DP metric without DP
-        (RUN, MessageType.TRAIN, _train_metrics(**{"val-accuracy": 0.5})),  # eval in train
+        # validation in a train reply of a run without evaluate-in-train
+        (
+            RUN | {"evaluate-in-train": False},
+            MessageType.TRAIN,
+            _train_metrics(**{"val-accuracy": 0.5}),
+        ),
+        (RUN, MessageType.TRAIN, _train_metrics(**{"val-dice": 0.5})),  # not the task's
         (RUN, MessageType.EVALUATE, _eval_metrics(**{"train-loss": 0.5})),  # train in eval
         (RUN, MessageType.EVALUATE, _eval_metrics(**{"val-dice": 0.5})),  # not the task's
         (DP_RUN, MessageType.EVALUATE, _eval_metrics(epsilon=1.0)),

@@ -174,6 +174,9 @@ def test_a_tampered_relay_cannot_reach_raw_data_or_fields_outside_the_api(worker
     with pytest.raises(grpc.RpcError) as info:
         call_worker(str(worker.socket), "ExportImages", b"", timeout=10)
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert {"event": "refusal", "code": "bad-request", "detail": "method"}.items() <= _audit(
+        worker
+    )[-1].items()
     # (b) bytes that are not a message
     with pytest.raises(grpc.RpcError) as info:
         call_worker(str(worker.socket), api.TRAIN, b"\x00\xff" * 8, timeout=10)

@@ -110,18 +110,22 @@ def train(msg: Message, context: Context) -> Message:
     run_config = dict(context.run_config)
     base = {name: msg.content[name] for name in ("arrays", "config")}
 
-    def ask(content: RecordDict, message_type: str | None = None, **cfg: Any) -> dict[str, Any]:
+    def ask(
+        content: RecordDict, message_type: str | None = None, cfg: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         request = _variant(msg, content, message_type)
-        return _obtained(relay(request, {**run_config, **cfg}, socket=socket))
+        return _obtained(relay(request, {**run_config, **(cfg or {})}, socket=socket))
 
     report: dict[str, Any] = {"run-id": int(context.run_id)}
     report["node-config"] = _node_config_attempt(context)
     report["export-images"] = _export_attempt(socket)
     export = ConfigRecord({"what": "train-images"})
     report["extra-record"] = ask(RecordDict({**base, "export": export}))
-    report["dp-off"] = ask(RecordDict(base), **{"dp.enabled": False})
-    report["weak-noise"] = ask(RecordDict(base), **{"dp.noise-multiplier": 0.1})
-    report["over-budget"] = ask(RecordDict(base), **{"dp.noise-multiplier": 0.6, "local-epochs": 5})
+    report["dp-off"] = ask(RecordDict(base), cfg={"dp.enabled": False})
+    report["weak-noise"] = ask(RecordDict(base), cfg={"dp.noise-multiplier": 0.1})
+    report["over-budget"] = ask(
+        RecordDict(base), cfg={"dp.noise-multiplier": 0.6, "local-epochs": 5}
+    )
     report["evaluations"] = [
         ask(RecordDict(base), MessageType.EVALUATE) for _ in range(EVALUATIONS)
     ]

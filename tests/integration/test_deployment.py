@@ -210,7 +210,7 @@ REFUSED = {
 }
 
 
-@pytest.mark.slow  # a second federated run, and hospital 3 restarted (~165 s on 2 loaded cores)
+@pytest.mark.slow  # a second federated run (+ hospital 3 restarted): 140-165 s on 2 cores
 def test_tampered_clientapp_gets_nothing_from_the_site_worker(
     federation: LocalFederation, tmp_path: Path
 ):
@@ -290,7 +290,7 @@ def test_tampered_clientapp_gets_nothing_from_the_site_worker(
         )
         for i, d in state_dirs.items()
     }
-    verified = {i: (proc.communicate(timeout=180)[0], proc.returncode) for i, proc in verify.items()}
+    verified = {i: (p.communicate(timeout=180)[0], p.returncode) for i, p in verify.items()}
     for i, report in reports.items():
         entries = _audit(state_dirs[i], report["run-id"])
         # one request entry per relayed message; the unknown gRPC method (b) is answered

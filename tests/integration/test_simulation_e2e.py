@@ -2,7 +2,7 @@
 
 DP and secure aggregation are on (the defaults). With a fixed noise multiplier of 0.7,
 batch size 64 and 2 local epochs per round, the sites of the seeded Dirichlet(0.5) split
-(3077, 873 and 287 training images) reach the default site ceiling dp-max-epsilon = 10
+(3077, 873 and 287 training images) reach the default site ceiling max-epsilon = 10 (site policy)
 at different rounds
 (see `medfed budget forecast`): the smallest site must refuse round 2 (before any
 training step), and the run must carry on, securely aggregating the two other sites.

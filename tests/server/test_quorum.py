@@ -149,3 +149,18 @@ def test_every_round_line_says_how_dp_noise_was_drawn(tmp_path, dp, reproducible
     strategy.make_evaluate_fn(None)(0, ArrayRecord())
     line = json.loads((tmp_path / "rounds.jsonl").read_text().splitlines()[0])
     assert line["dp-noise"] == label
+
+
+def test_evaluate_exchange_only_in_the_listed_rounds(arrays):
+    # Prepare: evaluate-in-train, 3 rounds: only the final model gets an evaluate message
+    strategy = QuorumStrategy(
+        _fedavg(3), min_replies=1, min_sites=3, sample_timeout=0.0,
+        evaluate_rounds=frozenset({3}),
+    )  # fmt: skip
+    grid = ConnectedGrid([1, 2, 3])
+    # Execute
+    early = list(strategy.configure_evaluate(2, arrays, ConfigRecord(), grid))
+    final = list(strategy.configure_evaluate(3, arrays, ConfigRecord(), grid))
+    # Assert
+    assert early == []
+    assert len(final) == 3

@@ -123,3 +123,24 @@ def test_experiment_report_writes_ratio_plots_and_table(tmp_path):
 def test_report_of_a_folder_without_a_round_log_explains(tmp_path):
     with pytest.raises(DataNotFoundError, match=r"rounds\.jsonl"):
         write_run_report(tmp_path)
+
+
+def test_site_validation_takes_folded_metrics_for_the_previous_rounds_model():
+    from simulation.summary import site_validation
+
+    # Prepare: evaluate-in-train: round r's train replies validated round r-1's model;
+    # the final round also has its own evaluate exchange
+    rounds = [
+        {"round": 0, "global": {}},
+        {"round": 1, "train": {"metrics": {"val-accuracy": 0.5, "train-loss": 1.0},
+                               "sites": {"7": {"val-accuracy": 0.4}}}},
+        {"round": 2, "train": {"metrics": {"val-accuracy": 0.6}, "sites": {}},
+         "evaluate": {"metrics": {"val-accuracy": 0.7}, "sites": {"7": {"val-accuracy": 0.7}}}},
+    ]  # fmt: skip
+    # Execute
+    validated = site_validation(rounds)
+    # Assert
+    assert validated[0]["metrics"] == {"val-accuracy": 0.5}
+    assert validated[0]["sites"] == {"7": {"val-accuracy": 0.4}}
+    assert validated[1]["metrics"] == {"val-accuracy": 0.6}
+    assert validated[2]["metrics"] == {"val-accuracy": 0.7}
