@@ -134,7 +134,13 @@ def summarise(rounds: list[dict[str, Any]], n_params: int) -> dict[str, Any]:
     per_round = []
     for r in rounds:
         train = r["train"]
-        slowest = max(float(s["train-seconds"]) for s in train["sites"].values())
+        seconds = [float(s["train-seconds"]) for s in train["sites"].values()]
+        if not seconds:  # a failed round: keep why, measure nothing
+            per_round.append(
+                {"round": r["round"], "error": r.get("error"), "failed": train["failed"]}
+            )
+            continue
+        slowest = max(seconds)
         replied = len(train["replied"])
         per_round.append(
             {
@@ -148,11 +154,14 @@ def summarise(rounds: list[dict[str, Any]], n_params: int) -> dict[str, Any]:
                 "bytes_up_per_site_over_4p": round(train["bytes-up"] / replied / (4 * n_params), 4),
             }
         )
+    ok = [p for p in per_round if "overhead_seconds" in p]
+    if not ok:
+        raise SystemExit(f"no round completed: {per_round}")
     return {
         "rounds": per_round,
-        "median_overhead_seconds": statistics.median(p["overhead_seconds"] for p in per_round),
+        "median_overhead_seconds": statistics.median(p["overhead_seconds"] for p in ok),
         "median_wall_over_slowest_train": statistics.median(
-            p["wall_over_slowest_train"] for p in per_round
+            p["wall_over_slowest_train"] for p in ok
         ),
     }
 
