@@ -26,7 +26,9 @@ Nothing in this module trusts the run config: it is the coordinator's.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -380,12 +382,27 @@ def _request_fields(msg: Message, context: Context) -> dict[str, Any]:
         "round": server_round if isinstance(server_round, int) else None,
         "message-type": str(msg.metadata.message_type)[:32],
         "stage": stage,
-        "model": str(rc.get("model", ""))[:64],
-        "project": str(rc.get("project", ""))[:64],
+        "model": _name(rc.get("model", "")),
+        "project": _name(rc.get("project", "")),
         "dp": rc.get("dp.enabled"),
         "secagg": rc.get("secagg.enabled"),
         "bytes-in": _nbytes(msg.content) if msg.has_content() else 0,
     }
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def _name(value: object) -> str:
+    """Return a coordinator-chosen name as the audit log records it.
+
+    A plain name as is, anything else as ``sha256:<16 hex>``: free text from the
+    coordinator is never written verbatim.
+    """
+    text = str(value)
+    if _NAME.match(text):
+        return text
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _run_fields(fields: Mapping[str, Any]) -> dict[str, Any]:

@@ -251,3 +251,14 @@ def test_a_metric_the_policy_does_not_allow_never_leaves(tmp_path):
         assert all("val-auroc" not in e["records"].get("metrics", []) for e in left)
     finally:
         _stop(w)
+
+
+def test_free_text_from_the_coordinator_is_never_written_to_the_audit_log(worker):
+    # Prepare: a project "name" that is a path and markup
+    project = "/etc/passwd [red]x[/red]"
+    # Execute
+    _send(worker, "train", run_id=31, project=project)
+    # Assert
+    entry = next(e for e in _audit(worker) if e.get("run-id") == 31 and e["event"] == "request")
+    assert entry["project"].startswith("sha256:")
+    assert "passwd" not in json.dumps(_audit(worker))
