@@ -92,6 +92,34 @@ def stop_process(proc: subprocess.Popen[bytes], *, name: str, grace: float = 10.
         proc.wait(timeout=grace)
 
 
+def _wait_until(
+    ready: Callable[[], bool],
+    proc: subprocess.Popen[bytes],
+    log_file: Path,
+    timeout: float,
+    *,
+    name: str,
+    what: str,
+) -> None:
+    """Poll ``ready`` every 0.2 s until it is true, ``proc`` exits or ``timeout`` passes.
+
+    Raises
+    ------
+    FederationError
+        If ``proc`` exits first or ``ready`` stays false for ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise FederationError(
+                f"{name} exited with code {proc.returncode} at start-up; see {log_file}"
+            )
+        if ready():
+            return
+        time.sleep(0.2)
+    raise FederationError(f"{name} did not open {what} within {timeout:.0f} s; see {log_file}")
+
+
 def wait_port(
     port: int, proc: subprocess.Popen[bytes], log_file: Path, timeout: float, *, name: str
 ) -> None:
@@ -103,17 +131,12 @@ def wait_port(
         If ``proc`` exits first or the port stays closed for ``timeout`` seconds.
 
     """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise FederationError(
-                f"{name} exited with code {proc.returncode} at start-up; see {log_file}"
-            )
+
+    def ready() -> bool:
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise FederationError(f"{name} did not open port {port} within {timeout:.0f} s; see {log_file}")
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    _wait_until(ready, proc, log_file, timeout, name=name, what=f"port {port}")
 
 
 def wait_socket(
@@ -127,17 +150,12 @@ def wait_socket(
         If ``proc`` exits first or the socket stays closed for ``timeout`` seconds.
 
     """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise FederationError(
-                f"{name} exited with code {proc.returncode} at start-up; see {log_file}"
-            )
+
+    def ready() -> bool:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            if path.exists() and s.connect_ex(str(path)) == 0:
-                return
-        time.sleep(0.2)
-    raise FederationError(f"{name} did not open {path} within {timeout:.0f} s; see {log_file}")
+            return path.exists() and s.connect_ex(str(path)) == 0
+
+    _wait_until(ready, proc, log_file, timeout, name=name, what=str(path))
 
 
 @dataclass

@@ -1,6 +1,5 @@
 """The site's handlers on a real (tiny) site dataset, without a Flower runtime."""
 
-import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, RecordDict
 
@@ -9,26 +8,12 @@ from client.site.simulated import research_policy
 from common.errors import DataError, ModelError
 from common.models import get_model
 from common.records import expected_spec, state_to_record
-from common.site_dataset import SplitArrays, write_site_dataset
+from tests.sites import tiny_site
 
 
 @pytest.fixture
 def site(tmp_path):
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 2, 40)
-    images = rng.random((40, 1, 28, 28)).astype(np.float32)
-    write_site_dataset(
-        tmp_path / "site",
-        task="classification",
-        label_names=["normal", "pneumonia"],
-        splits={
-            "train": SplitArrays.create(images[:30], labels[:30]),
-            "val": SplitArrays.create(images[30:], labels[30:]),
-        },
-        preprocessing={},
-        provenance={},
-    )
-    return tmp_path / "site"
+    return tiny_site(tmp_path / "site")
 
 
 def _content(model=None):

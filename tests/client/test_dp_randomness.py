@@ -5,7 +5,6 @@ partition id. Before this change it could regenerate every Gaussian draw and bat
 a site and subtract the noise from its update. These tests play that coordinator.
 """
 
-import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, RecordDict
@@ -17,27 +16,13 @@ from client.site.simulated import research_policy
 from common.models import get_model
 from common.records import state_to_record
 from common.replies import ReplyCode
-from common.site_dataset import SplitArrays, write_site_dataset
 from tests.server.messages import new_message
+from tests.sites import tiny_site
 
 
 @pytest.fixture
 def site(tmp_path):
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 2, 40)
-    images = rng.random((40, 1, 28, 28)).astype(np.float32)
-    write_site_dataset(
-        tmp_path / "sites" / "site-0",
-        task="classification",
-        label_names=["normal", "pneumonia"],
-        splits={
-            "train": SplitArrays.create(images[:32], labels[:32]),
-            "val": SplitArrays.create(images[32:], labels[32:]),
-        },
-        preprocessing={},
-        provenance={},
-    )
-    return tmp_path / "sites" / "site-0"
+    return tiny_site(tmp_path / "sites" / "site-0", train=32, val=8)
 
 
 def _content():

@@ -42,8 +42,8 @@ from common.secagg.schema import (
     masked_input_reply,
     share_keys_reply,
 )
-from common.site_dataset import SplitArrays, write_site_dataset
 from tests.server.messages import new_message
+from tests.sites import tiny_site
 
 #: A plain run: no secure aggregation, no DP (each test adds what it needs).
 RUN = {"model": "cnn", "num-classes": 2, "secagg.enabled": False, "dp.enabled": False}
@@ -609,21 +609,7 @@ def test_the_site_policy_can_restrict_metrics_further():
 # ======================================== honest replies of today's app still pass
 @pytest.fixture
 def site(tmp_path):
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 2, 40)
-    images = rng.random((40, 1, 28, 28)).astype(np.float32)
-    write_site_dataset(
-        tmp_path / "site",
-        task="classification",
-        label_names=["normal", "pneumonia"],
-        splits={
-            "train": SplitArrays.create(images[:30], labels[:30]),
-            "val": SplitArrays.create(images[30:], labels[30:]),
-        },
-        preprocessing={},
-        provenance={},
-    )
-    return tmp_path / "site"
+    return tiny_site(tmp_path / "site")
 
 
 def _site_handler() -> Handler:

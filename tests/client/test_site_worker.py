@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, RecordDict
@@ -28,8 +27,8 @@ from client.site import api
 from common.models import get_model
 from common.records import state_to_record
 from common.replies import ReplyCode
-from common.site_dataset import SplitArrays, write_site_dataset
 from tests.server.messages import new_message
+from tests.sites import tiny_site
 
 MEDFED = str(Path(sys.executable).parent / "medfed")
 
@@ -43,21 +42,7 @@ class Worker:
 
 
 def _site(path: Path) -> Path:
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 2, 64)
-    images = rng.random((64, 1, 28, 28)).astype(np.float32)
-    write_site_dataset(
-        path,
-        task="classification",
-        label_names=["normal", "pneumonia"],
-        splits={
-            "train": SplitArrays.create(images[:40], labels[:40]),
-            "val": SplitArrays.create(images[40:], labels[40:]),
-        },
-        preprocessing={},
-        provenance={},
-    )
-    return path
+    return tiny_site(path, train=40, val=24)
 
 
 POLICY = """
