@@ -42,6 +42,8 @@ from common.site_dataset import SiteDataset
 
 log = logging.getLogger(__name__)
 
+#: Longest Unix socket path (``sun_path`` is 108 bytes on Linux, NUL included).
+MAX_SOCKET_PATH = 107
 #: Runs whose SecAgg+ state the worker keeps in memory (oldest dropped first).
 MAX_RUNS = 16
 
@@ -219,9 +221,15 @@ def _prepare_socket(path: Path) -> None:
     Raises
     ------
     ConfigError
-        If the path exists and is not a socket, or a live worker listens on it.
+        If the path is too long for a Unix socket, exists and is not a socket, or a live
+        worker listens on it.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise ConfigError(
+            f"--socket path is {len(os.fsencode(path))} bytes; a Unix socket path may have "
+            f"at most {MAX_SOCKET_PATH}: choose a shorter path (e.g. /run/medfed/worker.sock)"
+        )
+    path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)  # no access for others
     try:
         st = os.lstat(path)
     except FileNotFoundError:

@@ -247,3 +247,11 @@ def test_free_text_from_the_coordinator_is_never_written_to_the_audit_log(worker
     entry = next(e for e in _audit(worker) if e.get("run-id") == 31 and e["event"] == "request")
     assert entry["project"].startswith("sha256:")
     assert "passwd" not in json.dumps(_audit(worker))
+
+
+def test_a_socket_path_too_long_for_unix_is_refused_with_a_clear_error(tmp_path):
+    from client.site.worker import _prepare_socket
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="shorter path"):
+        _prepare_socket(tmp_path / ("x" * 120) / "worker.sock")
