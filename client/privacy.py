@@ -147,8 +147,8 @@ class DPRandomness:
             "this run is NOT PRIVATE against anyone who knows the seed (simulation only)"
         )
         return cls(
-            sampling=torch.Generator().manual_seed(seed),
-            noise=torch.Generator(device=device).manual_seed(seed + 7),
+            sampling=torch.Generator().manual_seed(seed),  # reproducible: simulation only
+            noise=torch.Generator(device=device).manual_seed(seed + 7),  # reproducible too
             reproducible=True,
         )
 
@@ -789,7 +789,7 @@ def private_training(
             max_grad_norm=plan.max_grad_norm,
             poisson_sampling=True,
             grad_sample_mode="hooks",
-            noise_generator=randomness.noise,
+            noise_generator=randomness.noise,  # DPRandomness: secrets-seeded every round
         )
         # Secure mode's noise: four draws summed and halved (opacus.optimizers.optimizer.
         # _generate_noise), on the OS-seeded generator.
