@@ -93,7 +93,7 @@ def prepare(content: RecordDict, context: Context, *, policy: SitePolicy) -> Job
     ------
     ConfigError, DataError, ModelError
         Bad config, a site dataset that does not fit the run, or arrays that do not fit
-        the model. Flower turns the exception into an error reply for the server.
+        the model; :func:`make_handler` turns each into a fixed-reason error reply.
 
     """
     run = RunConfig.from_run_config(context.run_config)
