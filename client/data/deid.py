@@ -273,6 +273,7 @@ def identifier_tokens(ds: Dataset) -> set[str]:
     """
     tokens: set[str] = set()
     with warnings.catch_warnings():
+        # pydicom's validation warnings quote header values, which may be PHI.
         warnings.simplefilter("ignore")
         for kw in ("PatientID", "PatientName", "AccessionNumber", "OtherPatientIDs"):
             try:
