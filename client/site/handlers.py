@@ -187,9 +187,9 @@ def train_content(job: Job, *, evaluate_first: bool = False) -> RecordDict:
     validation = local_validation(job) if evaluate_first else {}
     job.model.train()  # evaluation left it in eval mode; Opacus needs training mode
     split = job.data.load("train")
-    # Shuffling of non-DP training only: under DP, private_training replaces this
-    # generator with the round's secrets-seeded one (DPRandomness).
-    generator = torch.Generator().manual_seed(_round_seed(job))  # not DP: see above, secrets
+    # Non-DP shuffling only: under DP, private_training replaces this generator with the
+    # round's secrets-seeded one (DPRandomness).
+    generator = torch.Generator().manual_seed(_round_seed(job))  # DP: secrets-seeded instead
     loader = make_train_loader(split, batch_size=job.run.batch_size, generator=generator)
     optimizer = make_optimizer(
         job.model,
