@@ -374,8 +374,11 @@ def _request_fields(msg: Message, context: Context) -> dict[str, Any]:
     server_round = config.get("server-round") if config is not None else None
     stage = None
     if msg.has_content() and SECAGG_RECORD in msg.content.config_records:
-        raw = msg.content.config_records[SECAGG_RECORD].get("stage")
+        secagg = msg.content.config_records[SECAGG_RECORD]
+        raw = secagg.get("stage")
         stage = raw if isinstance(raw, str) and len(raw) <= 32 else "invalid"
+        if server_round is None:  # later SecAgg+ stages carry the round in their header
+            server_round = secagg.get("round")
     rc = context.run_config
     return {
         "run-id": int(context.run_id),
