@@ -63,7 +63,7 @@ from common import wire
 from common.config import RunConfig
 from common.models import get_model
 from common.records import expected_spec
-from common.replies import ReplyCode, fixed_reason
+from common.replies import ReplyCode, fixed_reason, parse_reason
 from common.secagg.errors import SecAggError
 from common.secagg.params import ADVERTISE, MASKED_INPUT, MASKED_RECORD, RECORD, SHARE_KEYS, UNMASK
 from common.secagg.schema import (
@@ -384,20 +384,7 @@ def check_reply(
 # ---------------------------------------------------------------- error replies
 def _is_fixed(code: int, reason: str) -> bool:
     """Whether ``reason`` is ``fixed_reason(code)`` or ``fixed_reason(code, detail)``."""
-    try:
-        known = ReplyCode(code)
-    except ValueError:
-        return False
-    base = fixed_reason(known)
-    if reason == base:
-        return True
-    detail = reason.removeprefix(f"{base}: ")
-    if detail == reason:
-        return False
-    try:
-        return fixed_reason(known, detail) == reason
-    except ValueError:
-        return False
+    return parse_reason(code, reason) is not None
 
 
 def _is_simulated_fault(error: Error, context: Context) -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import re
 
-__all__ = ["ReplyCode", "fixed_reason", "is_site_refusal"]
+__all__ = ["ReplyCode", "fixed_reason", "is_site_refusal", "parse_reason"]
 
 
 class ReplyCode(enum.IntEnum):
@@ -87,6 +87,36 @@ def fixed_reason(code: ReplyCode, detail: str = "") -> str:
             "'.' and '-', at most 64 characters), never free text"
         )
     return f"{base}: {detail}"
+
+
+def parse_reason(code: int, reason: str) -> str | None:
+    """Return the detail of a fixed reason, or None if ``reason`` is not one.
+
+    Parameters
+    ----------
+    code : int
+        An error reply's code.
+    reason : str
+        Its reason.
+
+    Returns
+    -------
+    str or None
+        ``""`` for ``fixed_reason(code)``, ``detail`` for ``fixed_reason(code, detail)``,
+        None for anything else (an unknown code, free text, a detail that is not a
+        vocabulary name).
+    """
+    try:
+        known = ReplyCode(code)
+    except ValueError:
+        return None
+    base = fixed_reason(known)
+    if reason == base:
+        return ""
+    detail = reason.removeprefix(f"{base}: ")
+    if detail == reason or not _DETAIL.match(detail):
+        return None
+    return detail
 
 
 def is_site_refusal(code: int) -> bool:

@@ -53,7 +53,7 @@ from client.site.handlers import Job, error_reply, make_handler
 from client.site.policy import PolicyRefusal, SitePolicy
 from common.config import NodeConfig, RunConfig
 from common.errors import ConfigError, MedfedError
-from common.replies import ReplyCode, fixed_reason
+from common.replies import ReplyCode, fixed_reason, is_site_refusal, parse_reason
 from common.secagg.errors import SecAggError
 from common.secagg.params import RECORD as SECAGG_RECORD
 from common.secagg.params import SHARE_KEYS
@@ -324,14 +324,12 @@ class SiteService:
             return self._refuse(msg, ReplyCode.SECAGG, stage or "")
         if self.simulated and code == ErrorCode.NODE_UNAVAILABLE:
             return _Outcome(reply, ReplyCode.WORKER_UNAVAILABLE, "injected-dropout")
-        try:
-            known = ReplyCode(code)
-        except ValueError:
-            return self._refuse(msg, ReplyCode.INTERNAL, "")
-        for detail in _details(reason, known):
-            if reason == fixed_reason(known, detail):
-                return _Outcome(reply, known, detail)
-        return self._refuse(msg, known, "")
+        detail = parse_reason(code, reason)
+        if detail is not None:
+            return _Outcome(reply, ReplyCode(code), detail)
+        if is_site_refusal(code):  # a medfed code with free text: keep the code only
+            return self._refuse(msg, ReplyCode(code), "")
+        return self._refuse(msg, ReplyCode.INTERNAL, "")
 
     @staticmethod
     def _refuse(msg: Message, code: ReplyCode, detail: str) -> _Outcome:
@@ -357,15 +355,6 @@ def _evaluations(audit: AuditLog | None, run_id: int) -> int:
         and e.get("run-id") == run_id
         and any(str(k).startswith("val-") for k in e.get("records", {}).get("metrics", []))
     )
-
-
-def _details(reason: str, code: ReplyCode) -> list[str]:
-    """Candidate details of a reason (``"<fixed>: <detail>"``), and the empty one."""
-    base = fixed_reason(code)
-    out = [""]
-    if reason.startswith(base + ": "):
-        out.append(reason[len(base) + 2 :])
-    return out
 
 
 def _request_fields(msg: Message, context: Context) -> dict[str, Any]:
