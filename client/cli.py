@@ -38,7 +38,8 @@ BY PATIENT.
 
 Every file ends ingested or quarantined with a reason (not_dicom, truncated,
 non_image_sop_class, no_pixel_data, unsupported_transfer_syntax,
-undecodable_pixel_data, unlabelled, duplicate, ...). The manifest holds salted hashes
+undecodable_pixel_data, too_large, bad_lut, non_finite_pixels, unlabelled,
+duplicate, ...). The manifest holds salted hashes
 and counts only: no names, IDs, dates or paths. Exit code 1 only when nothing usable
 was found.
 
@@ -51,7 +52,13 @@ SOPInstanceUID,label
 ```
 
 Re-running reuses work: preprocessed files are cached by content hash (`--cache-dir`),
-next to the site's secret salt that keys every hashed identifier. Example:
+next to the site's secret salt that keys every hashed identifier.
+
+OUT must be a new or empty folder; `--force` replaces only a site dataset medfed wrote
+(its manifest.json and arrays, nothing else). OUT may not be, contain or lie inside the
+DICOM export, and may not contain the labels file, the cache or the salt. The dataset,
+the cache and the salt are readable by their owner only (0600 files, 0700 folders).
+Example:
 
 ```
 medfed deid-check /mnt/pacs-export
@@ -62,11 +69,19 @@ medfed ingest /mnt/pacs-export --labels labels.csv --out /srv/medfed/site
 _DEID_HELP = """\
 Report what in a DICOM export could identify a patient (counts only, never values).
 
-Checks every file found by content under DIR for: attributes of the DICOM PS3.15
-Annex E Basic Application Level Confidentiality Profile that are present and
-non-empty (names, IDs, dates, institution, UIDs unless PatientIdentityRemoved=YES,
-...), private tags, BurnedInAnnotation=YES, and identifier-like file or folder names
-(UIDs, dates, long record numbers, or the file's own PatientID/PatientName).
+Checks every file found by content under DIR, every element at every depth (file
+meta, sequence items, private sequences, sequences stored with VR UN), for:
+attributes of DICOM PS3.15 2026c Annex E Table E.1-1 (Basic Application Level
+Confidentiality Profile; the table as the dicom-anonymizer package carries it) that
+are present and non-empty (names, IDs, dates, institution, UIDs unless
+PatientIdentityRemoved=YES, ...), private tags (by block, e.g. (0029,10xx)),
+elements that cannot be read, BurnedInAnnotation=YES, and identifier-like file or
+folder names (UIDs, dates, long record numbers, or the file's own
+PatientID/PatientName).
+
+Findings inside sequences are shown by their path of keywords, item indices as [*]
+(e.g. `RequestAttributesSequence[*] > RequestedProcedureID`; private elements by tag
+number, e.g. `(0009,1010)[*] > PatientName`). `--json` gives every count.
 
 Exit code 0 when nothing was found, 1 when findings exist.
 """
@@ -87,6 +102,13 @@ def _progress() -> Progress:
         console=console,
         transient=False,
     )
+
+
+_SHOWN_ROWS = 40  # rows of a long deid-check table printed; --json has them all
+
+
+def _top(rows: dict[str, int], n: int) -> dict[str, int]:
+    return dict(sorted(rows.items(), key=lambda kv: (-kv[1], kv[0]))[:n])
 
 
 def _counts_table(title: str, rows: Counter[str] | dict[str, int], *, key: str) -> Table:
@@ -161,7 +183,24 @@ def ingest_cmd(
     workers: Annotated[
         int, typer.Option(help="Worker processes [default: min(4, CPUs)].")
     ] = _default_workers(),
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT.")] = False,
+    max_file_mib: Annotated[
+        int | None,
+        typer.Option(
+            help="Per-file memory budget in MiB: a file whose size, gunzipped or deflated "
+            "content, or declared decoded pixel data is larger is quarantined as too_large "
+            "before decoding [default: derived from --workers so that all workers fit in "
+            "a third of a 24 GB site, e.g. 762 MiB with 2 workers].",
+            min=1,
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace OUT if it is a site dataset medfed wrote (never any other folder); "
+            "the new one is written beside it and swapped in.",
+        ),
+    ] = False,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the manifest summary as JSON on stdout.")
     ] = False,
@@ -187,6 +226,7 @@ def ingest_cmd(
             salt_file=salt_file,
             workers=workers,
             overwrite=force,
+            max_file_bytes=max_file_mib * 1024**2 if max_file_mib is not None else None,
         )
         with _progress() as bar:
             task_id = bar.add_task("ingesting", total=None)
@@ -261,14 +301,29 @@ def deid_check_cmd(
     else:
         out_console.print(
             f"checked {d['files_checked']} DICOM files of {d['files_seen']} files; "
-            f"{d['files_with_findings']} with findings"
+            f"{d['files_with_findings']} with findings, {d['files_only_nested']} with "
+            "attributes only inside sequences"
         )
+        out_console.print(f"attribute list: {d['profile']}")
         if d["attributes"]:
-            out_console.print(
-                _counts_table("Annex E attributes present", d["attributes"], key="attribute")
-            )
+            attrs = Table(title="Table E.1-1 attributes present")
+            for name in ("attribute", "files", "inside sequences", "only inside sequences"):
+                attrs.add_column(name, justify="left" if name == "attribute" else "right")
+            for name, n in sorted(d["attributes"].items(), key=lambda kv: (-kv[1], kv[0])):
+                nested = (d["nested_attributes"].get(name, 0), d["only_nested"].get(name, 0))
+                attrs.add_row(name, str(n), *(str(v) for v in nested))
+            out_console.print(attrs)
+        for title, key, rows in (
+            ("Inside sequences (item indices as [*])", "path", d["nested_paths"]),
+            ("Private blocks (tag numbers)", "block", d["private_blocks"]),
+        ):
+            if rows:
+                out_console.print(_counts_table(title, _top(rows, _SHOWN_ROWS), key=key))
+                if len(rows) > _SHOWN_ROWS:
+                    out_console.print(f"... {len(rows) - _SHOWN_ROWS} more; --json lists all")
         other = {
             "private tags": d["private_tag_files"],
+            "unreadable elements": d["unreadable_files"],
             "BurnedInAnnotation = YES": d["burned_in_annotation"],
             **{f"file name: {k}": v for k, v in d["filename_identifiers"].items()},
         }

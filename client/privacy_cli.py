@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -16,6 +17,15 @@ from common.config import ACCOUNTANTS
 
 console = Console()
 err = Console(stderr=True)
+
+#: Limits of ``medfed budget forecast`` (documented in its help): a plan outside them is
+#: refused before any accounting, which for a billion rounds would never finish.
+MAX_FORECAST_ROUNDS = 100_000
+MAX_FORECAST_EXAMPLES = 10**9
+MAX_FORECAST_EPOCHS = 1_000
+#: Rows of the forecast table: longer plans show this many rounds, evenly spaced,
+#: always including the first and the last (each row is one accountant evaluation).
+FORECAST_ROWS = 20
 
 budget_app = typer.Typer(
     help="Privacy budget of this site: spent per dataset (show), planned (forecast), and an "
@@ -80,6 +90,64 @@ def show(
     console.print(table)
 
 
+def forecast_problem(
+    *,
+    examples: int,
+    rounds: int,
+    batch_size: int,
+    epochs: int,
+    noise_multiplier: float,
+    target_epsilon: float,
+    delta: float,
+    accountant: str,
+) -> str | None:
+    """Return what is wrong with a ``medfed budget forecast`` request, or ``None``.
+
+    Parameters
+    ----------
+    examples, rounds, batch_size, epochs : int
+        The planned study (see :func:`forecast`).
+    noise_multiplier, target_epsilon, delta : float
+        Sigma (0 = solve for ``target_epsilon``), the target and delta (0 = default).
+    accountant : str
+        ``rdp`` or ``prv``.
+
+    Returns
+    -------
+    str or None
+        A message naming the option, its range and the value given.
+
+    """
+    counts = (
+        ("--examples", examples, MAX_FORECAST_EXAMPLES),
+        ("--rounds", rounds, MAX_FORECAST_ROUNDS),
+        ("--batch-size", batch_size, MAX_FORECAST_EXAMPLES),
+        ("--epochs", epochs, MAX_FORECAST_EPOCHS),
+    )
+    for option, value, most in counts:
+        if not 1 <= value <= most:
+            return f"{option} must be between 1 and {most}, got {value}"
+    if not math.isfinite(target_epsilon) or target_epsilon <= 0:
+        return f"--target-epsilon must be a finite number > 0, got {target_epsilon}"
+    if not math.isfinite(noise_multiplier) or noise_multiplier < 0:
+        return (
+            f"--noise-multiplier must be a finite number >= 0 (0: solve for "
+            f"--target-epsilon), got {noise_multiplier}"
+        )
+    if not math.isfinite(delta) or not 0 <= delta < 1:
+        return f"--delta must be in [0, 1) (0: 0.1 / examples), got {delta}"
+    if accountant not in ACCOUNTANTS:
+        return f"--accountant must be one of {list(ACCOUNTANTS)}, got {accountant!r}"
+    return None
+
+
+def forecast_rows(rounds: int, most: int = FORECAST_ROWS) -> list[int]:
+    """Return the rounds the table shows: all, or ``most`` evenly spaced incl. first and last."""
+    if rounds <= most:
+        return list(range(1, rounds + 1))
+    return sorted({1 + round(i * (rounds - 1) / (most - 1)) for i in range(most)})
+
+
 @budget_app.command()
 def forecast(
     examples: Annotated[int, typer.Option(help="Training examples (patients) at the site.")],
@@ -100,34 +168,58 @@ def forecast(
     Give --noise-multiplier to see the epsilon after each round, or leave it out to get
     the noise multiplier that reaches --target-epsilon after all rounds.
 
+    Limits: --examples 1..1e9 (and --batch-size at most that), --rounds 1..100000,
+    --epochs 1..1000; --target-epsilon finite and > 0; --noise-multiplier finite and >= 0
+    (0 = solve); --delta in [0, 1) (0 = 0.1 / examples). Plans of more than 20 rounds
+    show 20 rounds, evenly spaced, including the last.
+
     Example: medfed budget forecast --examples 3000 --rounds 10 --batch-size 32
     """
-    if examples < 1 or rounds < 1 or batch_size < 1 or epochs < 1:
-        err.print("[bold red]error:[/] examples, rounds, batch size and epochs must be >= 1")
-        raise typer.Exit(code=2)
-    if accountant not in ACCOUNTANTS:
-        err.print(f"[bold red]error:[/] --accountant must be one of {list(ACCOUNTANTS)}")
+    problem = forecast_problem(
+        examples=examples,
+        rounds=rounds,
+        batch_size=batch_size,
+        epochs=epochs,
+        noise_multiplier=noise_multiplier,
+        target_epsilon=target_epsilon,
+        delta=delta,
+        accountant=accountant,
+    )
+    if problem is not None:
+        err.print(f"[bold red]error:[/] {problem}")
         raise typer.Exit(code=2)
     d = delta or 0.1 / examples
-    plan = plan_round(
-        num_examples=examples,
-        batch_size=batch_size,
-        local_epochs=epochs,
-        num_rounds=rounds,
-        max_grad_norm=1.0,
-        delta=d,
-        accountant=accountant,
-        noise_multiplier=noise_multiplier or None,
-        target_epsilon=target_epsilon,
-    )
+    try:
+        plan = plan_round(
+            num_examples=examples,
+            batch_size=batch_size,
+            local_epochs=epochs,
+            num_rounds=rounds,
+            max_grad_norm=1.0,
+            delta=d,
+            accountant=accountant,
+            noise_multiplier=noise_multiplier or None,
+            target_epsilon=target_epsilon,
+        )
+    except (ValueError, ArithmeticError) as exc:  # Opacus: e.g. an unreachable target
+        err.print(
+            f"[bold red]error:[/] no noise multiplier reaches epsilon {target_epsilon:g} "
+            f"after {rounds} rounds at delta {d:.2e} ({exc}); raise --target-epsilon or "
+            "plan fewer rounds or epochs"
+        )
+        raise typer.Exit(code=2) from None
+    shown = forecast_rows(rounds)
     table = Table(
         title=f"epsilon forecast: N={examples}, batch {batch_size}, {epochs} epoch(s)/round, "
-        f"sigma {plan.noise_multiplier:.4f}, delta {d:.2e} ({accountant})"
+        f"sigma {plan.noise_multiplier:.4f}, delta {d:.2e} ({accountant})",
+        caption=None
+        if len(shown) == rounds
+        else f"{len(shown)} of {rounds} rounds shown, evenly spaced",
     )
     table.add_column("round", justify="right")
     table.add_column("steps", justify="right")
     table.add_column("epsilon", justify="right")
-    for r in range(1, rounds + 1):
+    for r in shown:
         eps = epsilon_of(
             [(plan.noise_multiplier, plan.sample_rate, plan.steps * r)],
             delta=d,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from torch import nn
 
 from common import wire
 from common.config import RunConfig
+from common.fsutil import atomic_write
 from common.models import get_model
 
 log = logging.getLogger(__name__)
@@ -77,11 +77,9 @@ def load_variate(path: Path, model: nn.Module) -> Variate:
 
 
 def save_variate(path: Path, variate: Variate) -> None:
-    """Write ``c_i`` atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({k: v.detach().cpu().contiguous() for k, v in variate.items()}, tmp)
-    tmp.replace(path)
+    """Write ``c_i`` atomically, ``0600`` in a ``0700`` state dir whatever the umask."""
+    state = {k: v.detach().cpu().contiguous() for k, v in variate.items()}
+    atomic_write(path, lambda fh: torch.save(state, fh))
 
 
 @contextlib.contextmanager

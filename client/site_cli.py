@@ -34,6 +34,8 @@ def keys(
     Writes OUT_DIR/supernode.key (private, 0600: pass it to `flower-supernode
     --auth-supernode-private-key`) and OUT_DIR/supernode.key.pub (send it to the
     coordinator, who runs `flwr supernode register supernode.key.pub <connection>`).
+    OUT_DIR is created with mode 0700 if new; an existing one must be yours, not
+    writable by group or others, and not a symbolic link.
     """
     try:
         paths = write_node_keys(out_dir, force=force)

@@ -28,8 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import uuid
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,11 +37,14 @@ from typing import Any
 import numpy as np
 
 from common.errors import DataError, DataNotFoundError
+from common.fsutil import check_disjoint, check_replaceable, create_private, write_dir_atomically
 
 FORMAT = "medfed-site-dataset"
 VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
+_ARRAY_FILE = re.compile(r"^(train|val|test)_(images|labels|groups)\.npy$")
+_WHAT = "site dataset"
 
 
 @dataclass(frozen=True)
@@ -82,8 +84,8 @@ class SplitArrays:
         Raises
         ------
         DataError
-            On wrong rank, mismatched lengths, values outside ``[0, 1]`` (with
-            ``unit_range``) or non-finite values (without), or negative labels.
+            On wrong rank, mismatched lengths, non-finite values, values outside
+            ``[0, 1]`` (with ``unit_range``), or negative labels.
 
         """
         images = np.ascontiguousarray(images, dtype=np.float32)
@@ -108,10 +110,16 @@ class SplitArrays:
         )
         if groups_arr.shape[0] != n:
             raise DataError(f"{n} images but {groups_arr.shape[0]} group ids")
+        # Finite first: NaN compares False with every bound, so a range check alone
+        # would let an all-NaN image through (issue 16, item 3).
+        if n and not bool(np.isfinite(images).all()):
+            raise DataError(
+                "images must be finite: re-ingest (ingest quarantines non-finite images) "
+                if unit_range
+                else "features must be finite (impute missing values before writing)"
+            )
         if unit_range and n and (float(images.min()) < 0.0 or float(images.max()) > 1.0):
             raise DataError("image intensities must be scaled to [0, 1] before writing")
-        if not unit_range and n and not bool(np.isfinite(images).all()):
-            raise DataError("features must be finite (impute missing values before writing)")
         if n and int(labels.min()) < 0:
             raise DataError("labels must be non-negative class indices")
         return cls(images=images, labels=labels, groups=groups_arr)
@@ -128,6 +136,102 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _save_array(path: Path, arr: np.ndarray) -> None:
+    """Write one ``.npy`` file, created ``0600`` whatever the umask."""
+    with create_private(path) as fh:
+        np.save(fh, arr, allow_pickle=False)
+
+
+def why_not_site_dataset(path: str | os.PathLike[str]) -> str | None:
+    """Return ``None`` when ``path`` is provably a site dataset medfed wrote, else why not.
+
+    The proof is medfed's own format-tagged file: a ``manifest.json`` whose ``format``
+    is :data:`FORMAT` with the keys every version has written (``version``, ``splits``,
+    ``arrays`` naming ``<split>_<kind>.npy`` files, ``fingerprint``), and a directory that
+    holds nothing but that manifest and the array files it lists. Anything else in it
+    (a labels file, a DICOM folder, a user's notes) means medfed did not write all of
+    it, so it is not replaced. An empty directory holds nothing to lose.
+
+    Parameters
+    ----------
+    path : path
+        The directory to check.
+
+    Returns
+    -------
+    str or None
+        The reason, for an error message (no file names: they may carry PHI).
+
+    """
+    d = Path(path)
+    if d.is_symlink():
+        return "it is a symbolic link"
+    if not d.is_dir():
+        return "it is not a directory"
+    names = {e.name for e in d.iterdir()}
+    if not names:
+        return None
+    not_ours = f"it is not a {_WHAT} written by medfed (no medfed {MANIFEST})"
+    if MANIFEST not in names or (d / MANIFEST).is_symlink():
+        return not_ours
+    try:
+        manifest = json.loads((d / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return not_ours
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return not_ours
+    arrays = manifest.get("arrays")
+    if (
+        not isinstance(manifest.get("version"), int)
+        or not isinstance(manifest.get("splits"), dict)
+        or not isinstance(manifest.get("fingerprint"), str)
+        or not isinstance(arrays, dict)
+        or not all(isinstance(k, str) and _ARRAY_FILE.match(k) for k in arrays)
+    ):
+        return not_ours
+    foreign = names - {MANIFEST, *arrays}
+    if foreign:
+        n = len(foreign)
+        return (
+            f"it holds {n} {'entry' if n == 1 else 'entries'} besides the {_WHAT} medfed "
+            "wrote (move them out first if the rest should be replaced)"
+        )
+    return None
+
+
+def check_output_dir(
+    out_dir: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    inputs: Mapping[str, str | os.PathLike[str] | None] | None = None,
+) -> None:
+    """Fail early unless a site dataset may be written to ``out_dir``.
+
+    ``out_dir`` may be absent, an empty directory, or (with ``overwrite``) a site
+    dataset medfed wrote (:func:`why_not_site_dataset`); it must neither be, contain nor
+    lie inside any of ``inputs``.
+
+    Parameters
+    ----------
+    out_dir : path
+        The target directory.
+    overwrite : bool
+        Replace an existing site dataset (``--force``).
+    inputs : Mapping[str, path or None], optional
+        The command's inputs by what they are called in messages, e.g.
+        ``{"DICOM export": ..., "labels file": ...}``.
+
+    Raises
+    ------
+    UnsafeOutputError
+        If ``out_dir`` overlaps an input, exists without ``overwrite``, or is not a
+        site dataset medfed wrote. Nothing is deleted.
+
+    """
+    check_disjoint(out_dir, inputs or {})
+    check_replaceable(out_dir, overwrite=overwrite, why_not_ours=why_not_site_dataset, what=_WHAT)
+
+
 def write_site_dataset(
     out_dir: str | os.PathLike[str],
     *,
@@ -139,16 +243,21 @@ def write_site_dataset(
     quarantine: Sequence[Mapping[str, Any]] = (),
     summary: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    inputs: Mapping[str, str | os.PathLike[str] | None] | None = None,
 ) -> dict[str, Any]:
-    """Write a site dataset directory atomically.
+    """Write a site dataset directory atomically, private (``0700`` / ``0600``).
 
-    The directory is assembled under a temporary name next to ``out_dir`` and renamed
-    into place, so a reader never sees a half-written dataset.
+    The directory is assembled under a temporary name next to ``out_dir`` and swapped
+    into place (:func:`common.fsutil.write_dir_atomically`), so a reader never sees a
+    half-written dataset and a failure at any step leaves an existing one intact. An
+    existing ``out_dir`` is replaced only with ``overwrite`` and only when it is a site
+    dataset medfed wrote (:func:`why_not_site_dataset`). Files are created ``0600`` and
+    the directory ``0700`` whatever the umask: they hold patient images.
 
     Parameters
     ----------
     out_dir : path
-        Target directory; must not exist unless ``overwrite``.
+        Target directory; must not exist (or be empty) unless ``overwrite``.
     task : str
         ``"classification"``.
     label_names : Sequence[str]
@@ -162,7 +271,10 @@ def write_site_dataset(
     summary : Mapping, optional
         Extra non-identifying counts (e.g. by modality or manufacturer).
     overwrite : bool
-        Replace an existing dataset.
+        Replace an existing site dataset medfed wrote.
+    inputs : Mapping[str, path or None], optional
+        Inputs ``out_dir`` must neither be, contain nor lie inside
+        (see :func:`check_output_dir`).
 
     Returns
     -------
@@ -172,8 +284,10 @@ def write_site_dataset(
     Raises
     ------
     DataError
-        Unknown split names, no splits, labels outside ``label_names``, or an existing
-        ``out_dir`` without ``overwrite``.
+        Unknown split names, no splits, or labels outside ``label_names``.
+    UnsafeOutputError
+        (a ``DataError``) An existing ``out_dir`` without ``overwrite``, one that is not
+        a site dataset medfed wrote, or one that overlaps ``inputs``; nothing is deleted.
 
     """
     out = Path(out_dir)
@@ -182,8 +296,7 @@ def write_site_dataset(
     unknown = set(splits) - set(SPLITS)
     if unknown:
         raise DataError(f"unknown split(s) {sorted(unknown)}; use {list(SPLITS)}")
-    if out.exists() and not overwrite:
-        raise DataError(f"site dataset {out} already exists; pass overwrite=True / --force")
+    check_output_dir(out, overwrite=overwrite, inputs=inputs)
     shapes = {tuple(s.images.shape[1:]) for s in splits.values() if len(s)}
     if len(shapes) > 1:
         raise DataError(f"all splits must share one image shape, got {sorted(shapes)}")
@@ -192,16 +305,13 @@ def write_site_dataset(
         if len(s) and int(s.labels.max()) >= n_classes:
             raise DataError(f"split {name!r} has label {int(s.labels.max())} >= {n_classes}")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    def fill(tmp: Path) -> dict[str, Any]:
         hashes: dict[str, str] = {}
         split_info: dict[str, Any] = {}
         for name, s in splits.items():
             for kind, arr in (("images", s.images), ("labels", s.labels), ("groups", s.groups)):
                 fname = f"{name}_{kind}.npy"
-                np.save(tmp / fname, arr, allow_pickle=False)
+                _save_array(tmp / fname, arr)
                 hashes[fname] = _sha256_file(tmp / fname)
             counts = (
                 np.bincount(s.labels.reshape(-1), minlength=n_classes)
@@ -234,14 +344,13 @@ def write_site_dataset(
             "arrays": hashes,
             "fingerprint": fingerprint,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
+        with create_private(tmp / MANIFEST) as fh:
+            fh.write((json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+        return manifest
+
+    return write_dir_atomically(
+        out, fill, overwrite=overwrite, why_not_ours=why_not_site_dataset, what=_WHAT
+    )
 
 
 class SiteDataset:

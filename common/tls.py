@@ -13,16 +13,30 @@ implements no primitive itself (DESIGN section 6). Two artefacts exist:
   ``load_ssh_public_key``, NIST curves only).
 
 Loading functions check type, expiry and SAN and raise :class:`TLSError` saying what is
-wrong and how to fix it. Private keys are written with mode 0600 and never overwritten
-unless ``force=True``.
+wrong and how to fix it.
+
+Writing key material (:func:`write_dev_certificates`, :func:`write_node_keys`) is done
+only into a directory the command owns: created with mode 0700 when new; refused when it
+is a symbolic link, not owned by the current user, or writable by group or others (anyone
+else able to write there could swap or pre-plant files). Every file is created under a
+random temporary name with ``O_CREAT | O_EXCL | O_NOFOLLOW`` (mode 0600 for private keys,
+0644 for certificates and public keys), written, fsynced and renamed into place with
+``os.replace`` relative to the directory's file descriptor; an existing destination is
+never overwritten unless ``force=True`` and is refused, even then, when it is a symbolic
+link. File names derived from user input (``--site``) must match :data:`SITE_NAME_RE`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import errno
 import ipaddress
 import logging
 import os
+import re
+import secrets
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +66,19 @@ NODE_PUB = "supernode.key.pub"
 #: NIST curves Flower accepts for SuperNode authentication.
 NODE_CURVES = ("secp256r1", "secp384r1", "secp521r1")
 
+#: A SuperNode name given to ``medfed certs --site``: it names the files ``<name>.pem`` /
+#: ``<name>.key`` and the certificate's DNS SAN, so no path separator, no leading dot
+#: and no ``..``; at most 63 characters (one DNS label).
+SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+#: Mode of a directory :func:`write_dev_certificates` / :func:`write_node_keys` create.
+KEY_DIR_MODE = 0o700
+#: Modes of the files they write.
+PRIVATE_MODE = 0o600
+PUBLIC_MODE = 0o644
+#: Longest validity ``medfed certs --days`` accepts (100 years).
+MAX_VALID_DAYS = 36500
+
 
 class TLSError(MedfedError, ValueError):
     """A certificate or key is missing, of the wrong type, expired or names the wrong host."""
@@ -79,20 +106,202 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _write_new(path: Path, data: bytes, *, mode: int, force: bool) -> None:
-    """Write ``data`` to ``path`` with ``mode``; refuse to replace a file unless ``force``."""
-    if path.exists() and not force:
+def check_site_name(name: str) -> str:
+    """Return ``name`` if it is a safe SuperNode name for ``medfed certs --site``.
+
+    Parameters
+    ----------
+    name : str
+        The name; it becomes the file names ``<name>.pem`` / ``<name>.key`` and the
+        certificate's DNS SAN.
+
+    Returns
+    -------
+    str
+        ``name`` unchanged.
+
+    Raises
+    ------
+    TLSError
+        If ``name`` does not match :data:`SITE_NAME_RE` or contains ``..`` (a path
+        separator, a leading dot or ``..`` could place a key outside the output folder).
+
+    """
+    if not SITE_NAME_RE.match(name) or ".." in name:
         raise TLSError(
-            f"{path} already exists; refusing to overwrite key material. "
-            "Pass --force (force=True) to replace it."
+            f"--site {name!r} is not a valid SuperNode name: use 1-63 letters, digits, '.', "
+            "'_' or '-', starting with a letter or digit, with no '/' and no '..' "
+            "(e.g. --site supernode-1); it names the files <name>.pem/<name>.key inside "
+            "the output folder."
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    tmp.chmod(mode)
-    tmp.replace(path)
+    return name
+
+
+def _open_key_dir(out_dir: Path) -> int:
+    """Create (0700) or check ``out_dir`` and return an ``O_DIRECTORY`` descriptor of it.
+
+    Raises
+    ------
+    TLSError
+        If ``out_dir`` is a symbolic link or not a directory, is not owned by the current
+        user, is writable by group or others, or cannot be created or opened.
+
+    """
+    if out_dir.is_symlink():
+        raise TLSError(
+            f"{out_dir} is a symbolic link; refusing to write key material through it. "
+            "Pass the real directory (or a new one) as the output folder."
+        )
+    created = False
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        out_dir.mkdir(mode=KEY_DIR_MODE)
+        created = True
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise TLSError(
+            f"cannot create the output folder {out_dir} ({exc.strerror}); choose a folder "
+            "you can write to."
+        ) from None
+    try:
+        fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise TLSError(
+                f"{out_dir} is a symbolic link; refusing to write key material through it."
+            ) from None
+        if exc.errno == errno.ENOTDIR:
+            raise TLSError(
+                f"{out_dir} exists and is not a directory; choose another folder."
+            ) from None
+        raise TLSError(f"cannot open the output folder {out_dir} ({exc.strerror}).") from None
+    try:
+        st = os.fstat(fd)
+        if created:
+            os.fchmod(fd, KEY_DIR_MODE)  # the umask may have cleared bits; never widens
+        elif st.st_uid != os.geteuid():
+            raise TLSError(
+                f"{out_dir} is owned by uid {st.st_uid}, not by you (uid {os.geteuid()}); its "
+                "owner could replace the keys written there. Use a folder you own, or a new "
+                "one (it is created with mode 0700)."
+            )
+        elif st.st_mode & 0o022:
+            raise TLSError(
+                f"{out_dir} is writable by group or others (mode "
+                f"{stat.S_IMODE(st.st_mode):04o}); anyone who can write there could swap the "
+                f"key files. Run `chmod go-w {out_dir}` (or `chmod 700`), or use a new folder."
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _existing(dir_fd: int, name: str) -> os.stat_result | None:
+    """``lstat`` of ``name`` inside ``dir_fd`` (a symbolic link is not followed)."""
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _refuse_existing(
+    out_dir: Path, dir_fd: int, names: Iterable[str], *, force: bool, hint: str
+) -> None:
+    """Raise unless every ``names`` entry is absent, or (``force``) a replaceable file.
+
+    Raises
+    ------
+    TLSError
+        A destination is a symbolic link or not a regular file (always), or exists and
+        ``force`` is false (``hint`` says what replacing it means).
+
+    """
+    for name in names:
+        st = _existing(dir_fd, name)
+        if st is None:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            raise TLSError(
+                f"{out_dir / name} is a symbolic link; refusing to write key material "
+                "there (even with --force). Remove the link and run the command again."
+            )
+        if not stat.S_ISREG(st.st_mode):
+            raise TLSError(f"{out_dir / name} exists and is not a regular file; remove it.")
+        if not force:
+            raise TLSError(f"{out_dir / name} already exists; {hint}")
+
+
+def _write_file(out_dir: Path, dir_fd: int, name: str, data: bytes, *, mode: int) -> Path:
+    """Write ``data`` as ``name`` in the directory ``dir_fd``: exclusive temp + replace.
+
+    The temporary file gets a random name and is created with ``O_CREAT | O_EXCL |
+    O_NOFOLLOW`` and ``mode``, so a planted file or link is never opened; it is fsynced
+    and renamed over ``name`` (a rename replaces a link, it does not follow it).
+
+    Raises
+    ------
+    TLSError
+        If the destination is a symbolic link, or on any OS error.
+
+    """
+    st = _existing(dir_fd, name)
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        raise TLSError(f"{out_dir / name} is a symbolic link; refusing to write key material.")
+    tmp = f".{name}.{secrets.token_hex(8)}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, mode, dir_fd=dir_fd)
+    except OSError as exc:
+        raise TLSError(f"cannot create a file in {out_dir} ({exc.strerror}).") from None
+    try:
+        try:
+            os.fchmod(fd, mode)  # the umask may have cleared bits of a public file
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise TLSError(f"cannot write {out_dir / name} ({exc.strerror}).") from None
+    return out_dir / name
+
+
+def _write_all(
+    out_dir: Path, files: Sequence[tuple[str, bytes, int]], *, force: bool, hint: str
+) -> None:
+    """Write ``(name, data, mode)`` files into ``out_dir`` (see :func:`_open_key_dir`).
+
+    Every destination is checked before the first file is written, so a refusal leaves
+    the folder as it was.
+
+    Raises
+    ------
+    TLSError
+        From :func:`_open_key_dir`, :func:`_refuse_existing` or :func:`_write_file`.
+
+    """
+    dir_fd = _open_key_dir(out_dir)
+    try:
+        _refuse_existing(out_dir, dir_fd, [n for n, _, _ in files], force=force, hint=hint)
+        for name, data, mode in files:
+            _write_file(out_dir, dir_fd, name, data, mode=mode)
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _check_days(valid_days: int) -> None:
+    if not 1 <= valid_days <= MAX_VALID_DAYS:
+        raise TLSError(
+            f"--days {valid_days} must be between 1 and {MAX_VALID_DAYS} (development "
+            "certificates; renew them with `medfed certs --force`)."
+        )
 
 
 def _san_list(hosts: Iterable[str], ips: Iterable[str]) -> list[x509.GeneralName]:
@@ -144,11 +353,11 @@ def generate_dev_certificates(
     Raises
     ------
     TLSError
-        If ``valid_days`` < 1 or an ``ips`` entry is not an IP address.
+        If ``valid_days`` is not in ``[1, MAX_VALID_DAYS]`` or an ``ips`` entry is not an
+        IP address.
 
     """
-    if valid_days < 1:
-        raise TLSError(f"valid_days must be >= 1, got {valid_days}")
+    _check_days(valid_days)
     now = _now() - dt.timedelta(minutes=5)
     until = now + dt.timedelta(days=valid_days)
     ca_key = ec.generate_private_key(ec.SECP384R1())
@@ -201,11 +410,11 @@ def issue_server_certificate(
     Raises
     ------
     TLSError
-        If ``valid_days`` < 1 or an ``ips`` entry is not an IP address.
+        If ``valid_days`` is not in ``[1, MAX_VALID_DAYS]`` or an ``ips`` entry is not an
+        IP address.
 
     """
-    if valid_days < 1:
-        raise TLSError(f"valid_days must be >= 1, got {valid_days}")
+    _check_days(valid_days)
     now = _now() - dt.timedelta(minutes=5)
     until = min(now + dt.timedelta(days=valid_days), ca_cert.not_valid_after_utc)
     server_key = ec.generate_private_key(ec.SECP384R1())
@@ -251,45 +460,52 @@ def write_dev_certificates(
     Files: ``ca.crt``, ``ca.key`` (0600), ``server.pem``, ``server.key`` (0600), and
     for every name in ``sites`` (a SuperNode's host name, e.g. ``supernode-1``) a
     certificate ``<name>.pem`` + key ``<name>.key`` for that SuperNode's Runtime API,
-    which its SuperExec reaches over TLS in the compose deployment.
+    which its SuperExec reaches over TLS in the compose deployment. See the module
+    docstring for how the folder and the files are created.
 
     Raises
     ------
     TLSError
-        If a file exists and ``force`` is false (nothing is written then).
+        If a ``sites`` name is invalid (see :func:`check_site_name`) or would replace
+        the CA or server files, an ``ips`` entry is not an IP address, the folder is
+        unsafe (a symbolic link, not yours, group/world-writable), a destination is a
+        symbolic link, or a file exists and ``force`` is false. Nothing is written then.
 
     """
+    names = list(dict.fromkeys(check_site_name(n) for n in sites))
+    reserved = {Path(f).stem for f in (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY)}
+    clash = [n for n in names if n in reserved]
+    if clash:
+        raise TLSError(
+            f"--site {clash[0]!r} would overwrite the CA or SuperLink files "
+            f"({CA_KEY}, {SERVER_KEY}, ...); name the SuperNode differently, e.g. supernode-1."
+        )
     paths = CertPaths(
         out_dir / CA_CERT, out_dir / CA_KEY, out_dir / SERVER_CERT, out_dir / SERVER_KEY
     )
-    site_files = [(out_dir / f"{n}.pem", out_dir / f"{n}.key", n) for n in sites]
-    if not force:
-        for p in (
-            paths.ca_cert,
-            paths.ca_key,
-            paths.server_cert,
-            paths.server_key,
-            *(f for c, k, _ in site_files for f in (c, k)),
-        ):
-            if p.exists():
-                raise TLSError(
-                    f"{p} already exists; refusing to overwrite certificates or keys. "
-                    "Pass --force to replace them (clients must then get the new CA)."
-                )
     ca_key, ca_cert, server_key, server_cert = generate_dev_certificates(
         hosts=hosts, ips=ips, valid_days=valid_days
     )
     pem = serialization.Encoding.PEM
-    _write_new(paths.ca_key, _pem_key(ca_key), mode=0o600, force=True)
-    _write_new(paths.server_key, _pem_key(server_key), mode=0o600, force=True)
-    _write_new(paths.ca_cert, ca_cert.public_bytes(pem), mode=0o644, force=True)
-    _write_new(paths.server_cert, server_cert.public_bytes(pem), mode=0o644, force=True)
-    for cert_path, key_path, name in site_files:
+    files: list[tuple[str, bytes, int]] = [
+        (CA_KEY, _pem_key(ca_key), PRIVATE_MODE),
+        (SERVER_KEY, _pem_key(server_key), PRIVATE_MODE),
+        (CA_CERT, ca_cert.public_bytes(pem), PUBLIC_MODE),
+        (SERVER_CERT, server_cert.public_bytes(pem), PUBLIC_MODE),
+    ]
+    for name in names:
         key, cert = issue_server_certificate(
             ca_key, ca_cert, hosts=[name], ips=[], valid_days=valid_days
         )
-        _write_new(key_path, _pem_key(key), mode=0o600, force=True)
-        _write_new(cert_path, cert.public_bytes(pem), mode=0o644, force=True)
+        files += [(f"{name}.key", _pem_key(key), PRIVATE_MODE)]
+        files += [(f"{name}.pem", cert.public_bytes(pem), PUBLIC_MODE)]
+    _write_all(
+        out_dir,
+        files,
+        force=force,
+        hint="refusing to overwrite certificates or keys. Pass --force to replace them "
+        "(clients must then get the new CA).",
+    )
     log.info("wrote development CA and server certificate to %s", out_dir)
     return paths
 
@@ -299,22 +515,17 @@ def write_node_keys(out_dir: Path, *, force: bool = False) -> KeyPaths:
 
     Files: ``supernode.key`` (OpenSSH private key, 0600) and ``supernode.key.pub``
     (``ecdsa-sha2-nistp384 ...``), the file the coordinator registers with
-    ``flwr supernode register``.
+    ``flwr supernode register``. See the module docstring for how the folder and the
+    files are created.
 
     Raises
     ------
     TLSError
-        If either file exists and ``force`` is false.
+        If the folder is unsafe (a symbolic link, not yours, group/world-writable), a
+        destination is a symbolic link, or either file exists and ``force`` is false.
 
     """
     paths = KeyPaths(out_dir / NODE_KEY, out_dir / NODE_PUB)
-    if not force:
-        for p in (paths.private_key, paths.public_key):
-            if p.exists():
-                raise TLSError(
-                    f"{p} already exists; refusing to overwrite this site's key. Pass "
-                    "--force to replace it (the coordinator must then register the new key)."
-                )
     key = ec.generate_private_key(ec.SECP384R1())
     private = key.private_bytes(
         serialization.Encoding.PEM,
@@ -324,8 +535,13 @@ def write_node_keys(out_dir: Path, *, force: bool = False) -> KeyPaths:
     public = key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
-    _write_new(paths.private_key, private, mode=0o600, force=True)
-    _write_new(paths.public_key, public + b"\n", mode=0o644, force=True)
+    _write_all(
+        out_dir,
+        [(NODE_KEY, private, PRIVATE_MODE), (NODE_PUB, public + b"\n", PUBLIC_MODE)],
+        force=force,
+        hint="refusing to overwrite this site's key. Pass --force to replace it (the "
+        "coordinator must then register the new key).",
+    )
     log.info("wrote SuperNode key pair to %s", out_dir)
     return paths
 

@@ -37,9 +37,12 @@ def certs(
     """Create a development CA and a SuperLink TLS certificate (EC P-384).
 
     Writes OUT_DIR/ca.crt, ca.key (0600), server.pem, server.key (0600) and, per --site,
-    <site>.pem/<site>.key. The certificate names every --host/--ip plus localhost,
-    127.0.0.1 and ::1 (Flower's SuperExec reaches the SuperLink on 127.0.0.1) and the
-    compose service name `superlink`. Give ca.crt to every hospital and to `flwr`.
+    <site>.pem/<site>.key. OUT_DIR is created with mode 0700 if new; an existing one must
+    be yours and not writable by group or others, and must not be a symbolic link. A
+    --site name is 1-63 letters, digits, '.', '_' or '-' (no '/' or '..'). The
+    certificate names every --host/--ip plus localhost, 127.0.0.1 and ::1 (Flower's
+    SuperExec reaches the SuperLink on 127.0.0.1) and the compose service name
+    `superlink`. Give ca.crt to every hospital and to `flwr`.
     """
     hosts = list(dict.fromkeys([*(host or []), "superlink"]))
     try:
@@ -55,7 +58,7 @@ def certs(
     console.print(f"CA certificate:     {paths.ca_cert}  (give to hospitals and flwr)")
     console.print(f"CA key:             {paths.ca_key}  (keep offline)")
     console.print(f"SuperLink cert/key: {paths.server_cert} / {paths.server_key}")
-    for s in site or []:
+    for s in dict.fromkeys(site or []):  # names checked by write_dev_certificates
         console.print(f"Runtime API cert:   {out_dir / (s + '.pem')} / {out_dir / (s + '.key')}")
 
 

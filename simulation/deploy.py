@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import ConfigError, FederationError
+from common.fsutil import check_replaceable, swap_dir
+from common.site_dataset import why_not_site_dataset
 from common.tls import (
     check_node_key_pair,
     check_server_files,
@@ -148,6 +151,11 @@ def prepare_site_datasets(
         raise ConfigError(f"source must be 'dicom' or 'virtual', got {source!r}")
     data_dir = deploy_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
+    # fail before any work if a target is not a previous site dataset medfed wrote
+    for name in [*(f"site-{i + 1}" for i in range(num_sites)), "global-val"]:
+        check_replaceable(
+            data_dir / name, overwrite=True, why_not_ours=why_not_site_dataset, what="site dataset"
+        )
     src = npz_path
     if images_per_site is not None:
         src = _tiny_npz(
@@ -157,32 +165,33 @@ def prepare_site_datasets(
             num_sites=num_sites,
             seed=seed,
         )
-    work = deploy_dir / "work-sites"
-    create_virtual_sites(
-        src,
-        work,
-        plan=SplitPlan(num_sites=num_sites, partitioner="iid", seed=seed),
-        label_names=LABEL_NAMES,
-        dataset_name=npz_path.stem,
-    )
-    if source == "dicom" and not dicom_path_available():
-        log.warning("DICOM export/ingest not installed; using virtual site datasets")
-        source = "virtual"
-    if source == "dicom":
-        _dicom_sites(src, work, deploy_dir=deploy_dir, num_sites=num_sites, seed=seed)
-    sites = []
-    for i in range(num_sites):
-        dst = data_dir / f"site-{i + 1}"
-        if dst.exists():
-            shutil.rmtree(dst)
-        (work / f"site-{i}").rename(dst)
-        sites.append(dst)
-    gv = data_dir / "global-val"
-    if (work / "global-val").exists():
-        if gv.exists():
-            shutil.rmtree(gv)
-        (work / "global-val").rename(gv)
-    shutil.rmtree(work, ignore_errors=True)
+    # A fresh work folder of our own: deleting it at the end can only delete what we wrote.
+    work = Path(tempfile.mkdtemp(prefix=".work-sites-", dir=deploy_dir))
+    try:
+        create_virtual_sites(
+            src,
+            work,
+            plan=SplitPlan(num_sites=num_sites, partitioner="iid", seed=seed),
+            label_names=LABEL_NAMES,
+            dataset_name=npz_path.stem,
+        )
+        if source == "dicom" and not dicom_path_available():
+            log.warning("DICOM export/ingest not installed; using virtual site datasets")
+            source = "virtual"
+        if source == "dicom":
+            _dicom_sites(src, work, deploy_dir=deploy_dir, num_sites=num_sites, seed=seed)
+        sites = []
+        for i in range(num_sites):
+            dst = data_dir / f"site-{i + 1}"
+            # replaces a previous site dataset atomically; refuses anything else there
+            swap_dir(work / f"site-{i}", dst, why_not_ours=why_not_site_dataset)
+            sites.append(dst)
+        if (work / "global-val").exists():
+            swap_dir(
+                work / "global-val", data_dir / "global-val", why_not_ours=why_not_site_dataset
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return sites
 
 
@@ -219,9 +228,8 @@ def _dicom_sites(npz: Path, work: Path, *, deploy_dir: Path, num_sites: int, see
     )  # fmt: skip
     for i in range(num_sites):
         site_dir = deploy_dir / f"hospital-{i + 1}"
-        shutil.rmtree(work / f"site-{i}", ignore_errors=True)
-        run(
-            [medfed, "ingest", str(exports / f"site_{i}" / "dicom"),
+        run(  # --force: replaces the virtual site-i (a medfed site dataset) atomically
+            [medfed, "ingest", "--force", str(exports / f"site_{i}" / "dicom"),
              "--labels", str(exports / f"site_{i}" / "labels.csv"),
              "--label-names", ",".join(LABEL_NAMES), "--size", "28", "--workers", "1",
              "--seed", str(seed), "--salt-file", str(site_dir / "ingest-salt"),

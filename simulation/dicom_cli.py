@@ -37,7 +37,14 @@ def export_dicom_cmd(
     out: Annotated[Path, typer.Option(help="Folder that receives site_<i>/ folders.")],
     split: Annotated[str, typer.Option(help="Which split of the npz to export.")] = "train",
     seed: Annotated[int, typer.Option(help="Seed of the IID partition and the UIDs.")] = 0,
-    force: Annotated[bool, typer.Option("--force", help="Write into existing folders.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace existing site_<i>/ folders written by medfed export-dicom "
+            "(never any other folder).",
+        ),
+    ] = False,
 ) -> None:
     """Export virtual sites as DICOM (help text: ``_HELP``)."""
     from simulation.export_dicom import export_sites

@@ -51,7 +51,6 @@ import logging
 import math
 import statistics
 import time
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,9 +60,10 @@ import numpy as np
 import torch
 
 from client.train import make_optimizer, make_train_loader, train_epochs
-from common.config import RunConfig
+from common.config import RunConfig, load_config_file
 from common.device import resolve_device
 from common.errors import ConfigError, MedfedError
+from common.fsutil import check_replaceable, marker_kind, write_marker
 from common.models import get_model
 from common.site_dataset import SiteDataset, SplitArrays
 from common.tasks import get_task
@@ -73,6 +73,9 @@ log = logging.getLogger(__name__)
 
 RESULTS_CSV = "results.csv"
 RESULTS_JSON = "results.json"
+EXPERIMENT_JSON = "experiment.json"
+#: Kind in an experiment directory's ownership marker (:func:`common.fsutil.write_marker`).
+EXPERIMENT_KIND = "experiment"
 DATA_KINDS = ("heart", "medmnist")
 #: Headline metric of the tables and ratios.
 METRIC = "accuracy"
@@ -134,11 +137,7 @@ class ExperimentConfig:
             Unknown data kind, empty seed or federated lists, invalid run-config keys.
 
         """
-        try:
-            doc = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read experiment file {path}: {exc}") from exc
-        return cls.from_dict(doc)
+        return cls.from_dict(load_config_file(Path(path), option="experiment file"))
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> ExperimentConfig:
@@ -345,10 +344,14 @@ def run_federated(
         If the run fails or times out (simulation/engine.py).
 
     """
+    from server.app import RUN_KIND
     from simulation.engine import run_simulation
     from simulation.summary import read_rounds
 
+    fresh = not out.exists() or not any(out.iterdir())
     out.mkdir(parents=True, exist_ok=True)
+    if fresh and marker_kind(out) != RUN_KIND:
+        write_marker(out, RUN_KIND)  # the ServerApp refuses an unmarked non-empty dir
     run_simulation(
         run_dir=out,
         run_config=run.replace(run_dir=str(out)).to_run_config(),
@@ -361,6 +364,28 @@ def run_federated(
 
 
 # -------------------------------------------------------------------------- driver
+_WHAT = "experiment directory"
+
+
+def why_not_experiment_dir(path: Path) -> str | None:
+    """Return ``None`` when ``path`` is provably a medfed experiment directory, else why not.
+
+    Proof: medfed's ownership marker of kind :data:`EXPERIMENT_KIND`, or, for
+    experiments from before the marker, both ``experiment.json`` and ``results.csv``.
+    An empty directory holds nothing to lose.
+    """
+    if path.is_symlink() or not path.is_dir():
+        return "it is not a directory"
+    if not any(path.iterdir()) or marker_kind(path) == EXPERIMENT_KIND:
+        return None
+    if (path / EXPERIMENT_JSON).is_file() and (path / RESULTS_CSV).is_file():
+        return None
+    return (
+        "it is not a medfed experiment directory (no medfed marker, no experiment.json + "
+        "results.csv)"
+    )
+
+
 def run_experiment(
     cfg: ExperimentConfig,
     out: Path,
@@ -381,8 +406,11 @@ def run_experiment(
 
     device = device or resolve_device("cpu")
     note = on_progress or (lambda _msg: None)
+    # never overwrite: `medfed experiment --force` moves a previous experiment aside first
+    check_replaceable(out, overwrite=False, why_not_ours=why_not_experiment_dir, what=_WHAT)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "experiment.json").write_text(json.dumps(cfg.source, indent=2, default=str) + "\n")
+    write_marker(out, EXPERIMENT_KIND)
+    (out / EXPERIMENT_JSON).write_text(json.dumps(cfg.source, indent=2, default=str) + "\n")
     rows: list[dict[str, Any]] = []
     for spec in cfg.splits:
         for seed in cfg.seeds:

@@ -18,6 +18,10 @@ Layout written by :func:`export_site_dicom`::
 
     <out_dir>/dicom/img_00000.dcm ...
     <out_dir>/labels.csv           sop_instance_uid,label
+    <out_dir>/.medfed-owner        marker: medfed wrote this export (common/fsutil.py)
+
+The site folder is written beside its target and swapped in; an existing one is
+replaced only with ``overwrite`` and only when medfed wrote it (:func:`why_not_export`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +45,15 @@ from pydicom.uid import (
 )
 
 from common.errors import ConfigError, DataError
+from common.fsutil import marker_kind, write_dir_atomically, write_marker
 
 __all__ = ["SITE_MANUFACTURERS", "ExportedSite", "export_site_dicom", "export_sites"]
 
 log = logging.getLogger(__name__)
+
+#: Kind in an export folder's ownership marker (:func:`common.fsutil.write_marker`).
+EXPORT_KIND = "dicom-export"
+_EXPORT_FILE = re.compile(r"^img_\d{5}\.dcm$")
 
 #: Manufacturer of virtual site ``i`` (cycled); plainly fictitious names.
 SITE_MANUFACTURERS: tuple[str, ...] = (
@@ -143,6 +153,29 @@ def _image_dataset(
     return ds
 
 
+def why_not_export(path: Path) -> str | None:
+    """Return ``None`` when ``path`` is provably a site folder this module wrote, else why not.
+
+    Proof: medfed's ownership marker of kind :data:`EXPORT_KIND`, or, for exports from
+    before the marker, a folder holding only ``labels.csv`` and a ``dicom/`` folder of
+    ``img_NNNNN.dcm`` files. An empty directory holds nothing to lose.
+    """
+    if path.is_symlink() or not path.is_dir():
+        return "it is not a directory"
+    names = {e.name for e in path.iterdir()}
+    if not names or marker_kind(path) == EXPORT_KIND:
+        return None
+    dicom = path / "dicom"
+    if (
+        names <= {"dicom", "labels.csv"}
+        and dicom.is_dir()
+        and not dicom.is_symlink()
+        and all(_EXPORT_FILE.match(e.name) and e.is_file() for e in dicom.iterdir())
+    ):
+        return None
+    return "it is not a DICOM export written by `medfed export-dicom` (no medfed marker)"
+
+
 def export_site_dicom(
     images: np.ndarray,
     labels: np.ndarray,
@@ -170,7 +203,7 @@ def export_site_dicom(
     site : int
         Site number, mixed into the UIDs so sites never share one.
     overwrite : bool
-        Allow writing into an existing non-empty ``dicom/`` folder.
+        Replace an existing site folder, if medfed wrote it (:func:`why_not_export`).
 
     Returns
     -------
@@ -181,6 +214,8 @@ def export_site_dicom(
     DataError
         On a non-uint8 or non-3-D ``images``, a length mismatch, or an existing export
         without ``overwrite``.
+    UnsafeOutputError
+        (a ``DataError``) If ``out_dir`` exists and is not an export medfed wrote.
 
     """
     imgs = np.asarray(images)
@@ -195,29 +230,35 @@ def export_site_dicom(
     dicom_dir = out / "dicom"
     if dicom_dir.is_dir() and any(dicom_dir.iterdir()) and not overwrite:
         raise DataError(f"{dicom_dir} already holds files; pass overwrite=True / --force")
-    dicom_dir.mkdir(parents=True, exist_ok=True)
 
-    rows: list[tuple[str, int]] = []
-    for i in range(imgs.shape[0]):
-        entropy = [str(seed), str(site), str(i)]
-        sop = generate_uid(_UID_PREFIX, entropy_srcs=[*entropy, "sop"])
-        ds = _image_dataset(
-            imgs[i],
-            sop_uid=sop,
-            study_uid=generate_uid(_UID_PREFIX, entropy_srcs=[*entropy, "study"]),
-            series_uid=generate_uid(_UID_PREFIX, entropy_srcs=[*entropy, "series"]),
-            manufacturer=manufacturer,
-            number=i + 1,
-        )
-        ds.save_as(dicom_dir / f"img_{i:05d}.dcm", enforce_file_format=True)
-        rows.append((str(sop), int(labs[i])))
-    labels_csv = out / "labels.csv"
-    with labels_csv.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["sop_instance_uid", "label"])
-        w.writerows(rows)
+    def fill(tmp: Path) -> list[tuple[str, int]]:
+        (tmp / "dicom").mkdir()
+        rows: list[tuple[str, int]] = []
+        for i in range(imgs.shape[0]):
+            entropy = [str(seed), str(site), str(i)]
+            sop = generate_uid(_UID_PREFIX, entropy_srcs=[*entropy, "sop"])
+            ds = _image_dataset(
+                imgs[i],
+                sop_uid=sop,
+                study_uid=generate_uid(_UID_PREFIX, entropy_srcs=[*entropy, "study"]),
+                series_uid=generate_uid(_UID_PREFIX, entropy_srcs=[*entropy, "series"]),
+                manufacturer=manufacturer,
+                number=i + 1,
+            )
+            ds.save_as(tmp / "dicom" / f"img_{i:05d}.dcm", enforce_file_format=True)
+            rows.append((str(sop), int(labs[i])))
+        with (tmp / "labels.csv").open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["sop_instance_uid", "label"])
+            w.writerows(rows)
+        write_marker(tmp, EXPORT_KIND)
+        return rows
+
+    rows = write_dir_atomically(
+        out, fill, overwrite=overwrite, why_not_ours=why_not_export, what="DICOM export"
+    )
     log.info("site %d: wrote %d DICOM files", site, len(rows))
-    return ExportedSite(dicom_dir=dicom_dir, labels_csv=labels_csv, count=len(rows))
+    return ExportedSite(dicom_dir=dicom_dir, labels_csv=out / "labels.csv", count=len(rows))
 
 
 def export_sites(
@@ -243,7 +284,7 @@ def export_sites(
     seed : int
         UID seed.
     overwrite : bool
-        Allow writing into existing site folders.
+        Replace existing site folders medfed wrote (:func:`why_not_export`).
 
     Returns
     -------

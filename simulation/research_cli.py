@@ -68,6 +68,14 @@ def experiment(
         int,
         typer.Option(help="torch CPU threads for the baselines (1 avoids oversubscription)."),
     ] = 1,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace --out if it holds a previous medfed experiment (never any other "
+            "folder); the old one is kept aside until the new one completes.",
+        ),
+    ] = False,
 ) -> None:
     """Pooled vs local vs federated training on one task, with equal compute and seeds.
 
@@ -81,13 +89,23 @@ def experiment(
     import torch
 
     from common.device import resolve_device
-    from simulation.experiment import ExperimentConfig, run_experiment
+    from common.fsutil import discard, set_aside
+    from simulation.experiment import ExperimentConfig, run_experiment, why_not_experiment_dir
     from simulation.report import write_experiment_report
 
     torch.set_num_threads(max(1, threads))
+    previous: Path | None = None
     try:
         cfg = ExperimentConfig.from_toml(config)
         target = (out or Path("runs") / f"exp-{cfg.name}").resolve()
+        previous = set_aside(
+            target,
+            overwrite=force,
+            why_not_ours=why_not_experiment_dir,
+            what="experiment directory",
+        )
+        if previous is not None:
+            console.print(f"previous experiment moved aside to {previous} until this one completes")
         console.print(
             f"[bold]medfed experiment[/] {cfg.name}: splits {[s.label for s in cfg.splits]}, "
             f"settings {[f.label for f in cfg.federated]}, seeds {cfg.seeds}, "
@@ -97,7 +115,10 @@ def experiment(
         html = write_experiment_report(target)
     except MedfedError as exc:
         err_console.print(f"[bold red]error:[/] {exc}")
+        if previous is not None:
+            err_console.print(f"the previous experiment is kept at {previous}")
         raise typer.Exit(code=2) from None
+    discard(previous)  # the new experiment is complete: the replaced one goes
     # a log file is not a terminal: do not squeeze the table into 80 columns
     (console if console.is_terminal else Console(width=150)).print(results_table(rows))
     console.print(f"results: {target / 'results.csv'}, report: {html}")

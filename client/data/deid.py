@@ -1,17 +1,33 @@
 """De-identification check: what in a DICOM export could identify a patient.
 
 Reports, per attribute and count (never the values), what the DICOM PS3.15 Annex E
-Basic Application Level Confidentiality Profile (Table E.1-1) would remove or replace
-and is still present and non-empty, private tags (the profile removes them, action X),
-``BurnedInAnnotation = YES`` (PS3.3 C.7.6.1.1.5: identifying text drawn into the pixels),
-and identifiers in file or folder names (UID-, date- or record-number-like tokens, or the
-file's own PatientID / PatientName / AccessionNumber).
+Basic Application Level Confidentiality Profile would remove or replace and is still
+present and non-empty, at any depth: top level, file meta information, inside sequence
+items (nested paths such as ``RequestAttributesSequence[0] > RequestedProcedureID``),
+inside private sequences, and inside sequences encoded with VR UN. Also reported:
+private data elements by block (the profile removes them, action X),
+``BurnedInAnnotation = YES`` (PS3.3 C.7.6.1.1.5: identifying text drawn into the
+pixels), elements whose value could not be read (they cannot be shown to be clean),
+and identifiers in file or folder names (UID-, date- or record-number-like tokens, or
+the file's own PatientID / PatientName / AccessionNumber).
+
+The attribute list is not typed here: it is Table E.1-1 of DICOM PS3.15 **2026c**
+as carried by the ``dicom-anonymizer`` package (KitwareMedical), module
+``dicomanonymizer.dicom_anonymization_databases.dicomfields_2026c``: tag tuples grouped
+by action code (D, Z, X, U, Z/D, X/Z, X/D, X/Z/D, X/Z/U*), generated from the standard's
+table by the package's scraper, plus the repeating-group rows Curve Data (50xx,xxxx),
+Overlay Data (60xx,3000) and Overlay Comments (60xx,4000) as masks. The table's
+private-attribute row ((gggg,eeee) with gggg odd) is applied as "every private element".
+Rows whose tag pydicom 3.0 does not name yet are reported by tag number, e.g.
+``(0010,0011)``.
 
 UIDs (Annex E action U, "replace with a non-identifying UID") cannot be told apart from
-replacement UIDs by looking at them; they are reported unless the data set declares
-``PatientIdentityRemoved = YES`` (PS3.15 E.1.1, what a de-identifier must set).
+replacement UIDs by looking at them; they (and the X/Z/U* sequences, kept with replaced
+UIDs) are reported unless the data set declares ``PatientIdentityRemoved = YES``
+(PS3.15 E.1.1, what a de-identifier must set).
 
-Imports pydicom only (no torch, no flwr): runs on a minimal hospital install.
+Imports pydicom and the attribute table only (no torch, no flwr): runs on a minimal
+hospital install.
 """
 
 from __future__ import annotations
@@ -23,11 +39,15 @@ import warnings
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pydicom.datadict import tag_for_keyword
+from dicomanonymizer.dicom_anonymization_databases import dicomfields_2026c as _annex_e
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
+from pydicom.values import convert_SQ
 
 from client.data.dicom_read import (
     UnusableInputError,
@@ -38,104 +58,88 @@ from client.data.dicom_read import (
 )
 
 __all__ = [
+    "ANNEX_E_ACTIONS",
+    "ANNEX_E_EDITION",
     "ANNEX_E_KEYWORDS",
+    "ANNEX_E_SOURCE",
+    "CHECK_VERSION",
     "DeidReport",
     "FileFindings",
+    "annex_e_action",
     "check_dataset",
     "check_directory",
+    "element_label",
     "filename_findings",
     "identifier_tokens",
+    "path_shape",
+    "private_block",
 ]
 
-#: Attributes of PS3.15 Annex E Table E.1-1 (Basic Application Level Confidentiality
-#: Profile) by pydicom keyword: those with action X, Z, D, U or a combination.
-ANNEX_E_KEYWORDS: frozenset[str] = frozenset(
-    """
-    AccessionNumber AcquisitionComments AcquisitionContextSequence AcquisitionDate
-    AcquisitionDateTime AcquisitionDeviceProcessingDescription AcquisitionProtocolDescription
-    AcquisitionTime ActualHumanPerformersSequence AdditionalPatientHistory AddressTrial
-    AdmissionID AdmittingDate AdmittingDiagnosesCodeSequence AdmittingDiagnosesDescription
-    AdmittingTime AffectedSOPInstanceUID Allergies AuthorObserverSequence BranchOfService
-    CassetteID CommentsOnThePerformedProcedureStep ConcatenationUID
-    ConfidentialityConstraintOnPatientDataDescription ContentCreatorName
-    ContentCreatorIdentificationCodeSequence ContentDate ContentSequence ContentTime
-    ContextGroupExtensionCreatorUID ContrastBolusAgent ContributionDescription
-    CountryOfResidence CreatorVersionUID CurrentPatientLocation CurveDate CurveTime
-    CustodialOrganizationSequence DataSetTrailingPadding DerivationDescription DetectorID
-    DeviceSerialNumber DeviceUID DigitalSignatureUID DigitalSignaturesSequence
-    DimensionOrganizationUID DischargeDiagnosisDescription DistributionAddress
-    DistributionName DoseReferenceUID EthnicGroup FailedSOPInstanceUIDList FiducialUID
-    FillerOrderNumberImagingServiceRequest FrameComments FrameOfReferenceUID GantryID
-    GeneratorID GraphicAnnotationSequence HumanPerformerName HumanPerformerOrganization
-    IconImageSequence IdentifyingComments ImageComments ImagePresentationComments
-    ImagingServiceRequestComments Impressions InstanceCreationDate InstanceCreationTime
-    InstanceCreatorUID InstitutionAddress InstitutionCodeSequence InstitutionName
-    InstitutionalDepartmentName InstitutionalDepartmentTypeCodeSequence
-    InsurancePlanIdentification IntendedRecipientsOfResultsIdentificationSequence
-    InterpretationApproverSequence InterpretationAuthor InterpretationDiagnosisDescription
-    InterpretationIDIssuer InterpretationRecorder InterpretationText
-    InterpretationTranscriber IrradiationEventUID IssuerOfAdmissionID IssuerOfPatientID
-    IssuerOfServiceEpisodeID LargePaletteColorLookupTableUID MAC MedicalAlerts
-    MedicalRecordLocator MilitaryRank ModifiedAttributesSequence ModifiedImageDescription
-    ModifyingDeviceID NameOfPhysiciansReadingStudy NamesOfIntendedRecipientsOfResults
-    Occupation OperatorIdentificationSequence OperatorsName OriginalAttributesSequence
-    OrderCallbackPhoneNumber OrderEnteredBy OrderEntererLocation OtherPatientIDs
-    OtherPatientIDsSequence OtherPatientNames OverlayDate OverlayTime
-    PaletteColorLookupTableUID ParticipantSequence PatientAddress PatientAge
-    PatientAlternativeCalendar PatientBirthDate PatientBirthDateInAlternativeCalendar
-    PatientBirthName PatientBirthTime PatientComments PatientDeathDateInAlternativeCalendar
-    PatientID PatientInsurancePlanCodeSequence PatientMotherBirthName PatientName
-    PatientPrimaryLanguageCodeSequence PatientPrimaryLanguageModifierCodeSequence
-    PatientReligiousPreference PatientSex PatientSexNeutered PatientSize PatientState
-    PatientTelephoneNumbers PatientTransportArrangements PatientWeight PerformedLocation
-    PerformedProcedureStepDescription PerformedProcedureStepEndDate
-    PerformedProcedureStepEndTime PerformedProcedureStepID
-    PerformedProcedureStepStartDate PerformedProcedureStepStartTime PerformedStationAETitle
-    PerformedStationGeographicLocationCodeSequence PerformedStationName
-    PerformedStationNameCodeSequence PerformingPhysicianIdentificationSequence
-    PerformingPhysicianName PersonAddress PersonIdentificationCodeSequence PersonName
-    PersonTelephoneNumbers PhysicianApprovingInterpretation
-    PhysiciansReadingStudyIdentificationSequence PhysiciansOfRecord
-    PhysiciansOfRecordIdentificationSequence PlacerOrderNumberImagingServiceRequest PlateID
-    PreMedication PregnancyStatus ProtocolName ReasonForStudy
-    ReasonForTheImagingServiceRequest ReferencedDigitalSignatureSequence
-    ReferencedFrameOfReferenceUID ReferencedImageSequence ReferencedPatientAliasSequence
-    ReferencedPatientPhotoSequence ReferencedPatientSequence
-    ReferencedPerformedProcedureStepSequence ReferencedSOPInstanceMACSequence
-    ReferencedSOPInstanceUID ReferencedSOPInstanceUIDInFile ReferencedStudySequence
-    ReferringPhysicianAddress ReferringPhysicianIdentificationSequence
-    ReferringPhysicianName ReferringPhysicianTelephoneNumbers RegionOfResidence
-    RelatedFrameOfReferenceUID RequestAttributesSequence RequestedContrastAgent
-    RequestedProcedureComments RequestedProcedureDescription RequestedProcedureID
-    RequestedProcedureLocation RequestedSOPInstanceUID RequestingPhysician RequestingService
-    ResultsComments ResultsDistributionListSequence ResultsIDIssuer ReviewerName
-    RouteOfAdmissions ScheduledHumanPerformersSequence ScheduledPatientInstitutionResidence
-    ScheduledPerformingPhysicianIdentificationSequence ScheduledPerformingPhysicianName
-    ScheduledProcedureStepDescription ScheduledProcedureStepEndDate
-    ScheduledProcedureStepEndTime ScheduledProcedureStepLocation
-    ScheduledProcedureStepStartDate ScheduledProcedureStepStartTime ScheduledStationAETitle
-    ScheduledStationGeographicLocationCodeSequence ScheduledStationName
-    ScheduledStationNameCodeSequence ScheduledStudyLocation ScheduledStudyLocationAETitle
-    SeriesDate SeriesDescription SeriesInstanceUID SeriesTime ServiceEpisodeDescription
-    ServiceEpisodeID SmokingStatus SOPInstanceUID SourceImageSequence SourceSerialNumber
-    SpecialNeeds StationName StorageMediaFileSetUID StudyComments StudyDate
-    StudyDescription StudyID StudyIDIssuer StudyInstanceUID StudyTime
-    SynchronizationFrameOfReferenceUID TemplateExtensionCreatorUID
-    TemplateExtensionOrganizationUID TextComments TextString TimezoneOffsetFromUTC
-    TopicAuthor TopicKeywords TopicSubject TopicTitle TransactionUID UID
-    VerifyingObserverIdentificationCodeSequence VerifyingObserverName
-    VerifyingObserverSequence VerifyingOrganization VisitComments
-    """.split()  # noqa: SIM905 (a word list is easier to check against Table E.1-1)
+#: Edition of DICOM PS3.15 whose Table E.1-1 the attribute list comes from.
+ANNEX_E_EDITION = "2026c"
+
+
+def _table_source() -> str:
+    try:
+        version = metadata.version("dicom-anonymizer")
+    except metadata.PackageNotFoundError:  # pragma: no cover - imported above
+        version = "?"
+    return f"dicom-anonymizer {version} ({_annex_e.__name__})"
+
+
+#: The standard, table and edition the attribute list comes from, and the package that
+#: carries it (shown by ``medfed deid-check`` and stored in the ingest summary).
+ANNEX_E_SOURCE = (
+    f"DICOM PS3.15 {ANNEX_E_EDITION} Annex E Table E.1-1 "
+    "(Basic Application Level Confidentiality Profile), from " + _table_source()
 )
 
-#: Annex E attributes with action U (replace by a consistent, non-identifying UID).
-UID_KEYWORDS: frozenset[str] = frozenset(k for k in ANNEX_E_KEYWORDS if k.endswith("UID"))
+#: Version of what :func:`check_dataset` finds; part of the ingest cache key, so a
+#: changed check never reuses findings cached by an older one.
+CHECK_VERSION = f"deid-check-2/PS3.15-{ANNEX_E_EDITION}"
 
-# File-name patterns that look like identifiers (PS3.15 E.1: names may carry PHI).
-_ANNEX_E_TAGS: dict[int, str] = {
-    int(t): k for k in ANNEX_E_KEYWORDS if (t := tag_for_keyword(k)) is not None
+_ACTION_OF_GROUP: dict[str, str] = {
+    "D_TAGS": "D",
+    "Z_TAGS": "Z",
+    "X_TAGS": "X",
+    "U_TAGS": "U",
+    "Z_D_TAGS": "Z/D",
+    "X_Z_TAGS": "X/Z",
+    "X_D_TAGS": "X/D",
+    "X_Z_D_TAGS": "X/Z/D",
+    "X_Z_U_STAR_TAGS": "X/Z/U*",
 }
-_UID_TAGS: frozenset[int] = frozenset(t for t, k in _ANNEX_E_TAGS.items() if k in UID_KEYWORDS)
+
+
+def _load_table() -> tuple[dict[int, str], tuple[tuple[int, int, str], ...]]:
+    """Read Table E.1-1 as ``{tag: action}`` plus ``(value, mask, action)`` repeater rows."""
+    exact: dict[int, str] = {}
+    masked: list[tuple[int, int, str]] = []
+    for group_name, action in _ACTION_OF_GROUP.items():
+        for row in getattr(_annex_e, group_name):
+            if len(row) == 2:
+                exact[(row[0] << 16) | row[1]] = action
+            else:  # (group, element, group mask, element mask): 50xx / 60xx rows
+                group, elem, gmask, emask = row
+                masked.append(((group << 16) | elem, (gmask << 16) | emask, action))
+    return exact, tuple(masked)
+
+
+#: PS3.15 Table E.1-1 (:data:`ANNEX_E_EDITION`): tag -> action code (D, Z, X, U, ...).
+ANNEX_E_ACTIONS, _ANNEX_E_MASKED = _load_table()
+
+#: pydicom keywords of the :data:`ANNEX_E_ACTIONS` tags that pydicom's dictionary names.
+ANNEX_E_KEYWORDS: frozenset[str] = frozenset(
+    kw for tag in ANNEX_E_ACTIONS if (kw := keyword_for_tag(tag))
+)
+
+# Action U ("replace with a non-identifying UID") and X/Z/U* (sequences kept with their
+# UIDs replaced): not told apart from replacements once PatientIdentityRemoved = YES.
+_REPLACED_WHEN_REMOVED = frozenset(("U", "X/Z/U*"))
+
+_MAX_DEPTH = 32  # deeper nesting is pathological; reported as unreadable
+_ITEM_TAG_LE = b"\xfe\xff\x00\xe0"  # (FFFE,E000) Item, little endian (PS3.5 7.5)
+_INDEX = re.compile(r"\[\d+\]")
 
 _FILENAME_PATTERNS: dict[str, re.Pattern[str]] = {
     "uid_like": re.compile(r"(?<![\d.])\d+(?:\.\d+){3,}"),
@@ -147,16 +151,75 @@ _FILENAME_PATTERNS: dict[str, re.Pattern[str]] = {
 _TOKEN_SPLIT = re.compile(r"[^0-9a-z]+")
 
 
+def annex_e_action(tag: int) -> str | None:
+    """Return the action code of ``tag`` in Table E.1-1 (``None`` when not listed).
+
+    Repeating groups (Curve Data 50xx, Overlay Data / Comments 60xx) are matched by mask.
+    Private tags are not in this table: every private element counts separately.
+    """
+    action = ANNEX_E_ACTIONS.get(tag)
+    if action is not None:
+        return action
+    for value, mask, masked_action in _ANNEX_E_MASKED:
+        if tag & mask == value:
+            return masked_action
+    return None
+
+
+def _tag_text(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def element_label(tag: int) -> str:
+    """Name an element in a finding: its keyword, else its tag number; never a value.
+
+    Private elements are always named by tag number (``(0009,1010)``): their block is
+    given by :func:`private_block`, the creator's name (a value) never.
+    """
+    if BaseTag(tag).is_private:
+        return _tag_text(tag)
+    return keyword_for_tag(tag) or _tag_text(tag)
+
+
+def private_block(tag: int) -> str:
+    """Name the private block of a private tag by tag numbers only (PS3.5 7.8.1).
+
+    ``(0009,10xx)`` for (0009,1010) and for its creator element (0009,0010).
+    """
+    group, elem = tag >> 16, tag & 0xFFFF
+    if 0x0010 <= elem <= 0x00FF:  # a private creator reserves block (gggg,XXxx)
+        return f"({group:04X},{elem:02X}xx)"
+    if elem >= 0x1000:
+        return f"({group:04X},{elem >> 8:02X}xx)"
+    return _tag_text(tag)  # outside any block (group length, or not valid)
+
+
+def path_shape(path: str) -> str:
+    """Replace a nested path's item indices by ``[*]`` (the key files are counted by)."""
+    return _INDEX.sub("[*]", path)
+
+
 @dataclass
 class FileFindings:
-    """Identifying content of one file (attribute keywords and counts, no values).
+    """Identifying content of one file (attribute names, paths and counts, no values).
 
     Attributes
     ----------
-    attributes : set of str
-        Annex E keywords present and non-empty (at any nesting depth).
+    top_level : set of str
+        Table E.1-1 attributes present and non-empty in the data set itself or in its
+        file meta information (keyword, or tag number when pydicom has no keyword).
+    nested : dict[str, int]
+        Table E.1-1 attributes present and non-empty inside sequence items: for each
+        path shape (:func:`path_shape`), the first path found, with item indices, e.g.
+        ``RequestAttributesSequence[0] > RequestedProcedureID`` or, inside a private
+        sequence, ``(0009,1010)[0] > PatientName`` -> number of items it occurs in.
     private_elements : int
-        Private data elements (odd group), private creators included.
+        Private data elements at any depth, private creators included.
+    private_blocks : set of str
+        Their blocks, e.g. ``(0009,10xx)`` (tag numbers; the creator names are values).
+    unreadable : int
+        Elements whose value could not be read (a sequence that does not parse, or an
+        attribute of the table whose value raised): they cannot be shown to be clean.
     burned_in_annotation : bool
         ``BurnedInAnnotation`` is ``YES``.
     filename : set of str
@@ -164,23 +227,49 @@ class FileFindings:
 
     """
 
-    attributes: set[str] = field(default_factory=set)
+    top_level: set[str] = field(default_factory=set)
+    nested: dict[str, int] = field(default_factory=dict)
     private_elements: int = 0
+    private_blocks: set[str] = field(default_factory=set)
+    unreadable: int = 0
     burned_in_annotation: bool = False
     filename: set[str] = field(default_factory=set)
 
     @property
+    def nested_attributes(self) -> set[str]:
+        """Attributes found inside sequence items (the last step of each nested path)."""
+        return {p.rsplit(" > ", 1)[-1] for p in self.nested}
+
+    @property
+    def attributes(self) -> set[str]:
+        """Table E.1-1 attributes present at any depth."""
+        return self.top_level | self.nested_attributes
+
+    @property
+    def only_nested(self) -> set[str]:
+        """Attributes present only inside sequence items (missed by a top-level check)."""
+        return self.nested_attributes - self.top_level
+
+    @property
     def has_findings(self) -> bool:
-        """Whether anything identifying was found."""
+        """Whether anything identifying (or impossible to check) was found."""
         return bool(
-            self.attributes or self.private_elements or self.burned_in_annotation or self.filename
+            self.top_level
+            or self.nested
+            or self.private_elements
+            or self.unreadable
+            or self.burned_in_annotation
+            or self.filename
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form (keywords and counts only)."""
+        """JSON-serialisable form (attribute names, paths and counts only)."""
         return {
-            "attributes": sorted(self.attributes),
+            "top_level": sorted(self.top_level),
+            "nested": dict(sorted(self.nested.items())),
             "private_elements": self.private_elements,
+            "private_blocks": sorted(self.private_blocks),
+            "unreadable": self.unreadable,
             "burned_in_annotation": self.burned_in_annotation,
             "filename": sorted(self.filename),
         }
@@ -189,8 +278,11 @@ class FileFindings:
     def from_dict(cls, d: dict[str, Any]) -> FileFindings:
         """Inverse of :meth:`to_dict`."""
         return cls(
-            attributes=set(d.get("attributes", ())),
+            top_level=set(d.get("top_level", ())),
+            nested={str(k): int(v) for k, v in d.get("nested", {}).items()},
             private_elements=int(d.get("private_elements", 0)),
+            private_blocks=set(d.get("private_blocks", ())),
+            unreadable=int(d.get("unreadable", 0)),
             burned_in_annotation=bool(d.get("burned_in_annotation", False)),
             filename=set(d.get("filename", ())),
         )
@@ -199,8 +291,8 @@ class FileFindings:
 def _non_empty(value: Any) -> bool:
     if value is None:
         return False
-    if isinstance(value, bytes):
-        return bool(value.strip(b" \x00"))
+    if isinstance(value, bytes | bytearray):
+        return bool(bytes(value).strip(b" \x00"))
     if isinstance(value, str):
         return bool(value.strip(" \x00"))
     try:
@@ -209,61 +301,155 @@ def _non_empty(value: Any) -> bool:
         return True
 
 
-def check_dataset(ds: Dataset) -> FileFindings:
-    """Annex E attributes, private tags and burned-in annotation of one data set.
+def _yes(ds: Dataset, keyword: str) -> bool:
+    try:
+        return str(ds.get(keyword, "") or "").strip().upper() == "YES"
+    except Exception:
+        return False
 
-    Elements are inspected without converting their values (raw bytes are checked for
-    emptiness), so the check costs little and malformed values cannot stop it.
+
+def check_dataset(ds: Dataset) -> FileFindings:
+    """Table E.1-1 attributes, private tags and burned-in annotation of one data set.
+
+    Every element is visited, at every depth, as :meth:`pydicom.dataset.Dataset.walk`
+    visits them (sorted by tag; a sequence's items are entered after the sequence),
+    with three additions: the item path is tracked; the file meta information is
+    visited too; and a value with VR UN (or an unknown private tag read with implicit
+    VR) that starts with an Item tag is parsed as the sequence it is (Implicit VR
+    Little Endian, PS3.5 6.2.2) instead of being left as raw bytes. Sequences that
+    pydicom has not parsed yet (read with a defined length, or undefined length) are
+    parsed through ``Dataset.__getitem__``, as ``walk`` does. Other values are not
+    converted: their raw bytes are checked for emptiness, so the check is cheap, a
+    malformed value cannot stop it, and nothing later code validates is converted
+    early. One element that cannot be read is counted in ``unreadable`` and the walk
+    goes on (``walk`` itself would stop at the first one).
 
     Parameters
     ----------
     ds : pydicom.dataset.Dataset
-        A parsed data set (nested sequences are searched too).
+        A parsed data set.
 
     Returns
     -------
     FileFindings
         With ``filename`` empty (see :func:`filename_findings`).
 
+    Notes
+    -----
+    Source of the attribute list: DICOM PS3.15 2026c, Annex E, Table E.1-1 (see
+    :data:`ANNEX_E_SOURCE`). Nothing raised by a malformed element escapes; the
+    findings hold tag keywords, tag numbers and item indices, never a value.
+
     """
     found = FileFindings()
+    shapes: dict[str, list[Any]] = {}  # path shape -> [first indexed path, occurrences]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom's warnings may quote header values
-        try:
-            removed = str(ds.get("PatientIdentityRemoved", "") or "").strip().upper() == "YES"
-        except Exception:
-            removed = False
-        skip = _UID_TAGS if removed else frozenset()
-        _walk(ds, found, skip, depth=0)
-        try:
-            burned = str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES"
-        except Exception:
-            burned = False
-        found.burned_in_annotation = burned
+        removed = _yes(ds, "PatientIdentityRemoved")
+        meta = getattr(ds, "file_meta", None)
+        if isinstance(meta, Dataset):
+            _walk(meta, found, shapes, removed=removed, path="", shape="", depth=0)
+        _walk(ds, found, shapes, removed=removed, path="", shape="", depth=0)
+        found.burned_in_annotation = _yes(ds, "BurnedInAnnotation")
+    found.nested = {first: n for first, n in shapes.values()}
     return found
 
 
-def _walk(ds: Dataset, found: FileFindings, skip: frozenset[int], *, depth: int) -> None:
-    if depth > 16:  # pathological nesting
+def _sequence_items(ds: Dataset, tag: BaseTag, vr: str | None, value: Any) -> Any:
+    """Return the items of a sequence element, or ``None`` when it is no sequence.
+
+    Raises whatever pydicom raises on a sequence that does not parse.
+    """
+    if vr == "SQ":
+        if isinstance(value, bytes | bytearray) or value is None:
+            return ds[tag].value  # parses a not yet converted sequence, as walk() does
+        return value
+    if (
+        vr in (None, "UN")
+        and isinstance(value, bytes | bytearray)
+        and bytes(value[:4]) == _ITEM_TAG_LE
+    ):
+        try:  # PS3.5 6.2.2: a sequence with VR UN is encoded Implicit VR Little Endian
+            return convert_SQ(bytes(value), True, True)
+        except Exception:
+            return None  # opaque bytes that merely start like an item
+    return None
+
+
+def _walk(
+    ds: Dataset,
+    found: FileFindings,
+    shapes: dict[str, list[Any]],
+    *,
+    removed: bool,
+    path: str,
+    shape: str,
+    depth: int,
+) -> None:
+    if depth > _MAX_DEPTH:
+        found.unreadable += 1
         return
-    for elem in ds.elements():
-        tag = elem.tag
+    for tag in sorted(ds.keys()):
+        try:
+            elem = ds.get_item(tag)
+            vr = elem.VR
+            if vr is None:  # Implicit VR, not yet converted: the dictionary's VR
+                try:
+                    vr = dictionary_VR(tag)
+                except KeyError:
+                    vr = None
+            value = elem.value
+        except Exception:
+            found.unreadable += 1
+            continue
+        label = element_label(tag)
         if tag.is_private:
             found.private_elements += 1
-            continue
-        value = elem.value
-        if isinstance(value, list) and value and isinstance(value[0], Dataset):
-            for item in value:
-                _walk(item, found, skip, depth=depth + 1)
-        kw = _ANNEX_E_TAGS.get(int(tag))
-        if kw is None or int(tag) in skip:
-            continue
+            found.private_blocks.add(private_block(tag))
+            action = None
+        else:
+            action = annex_e_action(int(tag))
         try:
-            present = _non_empty(value)
+            items = _sequence_items(ds, tag, vr, value)
         except Exception:
-            present = True  # unreadable value: assume the worst
-        if present:
-            found.attributes.add(kw)
+            found.unreadable += 1  # a sequence that does not parse cannot be checked
+            items = None
+            if action is not None:
+                _record(found, shapes, label, path, shape, depth)
+            continue
+        if action is not None and not (removed and action in _REPLACED_WHEN_REMOVED):
+            try:
+                present = _non_empty(items if items is not None else value)
+            except Exception:
+                present = True  # unreadable value: assume the worst
+            if present:
+                _record(found, shapes, label, path, shape, depth)
+        for i, item in enumerate(items or ()):
+            if isinstance(item, Dataset):
+                _walk(
+                    item,
+                    found,
+                    shapes,
+                    removed=removed,
+                    path=f"{path}{label}[{i}] > ",
+                    shape=f"{shape}{label}[*] > ",
+                    depth=depth + 1,
+                )
+
+
+def _record(
+    found: FileFindings,
+    shapes: dict[str, list[Any]],
+    label: str,
+    path: str,
+    shape: str,
+    depth: int,
+) -> None:
+    if depth == 0:
+        found.top_level.add(label)
+        return
+    entry = shapes.setdefault(shape + label, [path + label, 0])
+    entry[1] += 1
 
 
 def identifier_tokens(ds: Dataset) -> set[str]:
@@ -334,7 +520,7 @@ def filename_findings(
 
 @dataclass
 class DeidReport:
-    """Counts over a directory: per attribute, the number of files carrying it.
+    """Counts over a directory: per attribute, path or block, the number of files.
 
     Attributes
     ----------
@@ -344,10 +530,23 @@ class DeidReport:
         Files that parsed as DICOM and were checked.
     files_with_findings : int
         Checked files with at least one finding.
+    files_only_nested : int
+        Checked files with at least one Table E.1-1 attribute that is present only
+        inside sequence items (what a check of the top level alone misses).
     attributes : collections.Counter
-        Annex E keyword -> number of files where it is present and non-empty.
+        Attribute -> number of files where it is present and non-empty at any depth.
+    nested_attributes : collections.Counter
+        Attribute -> number of files where it is present inside a sequence item.
+    only_nested : collections.Counter
+        Attribute -> number of files where it is present only inside sequence items.
+    nested_paths : collections.Counter
+        Path shape (item indices as ``[*]``, see :func:`path_shape`) -> number of files.
     private_tag_files, private_elements : int
-        Files with private tags; private elements in total.
+        Files with private tags; private elements in total (any depth).
+    private_blocks : collections.Counter
+        Private block (e.g. ``(0029,10xx)``) -> number of files.
+    unreadable_files : int
+        Files with elements that could not be read (and so not checked).
     burned_in_annotation : int
         Files declaring ``BurnedInAnnotation = YES``.
     filename : collections.Counter
@@ -358,9 +557,15 @@ class DeidReport:
     files_seen: int = 0
     files_checked: int = 0
     files_with_findings: int = 0
+    files_only_nested: int = 0
     attributes: Counter[str] = field(default_factory=Counter)
+    nested_attributes: Counter[str] = field(default_factory=Counter)
+    only_nested: Counter[str] = field(default_factory=Counter)
+    nested_paths: Counter[str] = field(default_factory=Counter)
     private_tag_files: int = 0
     private_elements: int = 0
+    private_blocks: Counter[str] = field(default_factory=Counter)
+    unreadable_files: int = 0
     burned_in_annotation: int = 0
     filename: Counter[str] = field(default_factory=Counter)
 
@@ -368,9 +573,16 @@ class DeidReport:
         """Count one checked file."""
         self.files_checked += 1
         self.files_with_findings += int(f.has_findings)
+        only_nested = f.only_nested
+        self.files_only_nested += int(bool(only_nested))
         self.attributes.update(f.attributes)
+        self.nested_attributes.update(f.nested_attributes)
+        self.only_nested.update(only_nested)
+        self.nested_paths.update({path_shape(p) for p in f.nested})
         self.private_tag_files += int(f.private_elements > 0)
         self.private_elements += f.private_elements
+        self.private_blocks.update(f.private_blocks)
+        self.unreadable_files += int(f.unreadable > 0)
         self.burned_in_annotation += int(f.burned_in_annotation)
         self.filename.update(f.filename)
 
@@ -380,15 +592,21 @@ class DeidReport:
         return self.files_with_findings > 0
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable summary (keywords and counts, never values)."""
+        """JSON-serialisable summary (names, paths and counts, never values)."""
         return {
-            "profile": "DICOM PS3.15 Annex E Basic Application Level Confidentiality Profile",
+            "profile": ANNEX_E_SOURCE,
             "files_seen": self.files_seen,
             "files_checked": self.files_checked,
             "files_with_findings": self.files_with_findings,
+            "files_only_nested": self.files_only_nested,
             "attributes": dict(sorted(self.attributes.items())),
+            "nested_attributes": dict(sorted(self.nested_attributes.items())),
+            "only_nested": dict(sorted(self.only_nested.items())),
+            "nested_paths": dict(sorted(self.nested_paths.items())),
             "private_tag_files": self.private_tag_files,
             "private_elements": self.private_elements,
+            "private_blocks": dict(sorted(self.private_blocks.items())),
+            "unreadable_files": self.unreadable_files,
             "burned_in_annotation": self.burned_in_annotation,
             "filename_identifiers": dict(sorted(self.filename.items())),
         }

@@ -12,14 +12,24 @@ Pipeline for one file (:func:`read_dicom`):
    in group 0002 or 0008, as written by some old systems;
 3. reject what is not an image: DICOMDIR, non-image SOP classes (RT Plan, SR, ECG waveform,
    segmentation, dose grid, ...), no pixel data, unsupported transfer syntax;
-4. decode with pydicom's pixel backends (numpy, pylibjpeg + openjpeg/libjpeg, gdcm), so
+4. reject, from header values alone and before any pixel is decoded, a file whose declared
+   decoded pixel data is over the per-file byte budget (:class:`ByteBudget`), and a
+   greyscale file whose LUT parameters (rescale slope/intercept, window centre/width, LUT
+   descriptors) are not finite or out of a sane range (:func:`check_lut_values`);
+5. decode with pydicom's pixel backends (numpy, pylibjpeg + openjpeg/libjpeg, gdcm), so
    RLE, JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000 and HTJ2K decode;
-5. stored values to physical values with the Modality LUT / rescale (PS3.3 C.11.1; CT in
+6. stored values to physical values with the Modality LUT / rescale (PS3.3 C.11.1; CT in
    Hounsfield units); every frame resized to ``(size, size)`` (linear, so it commutes
    with the rescale; skipped when the size already matches); then the VOI LUT or window
    (PS3.3 C.11.2) or a named window, and scaling to ``[0, 1]``; MONOCHROME1 is inverted
    (PS3.3 C.7.6.3.1.2) so that higher is always brighter; palette colour through its LUT
-   (PS3.3 C.7.6.3.1.5); colour to grey by ITU-R BT.601 luma when one channel is asked for.
+   (PS3.3 C.7.6.3.1.5); colour to grey by ITU-R BT.601 luma when one channel is asked for;
+7. reject a result that is not finite everywhere (``non_finite_pixels``): ``np.clip``
+   keeps NaN, and one NaN image makes every training step of the site fail.
+
+The same byte budget caps every inflation of a file's bytes: gunzip (step 1) and the
+deflate of the Deflated Explicit VR Little Endian transfer syntax (PS3.5 A.5), which
+pydicom inflates while parsing (step 2).
 """
 
 from __future__ import annotations
@@ -30,7 +40,9 @@ import gzip
 import hashlib
 import io
 import logging
+import math
 import os
+import re
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -42,33 +54,101 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
-from pydicom.uid import UID
+from pydicom.uid import (
+    UID,
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
+)
 
 from common.errors import ConfigError
 
 __all__ = [
+    "DEFAULT_FILE_BUDGET_BYTES",
     "NAMED_WINDOWS",
     "REASON_HELP",
+    "ByteBudget",
     "DicomImage",
     "Preprocessing",
     "Reason",
     "UnusableInputError",
+    "check_codestream_sizes",
+    "check_lut_values",
+    "declared_pixel_bytes",
+    "default_file_budget",
     "discover_files",
+    "gunzip_if_needed",
+    "inflated_size",
     "load_bytes",
     "parse_dataset",
     "quiet_pydicom_logs",
     "read_dicom",
+    "read_file_bytes",
     "to_model_input",
 ]
 
 #: Bumped whenever the pixel pipeline changes, so cached results are not reused.
-PIPELINE_VERSION = "1"
+#: 2: non-finite results and bad LUT parameters are quarantined.
+PIPELINE_VERSION = "2"
 
-#: Largest gunzipped file accepted (bytes); guards against decompression bombs.
-MAX_GUNZIP_BYTES = 2 * 1024**3
+#: The site machine the default byte budget is sized for: 2 cores, 24 GB of memory.
+REFERENCE_SITE_MEMORY_BYTES = 24 * 1000**3
+#: Share of that memory all ingest worker processes together may use; the rest stays with
+#: the operating system, the site worker (training) and whatever else the hospital runs.
+INGEST_MEMORY_SHARE = 1 / 3
+#: Peak memory of one file's pipeline per byte of :func:`declared_pixel_bytes` (raw and
+#: parsed copies, decoded array, float32 frames, Pillow's copy, LUT and colour outputs).
+#: ``bench/ingest.py`` measures it for each pixel path (``memory.near_budget``): 2.4 to 4.0
+#: with pydicom 3.0.2 and Pillow 13; 5 leaves a margin.
+PIPELINE_EXPANSION = 5
+#: Bounds of the default per-file budget (bytes).
+MIN_FILE_BUDGET_BYTES = 64 * 1024**2
+MAX_FILE_BUDGET_BYTES = 2 * 1024**3
+#: Largest absolute value (and smallest non-zero absolute slope) of a LUT parameter
+#: accepted; real rescale and window values are many orders of magnitude inside it.
+MAX_LUT_MAGNITUDE = 1e12
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def default_file_budget(workers: int = 1) -> int:
+    """Per-file byte budget that keeps ``workers`` ingest processes inside a site's memory.
+
+    ``INGEST_MEMORY_SHARE x REFERENCE_SITE_MEMORY_BYTES / (workers x PIPELINE_EXPANSION)``,
+    rounded down to MiB and clipped to ``[MIN_FILE_BUDGET_BYTES, MAX_FILE_BUDGET_BYTES]``:
+    with the reference 24 GB site, 1 worker gets 1525 MiB, 2 workers 762 MiB each, 4
+    workers 381 MiB each. A CT or MR volume of 512 x 512 x 400 frames counts 400 MiB
+    (:func:`declared_pixel_bytes`).
+
+    Parameters
+    ----------
+    workers : int
+        Ingest worker processes that run at the same time (>= 1).
+
+    Returns
+    -------
+    int
+        Bytes.
+
+    Raises
+    ------
+    ConfigError
+        If ``workers`` < 1.
+
+    """
+    if workers < 1:
+        raise ConfigError(f"workers={workers} must be >= 1")
+    share = int(REFERENCE_SITE_MEMORY_BYTES * INGEST_MEMORY_SHARE)
+    budget = share // (workers * PIPELINE_EXPANSION) // 1024**2 * 1024**2
+    return max(MIN_FILE_BUDGET_BYTES, min(MAX_FILE_BUDGET_BYTES, budget))
+
+
+#: Budget of the functions below when none is given (one process at a time).
+DEFAULT_FILE_BUDGET_BYTES = default_file_budget(1)
 
 #: Named windows ``name -> (center, width)`` in Hounsfield units for CT
 #: (common radiology presets; e.g. Radiopaedia "Windowing (CT)").
@@ -106,6 +186,9 @@ class Reason(StrEnum):
     TRUNCATED_PIXEL_DATA = "truncated_pixel_data"
     UNDECODABLE_PIXEL_DATA = "undecodable_pixel_data"
     UNSUPPORTED_PHOTOMETRIC = "unsupported_photometric_interpretation"
+    TOO_LARGE = "too_large"
+    BAD_LUT = "bad_lut"
+    NON_FINITE_PIXELS = "non_finite_pixels"
     UNLABELLED = "unlabelled"
     DUPLICATE = "duplicate"
     UNEXPECTED_ERROR = "unexpected_error"
@@ -130,6 +213,16 @@ REASON_HELP: dict[Reason, str] = {
     Reason.TRUNCATED_PIXEL_DATA: "Pixel Data is shorter than Rows x Columns x frames needs",
     Reason.UNDECODABLE_PIXEL_DATA: "every available decoder failed on the compressed stream",
     Reason.UNSUPPORTED_PHOTOMETRIC: "a Photometric Interpretation this pipeline cannot map to grey",
+    Reason.TOO_LARGE: (
+        "the file, its gunzipped or deflated content, or the decoded pixel data its header "
+        "declares (Rows x Columns x frames x samples, 4 bytes or more each) is over the "
+        "per-file byte budget (--max-file-mib); checked before that much is allocated"
+    ),
+    Reason.BAD_LUT: (
+        "a rescale slope/intercept, window centre/width or LUT descriptor is NaN, "
+        "infinite or out of a sane range, so the image would become NaN or garbage"
+    ),
+    Reason.NON_FINITE_PIXELS: "the preprocessed image holds NaN or infinite values",
     Reason.UNLABELLED: "no row of the labels CSV matches the file",
     Reason.DUPLICATE: "byte-identical to a file already ingested",
     Reason.UNEXPECTED_ERROR: "an unexpected error (the exception type is recorded)",
@@ -153,6 +246,49 @@ class UnusableInputError(Exception):
         super().__init__(reason.value if not detail else f"{reason.value} ({detail})")
         self.reason = reason
         self.detail = detail
+
+
+@dataclass
+class ByteBudget:
+    """The per-file byte budget, and the largest size checked against it.
+
+    One budget caps, for one file: the file's size on disk, its gunzipped size, the
+    inflated size of a deflated data set (PS3.5 A.5) and the decoded pixel data its
+    header declares. Each is checked before that much memory is allocated.
+
+    Parameters
+    ----------
+    limit : int
+        Bytes, >= 1 (:func:`default_file_budget`).
+
+    Attributes
+    ----------
+    largest : int
+        The largest size (bytes) checked so far; when a check failed, a lower bound of
+        the real size. Cached with the file's result, so a later run with another
+        budget can tell whether the result still holds.
+
+    """
+
+    limit: int = DEFAULT_FILE_BUDGET_BYTES
+    largest: int = 0
+
+    def __post_init__(self) -> None:
+        if self.limit < 1:
+            raise ConfigError(f"byte budget {self.limit} must be >= 1 byte")
+
+    def check(self, size: int, what: str) -> None:
+        """Record ``size`` (bytes) of ``what``; raise ``too_large`` if over the limit.
+
+        Raises
+        ------
+        UnusableInputError
+            ``too_large``, with ``what`` as the detail (never a value from the file).
+
+        """
+        self.largest = max(self.largest, size)
+        if size > self.limit:
+            raise UnusableInputError(Reason.TOO_LARGE, f"{what} over the per-file budget")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -208,8 +344,12 @@ class Preprocessing:
             raise ConfigError(f"intensity={self.intensity!r} must be one of {_INTENSITY_MODES}")
         if self.frames not in _FRAME_MODES:
             raise ConfigError(f"frames={self.frames!r} must be one of {_FRAME_MODES}")
-        if self.window is not None and not self.window[1] > 0:
-            raise ConfigError(f"window width {self.window[1]} must be > 0")
+        if self.window is not None and not (
+            all(np.isfinite(v) for v in self.window) and self.window[1] > 0
+        ):
+            raise ConfigError(
+                f"window {self.window} must be a finite (center, width) with width > 0"
+            )
 
     @classmethod
     def with_window(cls, spec: str | None, **kwargs: Any) -> Preprocessing:
@@ -336,35 +476,177 @@ def discover_files(root: str | os.PathLike[str]) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(base).as_posix())
 
 
-def load_bytes(path: str | os.PathLike[str]) -> bytes:
-    """Read a file, gunzipping it when its content starts with the gzip magic bytes.
+def read_file_bytes(path: str | os.PathLike[str], *, budget: ByteBudget | None = None) -> bytes:
+    """Read a file's bytes, refusing one larger than the budget without reading it.
 
     Raises
     ------
     UnusableInputError
-        ``unreadable`` on an OS error, ``corrupt_gzip`` when decompression fails or the
-        result exceeds :data:`MAX_GUNZIP_BYTES`.
+        ``unreadable`` on an OS error, ``too_large`` when the file is over ``budget``.
 
     """
+    budget = budget if budget is not None else ByteBudget()
     try:
-        data = Path(path).read_bytes()
+        with Path(path).open("rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            budget.check(size, "file size")
+            data = fh.read(size + 1)
+            if len(data) > size:  # it grew since the stat: read on, up to just over the budget
+                data += fh.read(max(0, budget.limit + 1 - len(data)))
+                budget.check(len(data), "file size")
+            return data
     except OSError as exc:
         raise UnusableInputError(Reason.UNREADABLE, type(exc).__name__) from None
-    return gunzip_if_needed(data)
 
 
-def gunzip_if_needed(data: bytes) -> bytes:
-    """Return ``data``, decompressed if it is a gzip stream (RFC 1952 magic ``1f 8b``)."""
+def load_bytes(path: str | os.PathLike[str], *, budget: ByteBudget | None = None) -> bytes:
+    """Read a file, gunzipping it when its content starts with the gzip magic bytes.
+
+    Parameters
+    ----------
+    path : path
+        The file.
+    budget : ByteBudget, optional
+        Caps the file size and the gunzipped size (default
+        :data:`DEFAULT_FILE_BUDGET_BYTES`).
+
+    Raises
+    ------
+    UnusableInputError
+        ``unreadable`` on an OS error, ``corrupt_gzip`` when decompression fails,
+        ``too_large`` when the file or its gunzipped content is over ``budget``.
+
+    """
+    budget = budget if budget is not None else ByteBudget()
+    data = read_file_bytes(path, budget=budget)
+    budget.check(len(data), "file size")
+    return gunzip_if_needed(data, budget=budget)
+
+
+def gunzip_if_needed(data: bytes, *, budget: ByteBudget | None = None) -> bytes:
+    """Return ``data``, decompressed if it is a gzip stream (RFC 1952 magic ``1f 8b``).
+
+    The decompressed size is measured first, in 1 MiB pieces that are thrown away
+    (:func:`inflated_size`), so a gzip bomb costs about 1 MiB of memory; only content
+    within the budget is then decompressed for real (and never more than
+    ``budget.limit + 1`` bytes).
+
+    Raises
+    ------
+    UnusableInputError
+        ``corrupt_gzip`` when decompression fails, ``too_large`` when the decompressed
+        content is over ``budget`` (default :data:`DEFAULT_FILE_BUDGET_BYTES`).
+
+    """
     if not data.startswith(_GZIP_MAGIC):
         return data
+    budget = budget if budget is not None else ByteBudget()
+    try:
+        size = inflated_size(data, limit=budget.limit, container="gzip")
+    except zlib.error as exc:
+        raise UnusableInputError(Reason.CORRUPT_GZIP, type(exc).__name__) from None
+    budget.check(size, "gunzipped size")
     try:
         with gzip.GzipFile(fileobj=io.BytesIO(data)) as gz:
-            out = gz.read(MAX_GUNZIP_BYTES + 1)
+            out = gz.read(budget.limit + 1)
     except (OSError, EOFError, zlib.error) as exc:
         raise UnusableInputError(Reason.CORRUPT_GZIP, type(exc).__name__) from None
-    if len(out) > MAX_GUNZIP_BYTES:
-        raise UnusableInputError(Reason.CORRUPT_GZIP, "decompressed size over limit")
+    budget.check(len(out), "gunzipped size")
     return out
+
+
+_INFLATE_OUT_CHUNK = 1 << 20
+_INFLATE_IN_CHUNK = 1 << 18
+
+
+def inflated_size(stream: bytes | memoryview, *, limit: int, container: str = "raw") -> int:
+    """Size of deflate data (RFC 1951) once inflated, counted up to ``limit + 1``.
+
+    The output is produced in 1 MiB pieces and thrown away, so measuring costs about
+    1 MiB of memory whatever the stream declares.
+
+    Parameters
+    ----------
+    stream : bytes or memoryview
+        With ``container="raw"``, raw deflate data (no zlib or gzip header), e.g. the
+        data set of a Deflated Explicit VR Little Endian file (PS3.5 A.5); with
+        ``container="gzip"``, one or more gzip members (RFC 1952), all counted.
+    limit : int
+        Stop counting once the size is over this many bytes.
+    container : str
+        ``"raw"`` or ``"gzip"``.
+
+    Returns
+    -------
+    int
+        Inflated size in bytes; when over ``limit``, a value > ``limit`` (a lower bound).
+
+    Raises
+    ------
+    zlib.error
+        If the stream is not valid deflate data.
+
+    """
+    wbits = 16 + zlib.MAX_WBITS if container == "gzip" else -zlib.MAX_WBITS
+    total = 0
+    view = memoryview(stream)
+    while True:
+        inflater = zlib.decompressobj(wbits)
+        member_end = len(view)
+        for start in range(0, len(view), _INFLATE_IN_CHUNK):
+            chunk = view[start : start + _INFLATE_IN_CHUNK]
+            pending: bytes | memoryview = chunk
+            while True:
+                out = inflater.decompress(pending, _INFLATE_OUT_CHUNK)
+                total += len(out)
+                if total > limit:
+                    return total
+                stalled = not out and len(inflater.unconsumed_tail) == len(pending)
+                pending = inflater.unconsumed_tail
+                # After the end of the stream, bytes after it (e.g. DICOM's even-length
+                # pad byte) may stay in unconsumed_tail for good when max_length is given.
+                if inflater.eof or stalled:
+                    break
+                # A full output piece may leave output pending even with no input left.
+                if not pending and len(out) < _INFLATE_OUT_CHUNK:
+                    break
+            if inflater.eof:
+                left = len(inflater.unconsumed_tail) + len(inflater.unused_data)
+                member_end = start + len(chunk) - left
+                break
+        view = view[member_end:]
+        # gzip allows several members one after the other (RFC 1952 2.2).
+        if container != "gzip" or bytes(view[:2]) != _GZIP_MAGIC:
+            return total
+
+
+class _BudgetedReader(io.BytesIO):
+    """File-like over a file's bytes that bounds pydicom's inflation of a deflated data set.
+
+    pydicom 3.0.2 (``pydicom.filereader.read_partial``) reads the rest of a Deflated
+    Explicit VR Little Endian file with ``read()`` (no size) and inflates it with
+    ``zlib.decompress``, with no limit. Every other read pydicom makes asks for a size.
+    So a read to the end first measures the inflated size of what it returns
+    (:func:`inflated_size`) and raises ``too_large`` when it is over the budget;
+    pydicom then never inflates more than the budget.
+    """
+
+    def __init__(self, data: bytes, budget: ByteBudget) -> None:
+        super().__init__(data)
+        self._data = data
+        self._budget = budget
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        if size is None or size < 0:
+            rest = memoryview(self._data)[self.tell() :]
+            try:
+                inflated = inflated_size(rest, limit=self._budget.limit)
+            except zlib.error:
+                inflated = 0  # not deflate data: pydicom reports it if it inflates it
+            finally:
+                rest.release()
+            self._budget.check(inflated, "inflated data set")
+        return super().read(size)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -383,21 +665,35 @@ def _looks_like_dataset(ds: Dataset) -> bool:
     return first is not None and first.group in (0x0002, 0x0008) and len(tags) + len(meta) > 2
 
 
-def parse_dataset(data: bytes) -> Dataset:
+def parse_dataset(data: bytes, *, budget: ByteBudget | None = None) -> Dataset:
     """Parse DICOM bytes (Part 10 file, or a bare data set without preamble).
+
+    A deflated data set (Deflated Explicit VR Little Endian, PS3.5 A.5) is measured
+    before pydicom inflates it and refused when its inflated size is over ``budget``.
+
+    Parameters
+    ----------
+    data : bytes
+        File content (already gunzipped; see :func:`load_bytes`).
+    budget : ByteBudget, optional
+        Caps the inflated size of a deflated data set (default
+        :data:`DEFAULT_FILE_BUDGET_BYTES`).
 
     Raises
     ------
     UnusableInputError
-        ``not_dicom``, ``truncated`` or ``malformed_header``.
+        ``not_dicom``, ``truncated``, ``malformed_header`` or ``too_large``.
 
     """
+    budget = budget if budget is not None else ByteBudget()
     has_preamble = len(data) >= 132 and data[128:132] == b"DICM"
     try:
         with warnings.catch_warnings(record=True) as caught:
             # Recorded, not shown: pydicom's warnings may quote header values (PHI).
             warnings.simplefilter("always")
-            ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
+            ds = pydicom.dcmread(_BudgetedReader(data, budget), force=not has_preamble)
+    except UnusableInputError:
+        raise
     except (EOFError, BufferError) as exc:
         raise UnusableInputError(Reason.TRUNCATED, type(exc).__name__) from None
     except InvalidDicomError:
@@ -502,6 +798,114 @@ def _check_usable(ds: Dataset) -> None:
         raise UnusableInputError(Reason.UNSUPPORTED_TRANSFER_SYNTAX, "no decoder plugin installed")
 
 
+def declared_pixel_bytes(ds: Dataset) -> int:
+    """Bytes of the decoded pixel data the header declares, as the pipeline holds it.
+
+    ``Rows x Columns x frames x samples x max(item size, 4)``: samples is Samples per
+    Pixel, or 3 for PALETTE COLOR (decoded to RGB through its LUT, PS3.3 C.7.6.3.1.5);
+    the item size is that of the numpy dtype pydicom decodes ``Bits Allocated`` into
+    (1 -> 1 byte, 1-bit data being unpacked; 8 -> 1; 16 -> 2; 32 -> 4; 64 -> 8), and at
+    least 4 because every sample is then processed as float32. Attributes from PS3.3
+    C.7.6.3 (Image Pixel module) and C.7.6.6 (Number of Frames). Computed with Python
+    integers from header values only, before anything is decoded; the pipeline's peak
+    memory is at most about :data:`PIPELINE_EXPANSION` times this.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        The parsed data set.
+
+    Returns
+    -------
+    int
+        Bytes; 0 when Rows or Columns is missing (decoding then fails with
+        ``missing_pixel_attributes``).
+
+    Raises
+    ------
+    UnusableInputError
+        ``malformed_header`` when one of those values is not a number.
+
+    """
+    try:
+        rows = int(ds.get("Rows", 0) or 0)
+        cols = int(ds.get("Columns", 0) or 0)
+        frames = max(1, int(ds.get("NumberOfFrames", 1) or 1))
+        samples = max(1, int(ds.get("SamplesPerPixel", 1) or 1))
+        bits = max(1, int(ds.get("BitsAllocated", 8) or 8))
+    except (TypeError, ValueError) as exc:
+        raise UnusableInputError(Reason.MALFORMED_HEADER, type(exc).__name__) from None
+    if _text(ds, "PhotometricInterpretation").upper() == "PALETTE COLOR":
+        samples = 3
+    itemsize = next((n for n in (1, 2, 4, 8) if bits <= 8 * n), -(-bits // 8))
+    return max(0, rows) * max(0, cols) * frames * samples * max(itemsize, 4)
+
+
+def _codestream_size(frame: bytes, ts: UID) -> int | None:
+    """Return the samples per frame a JPEG-family codestream header declares, or ``None``.
+
+    Read with the decoder libraries' header parsers (pylibjpeg-openjpeg
+    ``get_parameters`` for JPEG 2000 / HTJ2K, ISO/IEC 15444-1 A.5.1 SIZ; pylibjpeg-libjpeg
+    ``get_parameters`` for JPEG and JPEG-LS, ISO/IEC 10918-1 B.2.2 / 14495-1 SOF);
+    ``None`` when no parser is installed or the header does not parse.
+    """
+    try:
+        if ts in JPEG2000TransferSyntaxes:
+            from openjpeg.utils import get_parameters as j2k_parameters
+
+            j2k = j2k_parameters(frame)
+            return int(j2k["rows"]) * int(j2k["columns"]) * int(j2k["samples_per_pixel"])
+        if ts in JPEGTransferSyntaxes or ts in JPEGLSTransferSyntaxes:
+            from libjpeg.utils import get_parameters as jpg_parameters
+
+            jpg = jpg_parameters(frame)
+            return int(jpg["rows"]) * int(jpg["columns"]) * int(jpg["nr_components"])
+    except Exception:  # no parser installed, or a header the decoder will reject
+        return None
+    return None
+
+
+def check_codestream_sizes(ds: Dataset) -> None:
+    """Refuse compressed frames whose own header declares more samples than the DICOM one.
+
+    JPEG, JPEG-LS, JPEG 2000 and HTJ2K decoders allocate what the codestream's header
+    declares, not what Rows and Columns say: a 2 KB file with a 64 x 64 header can carry
+    a codestream of 16000 x 16000 and make the decoder allocate over 1 GB before pydicom
+    notices the mismatch. Each frame's codestream header is read (without decoding) and
+    its rows x columns x components compared with Rows x Columns x Samples per Pixel
+    (PS3.5 8.2: they must agree). RLE (PS3.5 G) and native data are sized by the DICOM
+    header and need no check.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        A data set whose declared pixel data already fits the budget.
+
+    Raises
+    ------
+    UnusableInputError
+        ``too_large`` when a frame's codestream declares more samples than the header.
+
+    """
+    meta = getattr(ds, "file_meta", None)
+    ts = UID(str(meta.get("TransferSyntaxUID", ""))) if meta is not None else UID("")
+    if ts not in JPEG2000TransferSyntaxes + JPEGTransferSyntaxes + JPEGLSTransferSyntaxes:
+        return
+    frames = max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    declared = int(ds.Rows) * int(ds.Columns) * max(1, int(ds.get("SamplesPerPixel", 1) or 1))
+    try:
+        for frame in generate_frames(ds.PixelData, number_of_frames=frames):
+            samples = _codestream_size(frame, ts)
+            if samples is not None and samples > declared:
+                raise UnusableInputError(
+                    Reason.TOO_LARGE, "codestream larger than the declared frame"
+                )
+    except UnusableInputError:
+        raise
+    except Exception:  # fragments the decoder will reject on its own
+        return
+
+
 def _decode(ds: Dataset) -> np.ndarray:
     """Decode stored values, ``(F, R, C)`` or ``(F, R, C, S)``; YBR becomes RGB."""
     try:
@@ -582,6 +986,81 @@ def _lut_source(ds: Dataset) -> Dataset:
     return src
 
 
+def _lut_values(src: Dataset, keyword: str) -> list[float]:
+    """Every value of a numeric LUT attribute as a float (several for multi-valued)."""
+    value = src.get(keyword)
+    if value is None or value == "":
+        return []
+    items = list(value) if isinstance(value, list | tuple | MultiValue) else [value]
+    try:
+        return [float(v) for v in items]
+    except (TypeError, ValueError):
+        raise UnusableInputError(Reason.BAD_LUT, f"{keyword} is not a number") from None
+
+
+def check_lut_values(ds: Dataset, *, voi: bool = True) -> None:
+    """Refuse LUT parameters that would make a greyscale image NaN, infinite or garbage.
+
+    Checked, on the top level and in the Shared/first Per-frame Functional Groups of an
+    enhanced IOD (as the pipeline reads them):
+
+    - Rescale Slope and Intercept (PS3.3 C.11.1.1.2): finite, ``|value| <=``
+      :data:`MAX_LUT_MAGNITUDE`, slope non-zero with ``|slope| >= 1 / MAX_LUT_MAGNITUDE``;
+      the stored range (2**Bits Stored values) through them must be finite in float32;
+    - Window Center and Width, every value (PS3.3 C.11.2.1.2): finite, ``|value| <=``
+      :data:`MAX_LUT_MAGNITUDE`; width >= 1, or > 0 with VOI LUT Function LINEAR_EXACT;
+    - LUT Descriptor of a Modality or VOI LUT Sequence (PS3.3 C.11.1.1.1, C.11.2.1.1):
+      bits per entry between 1 and 16.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        The parsed data set (a greyscale image).
+    voi : bool
+        Whether the file's own VOI LUT / window will be applied (``Preprocessing``
+        ``intensity`` ``auto`` or ``voi`` without a ``window`` of its own); when not,
+        the window values and the VOI LUT Sequence are not used and not checked.
+
+    Raises
+    ------
+    UnusableInputError
+        ``bad_lut``, naming the attribute and the rule (never its value).
+
+    """
+    src = _lut_source(ds)
+    limit = MAX_LUT_MAGNITUDE
+    keywords: tuple[str, ...] = ("RescaleSlope", "RescaleIntercept")
+    if voi:
+        keywords += ("WindowCenter", "WindowWidth")
+    for kw in keywords:
+        for v in _lut_values(src, kw):
+            if not math.isfinite(v) or abs(v) > limit:
+                raise UnusableInputError(Reason.BAD_LUT, f"{kw} not finite or out of range")
+    slopes = _lut_values(src, "RescaleSlope")
+    if any(abs(v) < 1.0 / limit for v in slopes):
+        raise UnusableInputError(Reason.BAD_LUT, "RescaleSlope is zero or too small")
+    exact = _text(src, "VOILUTFunction").upper() == "LINEAR_EXACT"
+    for w in _lut_values(src, "WindowWidth") if voi else []:
+        if (w <= 0) if exact else (w < 1):
+            raise UnusableInputError(Reason.BAD_LUT, "WindowWidth below its minimum")
+    for seq_kw in ("ModalityLUTSequence", "VOILUTSequence") if voi else ("ModalityLUTSequence",):
+        for item in src.get(seq_kw) or []:
+            desc = item.get("LUTDescriptor")
+            try:
+                bits = int(desc[2]) if desc is not None else 16
+            except (TypeError, ValueError, IndexError):
+                raise UnusableInputError(Reason.BAD_LUT, f"{seq_kw} descriptor") from None
+            if not 1 <= bits <= 16:
+                raise UnusableInputError(Reason.BAD_LUT, f"{seq_kw} bits per entry")
+    if slopes or "RescaleIntercept" in src:
+        slope = slopes[0] if slopes else 1.0
+        intercepts = _lut_values(src, "RescaleIntercept")
+        intercept = intercepts[0] if intercepts else 0.0
+        for stored in _stored_range(src):
+            if not abs(stored * slope + intercept) < _FLOAT32_MAX:
+                raise UnusableInputError(Reason.BAD_LUT, "rescaled range not finite")
+
+
 def _stored_range(src: Dataset) -> tuple[float, float]:
     bits = int(src.get("BitsStored", 0) or src.get("BitsAllocated", 16) or 16)
     if int(src.get("PixelRepresentation", 0) or 0):
@@ -604,6 +1083,17 @@ def _voi_output_range(src: Dataset, lo_hi_modality: tuple[float, float]) -> tupl
     if src.get("ModalityLUTSequence"):
         return 0.0, float(2 ** int(src.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
     return lo_hi_modality
+
+
+def _require_finite(arr: np.ndarray, stage: str) -> np.ndarray:
+    """Return ``arr``; raise ``non_finite_pixels`` if any value is NaN or infinite.
+
+    Checked after each LUT: later steps clip (``np.clip`` maps infinity to a bound,
+    so an overflow would silently become a white image) or keep NaN.
+    """
+    if not np.isfinite(arr).all():
+        raise UnusableInputError(Reason.NON_FINITE_PIXELS, f"after {stage}")
+    return arr
 
 
 def _scale(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -652,6 +1142,7 @@ def _grey_to_unit(stored: np.ndarray, ds: Dataset, prep: Preprocessing) -> np.nd
         modality = _resize(apply_modality_lut(stored, src), prep.size)
     else:
         modality = np.asarray(apply_modality_lut(_resize(stored, prep.size), src), np.float32)
+    _require_finite(modality, "modality LUT")
     smin, smax = _stored_range(src)
     mod_range = apply_modality_lut(np.array([smin, smax], dtype=np.int64), src)
     lo_m, hi_m = float(np.min(mod_range)), float(np.max(mod_range))
@@ -670,12 +1161,14 @@ def _grey_to_unit(stored: np.ndarray, ds: Dataset, prep: Preprocessing) -> np.nd
             win.ModalityLUTSequence = src.ModalityLUTSequence
         win.PhotometricInterpretation = "MONOCHROME2"
         win.WindowCenter, win.WindowWidth = prep.window
-        unit = _scale(apply_voi_lut(modality, win), *_voi_output_range(win, (lo_m, hi_m)))
+        voi = _require_finite(np.asarray(apply_voi_lut(modality, win)), "window")
+        unit = _scale(voi, *_voi_output_range(win, (lo_m, hi_m)))
     elif prep.intensity in ("auto", "voi") and _has_voi(src):
         seq = src.get("VOILUTSequence")
         # A VOI LUT Sequence indexes by integer input values (PS3.3 C.11.2.1.1).
         values = np.rint(modality).astype(np.int64) if seq else modality
-        unit = _scale(apply_voi_lut(values, src), *_voi_output_range(src, (lo_m, hi_m)))
+        voi = _require_finite(np.asarray(apply_voi_lut(values, src)), "VOI LUT")
+        unit = _scale(voi, *_voi_output_range(src, (lo_m, hi_m)))
     elif prep.intensity == "minmax" or (prep.intensity == "auto" and src.BitsStored > 8):
         lo = modality.min(axis=(1, 2), keepdims=True)
         hi = modality.max(axis=(1, 2), keepdims=True)
@@ -737,30 +1230,103 @@ def _select_frames(arr: np.ndarray, mode: str) -> np.ndarray:
     return arr
 
 
+#: Vendor families for :func:`dataset_facts` (pattern on the lower-case Manufacturer).
+#: The family names are medfed's own words, so no header value is ever passed on.
+_VENDOR_FAMILIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (family, re.compile(pattern))
+    for family, pattern in (
+        ("GE", r"(?<![a-z])(?:ge|gems|gehc)(?![a-z])|general electric"),
+        ("Siemens", r"siemens"),
+        ("Philips", r"philips|\badac\b"),
+        ("Canon/Toshiba", r"toshiba|canon"),
+        ("Fujifilm", r"fuji"),
+        ("Agfa", r"agfa"),
+        ("Carestream/Kodak", r"carestream|kodak"),
+        ("Hologic", r"hologic|lorad"),
+        ("Samsung", r"samsung|medison"),
+        ("Hitachi", r"hitachi|aloka"),
+        ("Konica Minolta", r"konica|minolta"),
+        ("Mindray", r"mindray"),
+        ("Esaote", r"esaote"),
+        ("United Imaging", r"united imaging|\buih\b"),
+        ("Shimadzu", r"shimadzu"),
+        ("Varian", r"varian"),
+        ("Elekta", r"elekta"),
+        ("Bruker", r"bruker"),
+    )
+)
+
+
+def _vendor_family(manufacturer: str) -> str:
+    """Coarse category of a Manufacturer (0008,0070): a known vendor family or ``other``."""
+    if not manufacturer:
+        return ""
+    text = manufacturer.lower()
+    return next((fam for fam, rx in _VENDOR_FAMILIES if rx.search(text)), "other")
+
+
 def dataset_facts(ds: Dataset) -> dict[str, str]:
-    """Non-identifying facts for summary counts: modality, manufacturer, SOP class, TS."""
+    """Non-identifying facts for summary counts.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        A parsed data set.
+
+    Returns
+    -------
+    dict[str, str]
+        ``modality``, ``sop_class``, ``transfer_syntax`` (dictionary terms) and
+        ``manufacturer``: a coarse vendor family from a fixed list (``GE``,
+        ``Siemens``, ..., ``other``), never the header value, which may name a
+        hospital or a workstation (DESIGN: no header value is logged or stored);
+        ``""`` when absent. The raw value is in :func:`dataset_identifiers`.
+
+    """
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID", None) if meta is not None else None
     sop = _sop_class(ds)
     return {
         "modality": _text(ds, "Modality"),
-        "manufacturer": _text(ds, "Manufacturer"),
+        "manufacturer": _vendor_family(_text(ds, "Manufacturer")),
         "sop_class": sop.name if sop else "",
         "transfer_syntax": UID(str(ts)).name if ts else "",
     }
 
 
 def dataset_identifiers(ds: Dataset) -> dict[str, str]:
-    """Raw identifiers used as label keys and patient groups (hash them at once)."""
+    """Raw header values that must be hashed at once (never logged, stored or printed).
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        A parsed data set.
+
+    Returns
+    -------
+    dict[str, str]
+        ``sop_instance_uid``, ``study_instance_uid``, ``accession_number``,
+        ``patient_id`` (label keys and patient groups) and ``manufacturer`` (counted
+        by its salted hash, to tell manufacturers apart without naming them); ``""``
+        when absent.
+
+    """
     return {
         "sop_instance_uid": _text(ds, "SOPInstanceUID"),
         "study_instance_uid": _text(ds, "StudyInstanceUID"),
         "accession_number": _text(ds, "AccessionNumber"),
         "patient_id": _text(ds, "PatientID"),
+        "manufacturer": _text(ds, "Manufacturer"),
     }
 
 
-def read_dicom(data: bytes, prep: Preprocessing, *, ds: Dataset | None = None) -> DicomImage:
+def read_dicom(
+    data: bytes,
+    prep: Preprocessing,
+    *,
+    ds: Dataset | None = None,
+    budget: ByteBudget | None = None,
+) -> DicomImage:
     """Parse, check, decode and preprocess one DICOM file's bytes.
 
     Parameters
@@ -771,6 +1337,10 @@ def read_dicom(data: bytes, prep: Preprocessing, *, ds: Dataset | None = None) -
         Output size, channels, intensity mapping and frame selection.
     ds : pydicom.dataset.Dataset, optional
         The already-parsed data set of ``data`` (saves a second parse).
+    budget : ByteBudget, optional
+        Per-file byte budget: the decoded pixel data the header declares
+        (:func:`declared_pixel_bytes`) and a deflated data set's inflated size must
+        fit in it (default :data:`DEFAULT_FILE_BUDGET_BYTES`).
 
     Returns
     -------
@@ -780,15 +1350,17 @@ def read_dicom(data: bytes, prep: Preprocessing, *, ds: Dataset | None = None) -
     Raises
     ------
     UnusableInputError
-        With the :class:`Reason` the file cannot be used. Never any other exception
-        type for bad input; the message holds no header value.
+        With the :class:`Reason` the file cannot be used, e.g. ``too_large`` (before
+        decoding), ``bad_lut`` (before decoding) or ``non_finite_pixels``. Never any
+        other exception type for bad input; the message holds no header value.
 
     """
+    budget = budget if budget is not None else ByteBudget()
     with warnings.catch_warnings():
         # pydicom's validation warnings quote header values, which may be PHI.
         warnings.simplefilter("ignore")
         if ds is None:
-            ds = parse_dataset(data)
+            ds = parse_dataset(data, budget=budget)
         check_header_values(ds)
         try:
             facts = dataset_facts(ds)
@@ -800,6 +1372,16 @@ def read_dicom(data: bytes, prep: Preprocessing, *, ds: Dataset | None = None) -
         except (EOFError, BufferError) as exc:
             raise UnusableInputError(Reason.TRUNCATED, type(exc).__name__) from None
         except Exception as exc:  # invalid values surface on first access (e.g. bad IS)
+            raise UnusableInputError(Reason.MALFORMED_HEADER, type(exc).__name__) from None
+        try:
+            budget.check(declared_pixel_bytes(ds), "declared pixel data")
+            check_codestream_sizes(ds)
+            if photometric in ("MONOCHROME1", "MONOCHROME2"):
+                file_voi = prep.window is None and prep.intensity in ("auto", "voi")
+                check_lut_values(ds, voi=file_voi)
+        except UnusableInputError:
+            raise
+        except Exception as exc:  # e.g. a LUT sequence item without the expected structure
             raise UnusableInputError(Reason.MALFORMED_HEADER, type(exc).__name__) from None
         stored = _select_frames(_decode(ds), prep.frames)
         try:
@@ -820,6 +1402,9 @@ def read_dicom(data: bytes, prep: Preprocessing, *, ds: Dataset | None = None) -
             raise
         except Exception as exc:
             raise UnusableInputError(Reason.UNDECODABLE_PIXEL_DATA, type(exc).__name__) from None
+    if not np.isfinite(unit).all():
+        # np.clip below keeps NaN: an image that is not finite now would reach training.
+        raise UnusableInputError(Reason.NON_FINITE_PIXELS)
     pixels = to_model_input(unit, channels=prep.channels)
     return DicomImage(
         pixels=pixels,

@@ -8,7 +8,8 @@ split into train and validation by patient, so one patient's images never fall i
 
 Privacy: identifiers are hashed with a per-site secret salt as soon as they are read;
 the manifest, the cache and the logs hold only salted hashes, counts, dictionary terms
-(modality, SOP class, transfer syntax), manufacturer names and file numbers. File names
+(modality, SOP class, transfer syntax), manufacturer categories (vendor family and
+salted hash, never the Manufacturer value) and file numbers. File names
 and paths are never logged or written (they may carry PHI); a file is named by its number
 in the sorted walk (``file #17``).
 
@@ -29,7 +30,6 @@ import logging
 import os
 import secrets
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -43,19 +43,24 @@ import pydicom
 from client.data import deid
 from client.data.dicom_read import (
     PIPELINE_VERSION,
+    ByteBudget,
     Preprocessing,
     Reason,
     UnusableInputError,
     dataset_facts,
+    dataset_identifiers,
+    default_file_budget,
     discover_files,
     gunzip_if_needed,
     parse_dataset,
     quiet_pydicom_logs,
     read_dicom,
+    read_file_bytes,
     salted_hash,
 )
 from common.errors import ConfigError, DataError, DataNotFoundError
-from common.site_dataset import SplitArrays, write_site_dataset
+from common.fsutil import atomic_write_bytes, private_mkdir
+from common.site_dataset import SplitArrays, check_output_dir, write_site_dataset
 
 __all__ = [
     "KEY_COLUMNS",
@@ -80,7 +85,7 @@ KEY_COLUMNS: dict[str, str] = {
     "file": "path",
 }
 _KEY_PRIORITY = ("sop_instance_uid", "path", "accession_number", "study_instance_uid")
-_CACHE_FORMAT = "medfed-ingest-cache-2"
+_CACHE_FORMAT = "medfed-ingest-cache-3"
 
 
 def _norm(name: str) -> str:
@@ -99,7 +104,7 @@ def load_or_create_salt(path: str | os.PathLike[str]) -> bytes:
         if len(salt) < 16:
             raise DataError(f"salt file {p} is shorter than 16 bytes; delete it to recreate")
         return salt
-    p.parent.mkdir(parents=True, exist_ok=True)
+    private_mkdir(p.parent)
     salt = secrets.token_bytes(32)
     fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
@@ -249,12 +254,14 @@ class _FileResult:
     id_tokens: list[str] = field(default_factory=list)  # salted hashes
     pixels: np.ndarray | None = None
     cached: bool = False
+    #: Largest size checked against the per-file byte budget (:class:`ByteBudget`).
+    need_bytes: int = 0
 
 
 def _cache_key(content_hash: str, prep_json: str, salt: bytes) -> str:
     salt_id = hashlib.sha256(salt).hexdigest()
     return hashlib.sha256(
-        f"{_CACHE_FORMAT}|{content_hash}|{prep_json}|{salt_id}".encode()
+        f"{_CACHE_FORMAT}|{deid.CHECK_VERSION}|{content_hash}|{prep_json}|{salt_id}".encode()
     ).hexdigest()
 
 
@@ -285,12 +292,36 @@ def _cache_load(cache_dir: Path, key: str, content_hash: str) -> _FileResult | N
             deid=meta["deid"],
             id_tokens=meta["id_tokens"],
             cached=True,
+            need_bytes=int(meta["need_bytes"]),
         )
         if res.reason is None:
             res.pixels = np.load(io.BytesIO(blob[16 + n :]), allow_pickle=False)
         return res
-    except (OSError, ValueError, KeyError, EOFError):
+    except (OSError, ValueError, KeyError, TypeError, EOFError):
         return None  # a damaged entry is recomputed
+
+
+def _within_budget(hit: _FileResult, limit: int) -> _FileResult | None:
+    """Return a cached result as this run's byte budget (``limit`` bytes) decides it.
+
+    ``need_bytes`` is the largest size the file needed (a lower bound when it was over
+    the budget then): over ``limit`` the file is ``too_large`` now whatever it was; a
+    ``too_large`` result that may fit ``limit`` is recomputed (``None``).
+    """
+    if hit.reason == Reason.TOO_LARGE.value:
+        return hit if hit.need_bytes > limit else None
+    if hit.need_bytes > limit:
+        return _FileResult(
+            content_hash=hit.content_hash,
+            reason=Reason.TOO_LARGE.value,
+            detail="over the per-file budget",
+            facts=hit.facts,
+            deid=hit.deid,
+            id_tokens=hit.id_tokens,
+            cached=True,
+            need_bytes=hit.need_bytes,
+        )
+    return hit
 
 
 def _cache_store(cache_dir: Path, key: str, res: _FileResult) -> None:
@@ -304,6 +335,7 @@ def _cache_store(cache_dir: Path, key: str, res: _FileResult) -> None:
             "ids": res.ids,
             "deid": res.deid,
             "id_tokens": res.id_tokens,
+            "need_bytes": res.need_bytes,
         }
     ).encode()
     buf = io.BytesIO()
@@ -311,28 +343,43 @@ def _cache_store(cache_dir: Path, key: str, res: _FileResult) -> None:
     if res.pixels is not None:
         np.save(buf, res.pixels, allow_pickle=False)
     try:
-        if not final.parent.is_dir():
-            final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f".{key}.{uuid.uuid4().hex[:8]}")
-        tmp.write_bytes(buf.getvalue())
-        tmp.replace(final)
+        atomic_write_bytes(final, buf.getvalue(), durable=False)  # 0600 in 0700 dirs
     except OSError as exc:
         log.warning("ingest cache not written (%s); continuing without it", type(exc).__name__)
 
 
-def _process_bytes(raw: bytes, content_hash: str, prep: Preprocessing, salt: bytes) -> _FileResult:
-    """Check and preprocess one file's bytes; never raises for bad input."""
+def _manufacturer_key(family: str, raw: str, salt: bytes) -> str:
+    """Summary key of a Manufacturer (0008,0070): vendor family and 8 hex of its salted hash.
+
+    E.g. ``"GE #3fa9c2d1"``: manufacturers stay countable and distinct within a site
+    while the header value (which may name a hospital) is never logged or stored.
+    """
+    if not raw:
+        return ""
+    return f"{family or 'other'} #{salted_hash(raw, salt)[:8]}"
+
+
+def _process_bytes(
+    raw: bytes, content_hash: str, prep: Preprocessing, salt: bytes, limit: int
+) -> _FileResult:
+    """Check and preprocess one file's bytes; never raises for bad input.
+
+    ``limit`` is the per-file byte budget (:class:`~client.data.dicom_read.ByteBudget`):
+    file size, gunzipped size, inflated deflate data set and declared decoded pixels.
+    """
     res = _FileResult(content_hash=content_hash)
+    budget = ByteBudget(limit=limit)
     ds = None
     try:
-        data = gunzip_if_needed(raw)
-        ds = parse_dataset(data)
+        budget.check(len(raw), "file size")
+        data = gunzip_if_needed(raw, budget=budget)
+        ds = parse_dataset(data, budget=budget)
         try:
             res.deid = deid.check_dataset(ds).to_dict()
             res.id_tokens = sorted(deid.hash_tokens(deid.identifier_tokens(ds), salt))
         except Exception:  # the check must never stop ingestion
             res.deid = {}
-        image = read_dicom(data, prep, ds=ds)
+        image = read_dicom(data, prep, ds=ds, budget=budget)
     except Exception as exc:  # never crash on one file
         if isinstance(exc, UnusableInputError):
             res.reason, res.detail = exc.reason.value, exc.detail
@@ -341,12 +388,19 @@ def _process_bytes(raw: bytes, content_hash: str, prep: Preprocessing, salt: byt
         if ds is not None:
             try:
                 res.facts = dataset_facts(ds)  # for the summary counts only
+                res.facts["manufacturer"] = _manufacturer_key(
+                    res.facts["manufacturer"], dataset_identifiers(ds)["manufacturer"], salt
+                )
             except Exception:
                 res.facts = {}
+        res.need_bytes = budget.largest
         return res
+    res.need_bytes = budget.largest
     res.facts = {
         "modality": image.modality,
-        "manufacturer": image.manufacturer,
+        "manufacturer": _manufacturer_key(
+            image.manufacturer, image.identifiers.get("manufacturer", ""), salt
+        ),
         "sop_class": image.sop_class,
         "transfer_syntax": image.transfer_syntax,
         "photometric": image.photometric,
@@ -356,23 +410,38 @@ def _process_bytes(raw: bytes, content_hash: str, prep: Preprocessing, salt: byt
     return res
 
 
+def _read(path: Path, limit: int) -> bytes | _FileResult:
+    """Return the file's bytes, or its quarantine result (unreadable, over the budget).
+
+    A file over the byte budget is not read (only its size is looked at).
+    """
+    budget = ByteBudget(limit=limit)
+    try:
+        return read_file_bytes(path, budget=budget)
+    except UnusableInputError as exc:
+        return _FileResult(
+            content_hash="",
+            reason=exc.reason.value,
+            detail=exc.detail,
+            need_bytes=budget.largest,
+        )
+
+
 def _lookup(
-    path: Path, prep_json: str, salt: bytes, cache_dir: Path | None
+    path: Path, prep_json: str, salt: bytes, cache_dir: Path | None, limit: int
 ) -> tuple[str, _FileResult | None]:
     """Hash a file and return ``(cache key, cached result or None)``; runs in this process.
 
-    An unreadable file gets a key of ``""`` and its quarantine result.
+    An unreadable file, or one over the byte budget ``limit``, gets a key of ``""`` and
+    its quarantine result.
     """
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        return "", _FileResult(
-            content_hash="", reason=Reason.UNREADABLE.value, detail=type(exc).__name__
-        )
+    raw = _read(path, limit)
+    if isinstance(raw, _FileResult):
+        return "", raw
     content_hash = hashlib.sha256(raw).hexdigest()
     key = _cache_key(content_hash, prep_json, salt)
     hit = _cache_load(cache_dir, key, content_hash) if cache_dir is not None else None
-    return key, hit
+    return key, (_within_budget(hit, limit) if hit is not None else None)
 
 
 def _serial(
@@ -382,38 +451,34 @@ def _serial(
     salt: bytes,
     cache_dir: Path | None,
     writer: ThreadPoolExecutor,
+    limit: int,
 ) -> _FileResult:
     """Cache lookup, else processing, of one file in this process (one read)."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        return _FileResult(
-            content_hash="", reason=Reason.UNREADABLE.value, detail=type(exc).__name__
-        )
+    raw = _read(path, limit)
+    if isinstance(raw, _FileResult):
+        return raw
     content_hash = hashlib.sha256(raw).hexdigest()
     key = _cache_key(content_hash, prep_json, salt)
     if cache_dir is not None:
         hit = _cache_load(cache_dir, key, content_hash)
-        if hit is not None:
-            return hit
-    res = _process_bytes(raw, content_hash, prep, salt)
+        usable = _within_budget(hit, limit) if hit is not None else None
+        if usable is not None:
+            return usable
+    res = _process_bytes(raw, content_hash, prep, salt, limit)
     if cache_dir is not None:
         writer.submit(_cache_store, cache_dir, key, res)
     return res
 
 
 def _work(
-    path: str, key: str, prep: Preprocessing, salt: bytes, cache_dir: str | None
+    path: str, key: str, prep: Preprocessing, salt: bytes, cache_dir: str | None, limit: int
 ) -> _FileResult:
     """Process one file and store the result under ``key`` (runs in a worker process)."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        return _FileResult(
-            content_hash="", reason=Reason.UNREADABLE.value, detail=type(exc).__name__
-        )
+    raw = _read(Path(path), limit)
+    if isinstance(raw, _FileResult):
+        return raw
     content_hash = hashlib.sha256(raw).hexdigest()
-    res = _process_bytes(raw, content_hash, prep, salt)
+    res = _process_bytes(raw, content_hash, prep, salt, limit)
     if cache_dir is not None and key == _cache_key(
         content_hash, json.dumps(prep.to_manifest(), sort_keys=True), salt
     ):  # the file did not change since it was looked up
@@ -453,6 +518,13 @@ class IngestOptions:
         Worker processes (1 = in this process).
     overwrite : bool
         Replace an existing site dataset.
+    max_file_bytes : int, optional
+        Per-file byte budget (bytes): a file whose size, gunzipped size, inflated
+        deflate data set (PS3.5 A.5) or declared decoded pixel data (Rows x Columns x
+        frames x samples x bytes per sample) is larger is quarantined ``too_large``
+        before that memory is allocated. Default
+        :func:`~client.data.dicom_read.default_file_budget` of ``workers``: the
+        workers together stay inside a third of a 24 GB, 2-core site's memory.
 
     """
 
@@ -467,6 +539,7 @@ class IngestOptions:
     salt_file: Path | None = None
     workers: int = 1
     overwrite: bool = False
+    max_file_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.task != "classification":
@@ -475,6 +548,18 @@ class IngestOptions:
             raise ConfigError(f"val_fraction={self.val_fraction} must be in [0, 1)")
         if self.workers < 1:
             raise ConfigError(f"workers={self.workers} must be >= 1")
+        if self.max_file_bytes is not None and self.max_file_bytes < 1024**2:
+            raise ConfigError(
+                f"max_file_bytes={self.max_file_bytes} must be at least 1 MiB "
+                "(or None for the default derived from the worker count)"
+            )
+
+    @property
+    def file_budget(self) -> int:
+        """The per-file byte budget in force (bytes): ``max_file_bytes`` or the default."""
+        if self.max_file_bytes is not None:
+            return self.max_file_bytes
+        return default_file_budget(self.workers)
 
 
 @dataclass
@@ -598,6 +683,13 @@ def ingest(
         raise DataNotFoundError(f"DICOM directory {root} not found")
     cache_dir = Path(opts.cache_dir) if opts.cache_dir is not None else None
     salt_path = opts.salt_file or (cache_dir / "site-salt" if cache_dir is not None else None)
+    inputs = {
+        "DICOM export": root,
+        "labels file": labels_csv,
+        "ingest cache": cache_dir,
+        "salt file": salt_path,
+    }
+    check_output_dir(out_dir, overwrite=opts.overwrite, inputs=inputs)  # before any work
     salt = load_or_create_salt(salt_path) if salt_path is not None else secrets.token_bytes(32)
     table = read_labels_csv(
         labels_csv,
@@ -623,7 +715,13 @@ def _ingest(
 ) -> IngestReport:
     paths = discover_files(root)
     total = len(paths)
-    log.info("found %d files; ingesting with %d worker(s)", total, opts.workers)
+    limit = opts.file_budget
+    log.info(
+        "found %d files; ingesting with %d worker(s), %d MiB per-file budget",
+        total,
+        opts.workers,
+        limit // 1024**2,
+    )
     prep_json = json.dumps(opts.prep.to_manifest(), sort_keys=True)
     found: list[_FileResult | None] = [None] * total
     done = 0
@@ -638,13 +736,13 @@ def _ingest(
         # One pass, one read per file; cache entries are written by a thread meanwhile.
         with ThreadPoolExecutor(max_workers=1) as writer:
             for i, p in enumerate(paths):
-                found[i] = _serial(p, prep_json, opts.prep, salt, cache_dir, writer)
+                found[i] = _serial(p, prep_json, opts.prep, salt, cache_dir, writer, limit)
                 tick()
     else:
         # Cache hits are served here; only misses go to the worker processes.
         keys: list[str] = []
         for i, p in enumerate(paths):
-            key, hit = _lookup(p, prep_json, salt, cache_dir)
+            key, hit = _lookup(p, prep_json, salt, cache_dir, limit)
             keys.append(key)
             if hit is not None:
                 found[i] = hit
@@ -659,6 +757,7 @@ def _ingest(
                 [opts.prep] * len(misses),
                 [salt] * len(misses),
                 [cache_arg] * len(misses),
+                [limit] * len(misses),
                 chunksize=4,
             )
             for i, r in zip(misses, it, strict=True):
@@ -781,6 +880,11 @@ def _ingest(
             "unit": "patient (PatientID, else StudyInstanceUID, else SOPInstanceUID)",
             "val_fraction": opts.val_fraction,
             "seed": opts.seed,
+        },
+        "limits": {
+            "max_file_bytes": limit,
+            "checked": "file size, gunzipped size, inflated deflate data set, declared "
+            "decoded pixel data (before decoding)",
         },
     }
     provenance = {

@@ -46,6 +46,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from common.errors import MedfedError
+from common.fsutil import atomic_write_bytes, open_private, private_mkdir
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +112,6 @@ def entry_hash(entry: dict[str, Any]) -> str:
     return hashlib.sha256(canonical({k: v for k, v in entry.items() if k != "hash"})).hexdigest()
 
 
-def fsync_dir(path: Path) -> None:
-    """``fsync`` a directory, so a rename or a new file in it survives a crash."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class AuditLog:
     """The hash-chained audit log of one site, ``<state_dir>/audit.jsonl``.
 
@@ -146,9 +138,9 @@ class AuditLog:
         if not exclusive and not self.state_dir.is_dir():
             yield  # nothing to read, nothing to lock
             return
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        private_mkdir(self.state_dir)  # 0700 whatever the umask
         try:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = open_private(self.lock_path, os.O_RDWR)
         except PermissionError:
             if exclusive:
                 raise
@@ -313,7 +305,7 @@ class AuditLog:
             }
             entry["hash"] = entry_hash(entry)
             line = canonical(entry) + b"\n"
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = open_private(self.path, os.O_WRONLY | os.O_APPEND)  # created 0600
             try:
                 os.write(fd, line)
                 os.fsync(fd)
@@ -324,10 +316,4 @@ class AuditLog:
         return entry
 
     def _write_head(self, entry: dict[str, Any]) -> None:
-        tmp = self.head_path.with_name(f".{HEAD_FILE}.tmp")
-        with tmp.open("wb") as fh:
-            fh.write(canonical({"seq": entry["seq"], "hash": entry["hash"]}))
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(self.head_path)
-        fsync_dir(self.state_dir)
+        atomic_write_bytes(self.head_path, canonical({"seq": entry["seq"], "hash": entry["hash"]}))

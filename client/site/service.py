@@ -227,10 +227,18 @@ class SiteService:
         return outcome.reply
 
     def _audit(self, context: Context) -> AuditLog | None:
-        """Return the site's audit log (its state dir), or None if the state dir is unknown."""
+        """Return the site's audit log (its state dir), or None if the state dir is unknown.
+
+        A site's own ``state-dir`` (node config) is used without parsing the
+        coordinator's run config, so a request with an invalid run config (refused in
+        :meth:`_handle`) is still audited; only a virtual site needs the run config.
+        """
         try:
+            node = NodeConfig.from_node_config(context.node_config)
+            if node.state_dir is not None:
+                return AuditLog(node.state_dir)
             run = RunConfig.from_run_config(context.run_config)
-            state_dir = NodeConfig.from_node_config(context.node_config).resolve_state_dir(run)
+            state_dir = node.resolve_state_dir(run)
         except ConfigError:
             return None
         return AuditLog(state_dir)

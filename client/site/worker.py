@@ -37,6 +37,7 @@ from client.site.audit import AuditLog
 from client.site.policy import SitePolicy
 from client.site.service import SiteService
 from common.errors import ConfigError, MedfedError
+from common.fsutil import private_mkdir
 from common.replies import ReplyCode, fixed_reason
 from common.site_dataset import SiteDataset
 
@@ -110,7 +111,7 @@ class SiteWorker:
         if config.socket_mode not in (0o600, 0o660):
             raise ConfigError("socket mode must be 600 or 660 (no access for others)")
         SiteDataset(config.dataset_dir)  # fail now, not at round 1
-        config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_mkdir(config.state_dir)  # 0700 (and missing parents) whatever the umask
         AuditLog(config.state_dir).verify()
         self.config = config
         self.policy = policy

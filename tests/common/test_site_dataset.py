@@ -72,6 +72,9 @@ def test_wrong_format_version_is_refused(tmp_path):
         (np.zeros((2, 4, 4)), np.zeros(2), "N, C, H, W"),
         (np.zeros((2, 1, 4, 4)), np.zeros(3), "2 images but 3 labels"),
         (np.full((1, 1, 2, 2), 2.0), np.zeros(1), "\\[0, 1\\]"),
+        # NaN passes every range comparison: refused as non-finite (issue 16, item 3)
+        (np.full((1, 1, 2, 2), np.nan), np.zeros(1), "finite"),
+        (np.array([[[[0.5, np.inf]]]]), np.zeros(1), "finite"),
     ],
 )
 def test_invalid_arrays_are_rejected(images, labels, match):
