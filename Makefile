@@ -22,11 +22,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 ## The main job: 3 virtual hospitals, Dirichlet(0.5) label skew, federated CNN on
-## PneumoniaMNIST, then the final global model evaluated on the validation split.
+## PneumoniaMNIST, then the best global model (federated model selection on the sites'
+## validation splits; final_model.pt is kept beside it) evaluated on the validation split.
 demo: setup
 	$(MEDFED) simulate --sites 3 --partition dirichlet --alpha 0.5 --rounds 10 \
 		--data-dir $(DATA_DIR)
-	$(MEDFED) evaluate --checkpoint runs/latest/final_model.pt \
+	$(MEDFED) evaluate --checkpoint runs/latest/best_model.pt \
 		--data $(DATA_DIR)/pneumoniamnist/pneumoniamnist.npz --split val
 
 ## Unit + integration tests (real Flower processes, real data); excludes slow and gpu.
@@ -57,10 +58,10 @@ bench: setup
 
 # Research workbench: FLamby's Fed-Heart-Disease benchmark and PneumoniaMNIST label skew.
 heart-disease: setup
-	$(MEDFED) experiment bench/experiments/heart_disease.toml --out runs/exp-heart-disease
+	$(MEDFED) experiment bench/experiments/heart_disease.toml --out runs/exp-heart-disease --force
 
 pneumonia-splits: setup
-	$(MEDFED) experiment bench/experiments/pneumonia_splits.toml --out runs/exp-pneumonia-splits
+	$(MEDFED) experiment bench/experiments/pneumonia_splits.toml --out runs/exp-pneumonia-splits --force
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -72,8 +72,9 @@ from cryptography.hazmat.primitives import hmac as crypto_hmac
 from torch import nn
 from torch.utils.data import DataLoader
 
-from client.site.audit import AuditChainError, AuditLog, fsync_dir
+from client.site.audit import AuditChainError, AuditLog
 from common.errors import MedfedError
+from common.fsutil import create_private, fsync_dir, open_private, private_mkdir
 
 # Opacus is imported inside the functions that use it ("lazy Opacus import"): with
 # SciPy it takes ~1.5 s, and under the deployment engine every Flower message runs in a
@@ -96,7 +97,7 @@ History = list[tuple[float, float, int]]
 
 @dataclass(frozen=True)
 class DPRandomness:
-    """The generators one DP round samples batches and draws noise from.
+    """The generators one DP round samples batches, draws noise and augments from.
 
     Build it with :meth:`secret` (every real round) or :meth:`seeded` (simulation
     research only, NOT PRIVATE); never from a seed in run config.
@@ -107,18 +108,22 @@ class DPRandomness:
         CPU generator for Opacus's Poisson sampling (``UniformWithReplacementSampler``).
     noise : torch.Generator
         Generator on the training device for the Gaussian noise of ``DPOptimizer``.
+    augmentation : torch.Generator
+        Generator on the training device for training-time augmentation (run config
+        ``augment``, client/augment.py).
     reproducible : bool
-        True when both were seeded from a known seed: the noise is then predictable by
+        True when all were seeded from a known seed: the noise is then predictable by
         whoever knows that seed and gives no differential privacy against them.
     """
 
     sampling: torch.Generator
     noise: torch.Generator
     reproducible: bool
+    augmentation: torch.Generator
 
     @classmethod
     def secret(cls, device: torch.device) -> DPRandomness:
-        """Seed both generators with 64 bits each from the OS CSPRNG (``os.urandom``).
+        """Seed every generator with 64 bits each from the OS CSPRNG (``os.urandom``).
 
         Called once per round at the site, so no two rounds (or runs) share a draw.
         torch's CPU generator is MT19937 and its CUDA generator Philox; both take a
@@ -129,6 +134,7 @@ class DPRandomness:
             sampling=torch.Generator().manual_seed(secrets.randbits(64)),
             noise=torch.Generator(device=device).manual_seed(secrets.randbits(64)),
             reproducible=False,
+            augmentation=torch.Generator(device=device).manual_seed(secrets.randbits(64)),
         )
 
     @classmethod
@@ -138,9 +144,9 @@ class DPRandomness:
         Parameters
         ----------
         seed : int
-            Any integer; the noise generator uses ``seed + 7``.
+            Any integer; the noise generator uses ``seed + 7``, augmentation ``seed + 13``.
         device : torch.device
-            Device of the noise generator (the training device).
+            Device of the noise and augmentation generators (the training device).
         """
         log.warning(
             "dp.reproducible-noise: DP noise and sampling are seeded from the run config; "
@@ -150,6 +156,7 @@ class DPRandomness:
             sampling=torch.Generator().manual_seed(seed),  # reproducible: simulation only
             noise=torch.Generator(device=device).manual_seed(seed + 7),  # reproducible too
             reproducible=True,
+            augmentation=torch.Generator(device=device).manual_seed(seed + 13),  # likewise
         )
 
 
@@ -320,8 +327,8 @@ class PrivacyLedger:
         with self._mutex:
             if self._depth == 0:
                 try:
-                    self.state_dir.mkdir(parents=True, exist_ok=True)
-                    fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+                    private_mkdir(self.state_dir)
+                    fd = open_private(self.lock_path, os.O_RDWR)
                 except OSError as exc:
                     log.error("cannot lock the privacy ledger in %s: %s", self.state_dir, exc)
                     raise PrivacyError(
@@ -356,10 +363,9 @@ class PrivacyLedger:
                 f"({KEY_FILE}) is missing: the ledger cannot be verified, so the site "
                 "refuses to train. Restore the key from backup."
             )
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        private_mkdir(self.state_dir)
         key = os.urandom(32)  # OS CSPRNG
-        fd = os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
+        with create_private(self.key_path) as fh:  # 0600 whatever the umask
             fh.write(key)
         return key
 
@@ -476,10 +482,9 @@ class PrivacyLedger:
         body = {"format": FORMAT, "version": VERSION, "seq": seq, "entries": entries}
         doc = dict(body, mac=self._mac(self._key(create=True), body))
         raw = json.dumps(doc, indent=1, sort_keys=True).encode()
-        with self.pending_path.open("wb") as fh:
+        self.pending_path.unlink(missing_ok=True)  # a fresh 0600 file, never an old mode
+        with create_private(self.pending_path) as fh:  # flushed and fsync-ed on close
             fh.write(raw)
-            fh.flush()
-            os.fsync(fh.fileno())
         self.audit.append(ANCHOR_EVENT, **fields, ledger_seq=seq, sha256=_sha256(raw))
         self.pending_path.replace(self.path)
         fsync_dir(self.state_dir)

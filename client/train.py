@@ -10,13 +10,16 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from client.data.torch_dataset import SplitDataset
+from common.errors import DataError
 from common.host_memory import keep_training_buffers_in_heap
 from common.site_dataset import SplitArrays
 
@@ -46,10 +49,67 @@ class TrainStats:
     seconds: float
 
 
+#: Bytes of the memory-mapped images checked at a time by :func:`check_finite_images`.
+_FINITE_CHECK_CHUNK_BYTES = 64 * 1024**2
+
+
+def check_finite_images(split: SplitArrays) -> None:
+    """Refuse a split whose images hold a NaN or an infinite value.
+
+    One such image makes every step's loss NaN, and under DP-SGD every step taken
+    before training stops is charged to the site's privacy ledger. The whole images
+    array, float32 ``(N, C, H, W)`` and usually memory-mapped, is checked with
+    ``torch.isfinite`` in chunks of about 64 MiB, so the check costs one read of the
+    split and little memory.
+
+    Parameters
+    ----------
+    split : SplitArrays
+        The split to be trained on.
+
+    Raises
+    ------
+    DataError
+        With the number of non-finite images (never their values) and what to do:
+        re-ingest the DICOM export, which quarantines such files.
+
+    """
+    images = split.images
+    n = int(images.shape[0])
+    if n == 0:
+        return
+    per_image = max(1, int(np.prod(images.shape[1:], dtype=np.int64)) * images.itemsize)
+    step = max(1, _FINITE_CHECK_CHUNK_BYTES // per_image)
+    bad = 0
+    for start in range(0, n, step):
+        chunk = torch.from_numpy(np.array(images[start : start + step], dtype=np.float32))
+        bad += int((~torch.isfinite(chunk).reshape(chunk.shape[0], -1).all(dim=1)).sum())
+    if bad:
+        raise DataError(
+            f"{bad} of {n} training images hold NaN or infinite values, so every training "
+            "step would fail (and under DP still be charged to the privacy ledger); "
+            "nothing was trained. Re-ingest the DICOM export with this medfed version "
+            "(`medfed ingest ... --force`), which quarantines such files as bad_lut or "
+            "non_finite_pixels, or rebuild the site dataset."
+        )
+
+
 def make_train_loader(
     split: SplitArrays, *, batch_size: int, generator: torch.Generator
 ) -> DataLoader[tuple[torch.Tensor, torch.Tensor]]:
-    """Shuffling loader over a training split, driven by an explicit seeded generator."""
+    """Shuffling loader over a training split, driven by an explicit seeded generator.
+
+    The split's images are checked first (:func:`check_finite_images`): the loader is
+    built before any DP engine, budget check or ledger is touched (client/site/handlers.py
+    ``train_content``), so a non-finite site dataset is refused with no privacy spent.
+
+    Raises
+    ------
+    DataError
+        If an image holds a NaN or infinite value.
+
+    """
+    check_finite_images(split)
     return DataLoader(
         SplitDataset(split),
         batch_size=batch_size,
@@ -93,6 +153,7 @@ def train_epochs(
     device: torch.device,
     criterion: nn.Module | None = None,
     amp: bool = False,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainStats:
     """Run ``epochs`` passes of cross-entropy SGD over ``loader``.
 
@@ -117,6 +178,10 @@ def train_epochs(
     amp : bool
         Mixed precision: forward pass and loss under ``torch.autocast`` with bfloat16
         (:func:`mixed_precision`); run config ``amp``, allowed only without DP.
+    augment : Callable, optional
+        Applied to each batch's images on ``device`` before the forward pass,
+        ``(B, C, H, W) -> (B, C, H, W)`` (client/augment.py, run config ``augment``);
+        under DP-SGD each augmented example's gradient is clipped on its own.
 
     Returns
     -------
@@ -137,6 +202,8 @@ def train_epochs(
         for images, labels in loader:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
+            if augment is not None:
+                images = augment(images)
             optimizer.zero_grad(set_to_none=True)
             with mixed_precision(device, enabled=amp):
                 loss = criterion(model(images), labels)

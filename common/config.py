@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import tempfile
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +46,55 @@ def _non_negative(v: Any) -> str | None:
     return None if v >= 0 else "must be >= 0"
 
 
+#: Largest run ``seed``. Its narrowest consumer bounds it: NumPy seeds (the partitioners'
+#: ``default_rng(seed)``, ``seed + 1``, ``seed + site``; ``client/faults.py``'s
+#: ``default_rng([seed, round, site])``) must be non-negative, and the site's round seed
+#: ``seed * 1_000_003 + round * 1_009 + site`` (+ 7 for reproducible DP noise,
+#: ``client/site/handlers.py``) goes to ``torch.Generator.manual_seed``, which takes
+#: values below 2**64. ``[0, 2**32 - 1]`` (also NumPy's legacy ``RandomState`` range)
+#: keeps that sum below 2**53 for any realistic number of rounds.
+MAX_SEED = 2**32 - 1
+
+#: Most classes a model may predict (``num-classes``): beyond it the model's output
+#: layer alone would take gigabytes; also the limit :mod:`common.checkpoint` accepts.
+MAX_NUM_CLASSES = 10_000
+
+#: What a ``project`` name may look like: it travels inside Flower's ``--run-config``
+#: TOML, is recorded in every site's audit log and is matched against site
+#: policies, so no quotes, spaces, newlines or path separators (the same rule the site
+#: worker uses to write a name verbatim into its audit log).
+PROJECT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+#: Largest ``--config`` TOML file read (a run config is a few hundred bytes).
+MAX_CONFIG_FILE_BYTES = 1 << 20
+
+
+def _seed(v: Any) -> str | None:
+    if 0 <= v <= MAX_SEED:
+        return None
+    return (
+        f"must be in [0, {MAX_SEED}] (2**32 - 1): NumPy and torch seed every site's "
+        "generators from it; pick a smaller non-negative seed"
+    )
+
+
+def _num_classes(v: Any) -> str | None:
+    if 1 <= v <= MAX_NUM_CLASSES:
+        return None
+    return f"must be in [1, {MAX_NUM_CLASSES}]"
+
+
+def _project(v: Any) -> str | None:
+    if PROJECT_RE.match(v):
+        return None
+    bad = sorted({c for c in v if not re.match(r"[A-Za-z0-9._-]", c)})
+    what = f"; it contains {', '.join(repr(c) for c in bad[:5])}" if bad else ""
+    return (
+        "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit "
+        f"(e.g. 'chest-xray-2025'){what}"
+    )
+
+
 def _one_of(*choices: str) -> Check:
     def check(v: Any) -> str | None:
         if v in choices:
@@ -68,6 +120,20 @@ STRATEGIES = (
 #: update, which secure aggregation hides by design (the server sees only the sum).
 NONLINEAR_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")
 ACCOUNTANTS = ("rdp", "prv")
+#: Where class weights come from (common/imbalance.py): ``auto`` (``site`` for the
+#: classification tasks, ``none`` for segmentation), none, the site's own training
+#: labels, or (planned, issue 13) the federation's securely summed class counts.
+CLASS_WEIGHTINGS = ("auto", "none", "site", "federation")
+#: Training-time augmentation presets (client/augment.py ``PRESETS``, checked by tests).
+AUGMENTATIONS = ("none", "light", "medium")
+
+
+def _max_weight(v: Any) -> str | None:
+    return None if v >= 1.0 else "must be >= 1 (1 turns class weighting off)"
+
+
+#: ``model-selection-metric`` that lets the task decide (server/selection.py).
+AUTO_SELECTION = "auto"
 
 
 def _coerce(key: str, value: Any, typ: type) -> Any:
@@ -109,7 +175,7 @@ class RunConfig:
         metadata=_key(
             "num-classes",
             "classes the model predicts (segmentation: incl. background; 2 = background/vessel)",
-            _positive,
+            _num_classes,
         ),
     )
     strategy: str = field(
@@ -134,12 +200,40 @@ class RunConfig:
     weight_decay: float = field(
         default=0.0, metadata=_key("weight-decay", "local SGD L2 penalty", _non_negative)
     )
-    seed: int = field(default=42, metadata=_key("seed", "seed for model init and sampling"))
+    seed: int = field(
+        default=42,
+        metadata=_key("seed", f"seed for model init and sampling, 0..{MAX_SEED}", _seed),
+    )
     amp: bool = field(
         default=False,
         metadata=_key(
             "amp",
             "mixed precision (bfloat16 autocast) for local training; only with dp.enabled=false",
+        ),
+    )
+    class_weighting: str = field(
+        default="auto",
+        metadata=_key(
+            "class-weighting",
+            "class-weighted cross-entropy: 'auto' ('site' for classification, 'none' for "
+            "segmentation), 'none', 'site' (inverse frequency of the site's own training "
+            "labels) or 'federation' (not yet available)",
+            _one_of(*CLASS_WEIGHTINGS),
+        ),
+    )
+    class_weight_max: float = field(
+        default=10.0,
+        metadata=_key(
+            "class-weight-max", "cap on any class weight (rare classes), >= 1", _max_weight
+        ),
+    )
+    augment: str = field(
+        default="none",
+        metadata=_key(
+            "augment",
+            "training-time image augmentation at each site (MONAI affine, intensity, "
+            "noise): 'none', 'light' or 'medium'",
+            _one_of(*AUGMENTATIONS),
         ),
     )
     evaluate_in_train: bool = field(
@@ -149,6 +243,16 @@ class RunConfig:
             "sites evaluate the received global model on their validation split inside the "
             "train message (no separate evaluate exchange per round); the evaluate message "
             "then runs only for the final model",
+        ),
+    )
+    model_selection_metric: str = field(
+        default=AUTO_SELECTION,
+        metadata=_key(
+            "model-selection-metric",
+            "aggregated site validation metric that picks best_model.pt: 'auto' "
+            "(val-balanced-accuracy for classification, the task's headline metric "
+            "otherwise) or val-<metric> of the run's task; a metric ending in 'loss' is "
+            "minimised, any other maximised",
         ),
     )
     min_sites: int = field(
@@ -179,7 +283,11 @@ class RunConfig:
     )
     project: str = field(
         default="medfed-demo",
-        metadata=_key("project", "study name; keys each site's privacy ledger"),
+        metadata=_key(
+            "project",
+            "study name (letters, digits, '.', '_', '-'); sites allow-list it in their policy",
+            _project,
+        ),
     )
     dp_enabled: bool = field(
         default=True, metadata=_key("dp.enabled", "DP-SGD (Opacus) at every site")
@@ -340,6 +448,25 @@ class RunConfig:
                 "config key 'amp'=true needs 'dp.enabled'=false: per-sample gradient clipping "
                 "under reduced precision is not validated in medfed; turn one of them off."
             )
+        if self.class_weighting == "federation":
+            raise ConfigError(
+                "config key 'class-weighting'='federation' is not yet available: it needs the "
+                "federation's class counts securely summed before round 1, which medfed does "
+                "not implement yet; use 'site' (each site weights by its own label counts) "
+                "or 'none'."
+            )
+        if self.class_weighting in ("site", "federation") and self.task == "segmentation":
+            raise ConfigError(
+                f"config key 'class-weighting'={self.class_weighting!r} needs an image-level "
+                "classification task; the segmentation loss takes no class weights: set "
+                "class-weighting='none'."
+            )
+        if self.augment != "none" and self.task != "classification":
+            raise ConfigError(
+                f"config key 'augment'={self.augment!r} needs task='classification': the "
+                "presets warp images only (segmentation masks would need the same warp; "
+                "tabular features are not images); set augment='none'."
+            )
         if self.min_replies > self.min_sites:
             raise ConfigError(
                 f"config key 'min-replies'={self.min_replies} exceeds 'min-sites'="
@@ -375,6 +502,31 @@ class RunConfig:
         from common.models import check_model_name
 
         check_model_name(self.model)
+        self._check_selection_metric()
+
+    def _check_selection_metric(self) -> None:
+        """Refuse a ``model-selection-metric`` the run's sites would never report.
+
+        The sites report ``val-`` + the keys of the task's metrics
+        (:func:`common.wire.task_metric_names`); ``auto`` needs no check (and no import).
+
+        Raises
+        ------
+        ConfigError
+            Naming the valid metrics, with a "did you mean".
+        """
+        metric = self.model_selection_metric
+        if metric == AUTO_SELECTION:
+            return
+        from common.wire import VAL_PREFIX, task_metric_names
+
+        names = sorted(VAL_PREFIX + n for n in task_metric_names(self.task, self.num_classes))
+        if metric not in names:
+            raise ConfigError(
+                f"config key 'model-selection-metric'={metric!r} is not a validation metric "
+                f"the sites report for task {self.task!r}.{did_you_mean(metric, names)} "
+                f"Use {AUTO_SELECTION!r} or one of {names}."
+            )
 
     @classmethod
     def keys(cls) -> dict[str, str]:
@@ -410,6 +562,17 @@ class RunConfig:
                 )
             kwargs[by_key[key]] = value
         return cls(**kwargs)
+
+    def class_weight_source(self) -> str:
+        """``class-weighting`` with ``auto`` resolved: ``"none"`` or ``"site"``.
+
+        ``auto`` is ``"site"`` for the classification tasks (``classification``,
+        ``tabular``) and ``"none"`` for ``segmentation``, whose Dice + cross-entropy
+        loss takes no class weights.
+        """
+        if self.class_weighting == "auto":
+            return "none" if self.task == "segmentation" else "site"
+        return self.class_weighting
 
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`common.models.get_model` derived from this config."""
@@ -534,3 +697,100 @@ class NodeConfig:
             "flower-supernode --node-config \"dataset-dir='/data/site'\") or run config "
             "'sites-dir' (simulation)."
         )
+
+
+def load_config_file(path: Path, *, option: str = "--config") -> dict[str, Any]:
+    """Read a TOML file of run-config keys given on the command line.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The file named by ``option``.
+    option : str
+        The command-line option, for the messages.
+
+    Returns
+    -------
+    dict[str, Any]
+        The parsed TOML document (keys are validated later by :class:`RunConfig`).
+
+    Raises
+    ------
+    ConfigError
+        If the file does not exist, is not a regular file, is larger than
+        :data:`MAX_CONFIG_FILE_BYTES`, is not UTF-8 text or is not valid TOML.
+
+    """
+    example = "e.g. a file with the line  local-epochs = 2"
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{option} {path}: no such file; pass a TOML file of run-config keys ({example})."
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot read it ({exc.strerror}).") from None
+    if not path.is_file():
+        raise ConfigError(f"{option} {path} is not a regular file; pass a TOML file ({example}).")
+    if st.st_size > MAX_CONFIG_FILE_BYTES:
+        raise ConfigError(
+            f"{option} {path} is {st.st_size} bytes, above the {MAX_CONFIG_FILE_BYTES} byte "
+            "limit for a run-config file; is it the right file?"
+        )
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"{option} {path} is not UTF-8 text; pass a TOML file of run-config keys ({example})."
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{option} {path} is not valid TOML: {exc}. Fix that line.") from None
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot read it ({exc.strerror}).") from None
+
+
+def check_writable_dir(
+    path: Path, *, what: str = "run directory", option: str = "--run-dir"
+) -> None:
+    """Check that ``path`` is, or can be created as, a directory this process can write.
+
+    Nothing is created: the check probes ``path`` itself when it exists, else its nearest
+    existing ancestor, with a temporary file that is deleted at once (so file modes,
+    ACLs, read-only mounts and a regular file in the way are all caught, also as root).
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The directory the command will write.
+    what, option : str
+        How the messages name it.
+
+    Raises
+    ------
+    ConfigError
+        If ``path`` or an ancestor is a regular file (or a broken link), or the
+        directory that would hold the output is not writable.
+
+    """
+    probe = path
+    while not probe.exists():
+        if probe.is_symlink():
+            raise ConfigError(
+                f"{what} {path} cannot be created: {probe} is a broken symbolic link; "
+                f"remove it or choose another {option}."
+            )
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(
+            f"{what} {path} cannot be created: {probe} is not a directory; choose another {option}."
+        )
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"{what} {path} is not writable ({probe}: {exc.strerror}); choose a folder you "
+            f"can write to with {option}, or fix its permissions. Nothing was started."
+        ) from None

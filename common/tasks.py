@@ -64,10 +64,21 @@ class Task(ABC):
     label_unit: ClassVar[str]
 
     @abstractmethod
-    def make_loss(self) -> nn.Module:
+    def make_loss(self, *, class_weights: torch.Tensor | None = None) -> nn.Module:
         """Return the training loss module ``loss(outputs, targets) -> scalar``.
 
         The loss must be the batch mean of a per-sample loss (DP-SGD requirement).
+
+        Parameters
+        ----------
+        class_weights : torch.Tensor, optional
+            float ``(K,)`` per-class weights of each example's loss (run config
+            ``class-weighting``, :mod:`common.imbalance`); None = unweighted.
+
+        Raises
+        ------
+        ConfigError
+            If the task does not support ``class_weights``.
         """
 
     @abstractmethod
@@ -137,8 +148,18 @@ class ClassificationTask(Task):
     headline = ("accuracy", "auroc")
     label_unit = "images"
 
-    def make_loss(self) -> nn.Module:
-        """``torch.nn.CrossEntropyLoss()`` (batch mean of per-sample cross-entropy)."""
+    def make_loss(self, *, class_weights: torch.Tensor | None = None) -> nn.Module:
+        """``torch.nn.CrossEntropyLoss()`` (batch mean of per-sample cross-entropy).
+
+        With ``class_weights``, :class:`common.imbalance.WeightedCrossEntropyLoss`: each
+        example's cross-entropy times its class's weight, averaged over the batch (not
+        ``CrossEntropyLoss(weight=...)``, whose mean divides by the batch's weight sum
+        and so is not per-sample separable).
+        """
+        if class_weights is not None:
+            from common.imbalance import WeightedCrossEntropyLoss
+
+            return WeightedCrossEntropyLoss(class_weights)
         return nn.CrossEntropyLoss(reduction="mean")
 
     def evaluate(
@@ -171,8 +192,19 @@ class SegmentationTask(Task):
     #: Spatial sizes must be multiples of this (up to four 2x poolings, common.models.unet).
     divisor = 16
 
-    def make_loss(self) -> nn.Module:
-        """:class:`DiceCELoss`: mean over images of (soft Dice loss + cross-entropy)."""
+    def make_loss(self, *, class_weights: torch.Tensor | None = None) -> nn.Module:
+        """:class:`DiceCELoss`: mean over images of (soft Dice loss + cross-entropy).
+
+        Raises
+        ------
+        ConfigError
+            If ``class_weights`` is given: per-pixel class weighting is not implemented.
+        """
+        if class_weights is not None:
+            raise ConfigError(
+                "class weighting is for image-level classification; the segmentation loss "
+                "(Dice + cross-entropy) takes no class weights: set class-weighting='none'."
+            )
         return DiceCELoss()
 
     def check_image_shape(

@@ -48,6 +48,8 @@ __all__ = [
     "RECORD_NAME",
     "RECORD_TYPE",
     "STAGE_RECORD",
+    "VAL_COUNT",
+    "VAL_PREFIX",
     "ArraySpec",
     "EgressRefused",
     "MetricRule",
@@ -63,6 +65,11 @@ __all__ = [
 MODEL_RECORD = "arrays"
 #: Name of the only reply record that may carry metrics.
 METRICS_RECORD = "metrics"
+#: Prefix of a site's local validation metrics: ``val-`` + a key of the task's metrics.
+VAL_PREFIX = "val-"
+#: Count of validation images behind the ``val-*`` metrics of a train reply
+#: (``evaluate-in-train``); an evaluate reply's ``num-examples`` is that count already.
+VAL_COUNT = "val-num-examples"
 
 # Details of refusals (the vocabulary of ``fixed_reason(ReplyCode.EGRESS, detail)``).
 #: A metric whose name is not in the reply's schema (or the site policy's list).
@@ -175,6 +182,9 @@ MetricRules = Mapping[str, MetricRule]
 
 #: ``num-examples``: the FedAvg weight, a count of images (at most 2^31 - 1).
 _COUNT = MetricRule(integer=True, low=0, high=2**31 - 1, required=True)
+#: ``val-num-examples``: validation images behind a train reply's ``val-*`` metrics, the
+#: weight of their federated mean (server/strategy.py); optional, a policy may withhold it.
+_VAL_COUNT = MetricRule(integer=True, low=0, high=2**31 - 1)
 _TRAIN_RULES: dict[str, MetricRule] = {
     "num-examples": _COUNT,
     "train-loss": MetricRule(low=0.0, high=1e9),
@@ -205,7 +215,8 @@ def train_metric_rules(
     ``num-examples``, ``train-loss``, ``train-steps``, ``train-seconds``; with DP also
     ``epsilon``, ``delta``, ``dp-noise-multiplier``; in a run with injected faults
     (simulation) also ``fault-delay-seconds``; with ``evaluate-in-train``
-    (``validation=(task, num_classes)``) also ``val-<name>`` of the run's task.
+    (``validation=(task, num_classes)``) also ``val-<name>`` of the run's task and
+    ``val-num-examples``, the count of validation images (an integer, not required).
     """
     rules = dict(_TRAIN_RULES)
     if dp:
@@ -214,6 +225,7 @@ def train_metric_rules(
         rules |= _FAULT_RULES
     if validation is not None:
         rules |= {f"val-{name}": _VAL_RULE for name in task_metric_names(*validation)}
+        rules[VAL_COUNT] = _VAL_COUNT
     return rules
 
 

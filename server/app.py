@@ -3,10 +3,17 @@
 Runs unchanged on the deployment engine (SuperLink + SuperExec) and the simulation
 engine. Everything it writes goes to the run directory (run config ``run-dir``)::
 
+    .medfed-owner          marker: medfed created this run directory (common/fsutil.py)
     config.json            the parsed run config
     rounds.jsonl           one line per round (server/runlog.py)
     checkpoints/round-NNN.pt
     final_model.pt         the global model after the last round
+    best_model.pt          the global model of the round that scored best on the sites'
+                           aggregated validation (run config 'model-selection-metric';
+                           server/selection.py); its 'selected_round' names the round
+
+A run never overwrites another: the ServerApp refuses a run directory that already holds
+a run, or a non-empty one medfed did not create for this run (:func:`prepare_run_dir`).
 """
 
 from __future__ import annotations
@@ -14,7 +21,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
@@ -23,8 +32,9 @@ from flwr.serverapp import Grid, ServerApp
 from common.checkpoint import Checkpoint, save_checkpoint
 from common.config import RunConfig
 from common.device import resolve_device
-from common.errors import FederationError
+from common.errors import ConfigError, FederationError
 from common.evaluation import evaluate_task
+from common.fsutil import marker_kind, write_marker
 from common.models import get_model
 from common.records import state_to_record
 from common.secagg.params import SecAggParams
@@ -32,8 +42,9 @@ from common.site_dataset import SiteDataset
 from common.tasks import get_task
 from server.grid import PromptGrid
 from server.quorum import SAMPLE_WAIT_SECONDS, QuorumStrategy
-from server.runlog import EvaluateFn, RecordingStrategy, dp_noise_label
+from server.runlog import ROUNDS_FILE, EvaluateFn, RecordingStrategy, dp_noise_label
 from server.secagg import SecAggGrid
+from server.selection import BEST_MODEL, resolve_metric
 from server.strategy import build_strategy
 
 log = logging.getLogger(__name__)
@@ -41,6 +52,11 @@ log = logging.getLogger(__name__)
 app = ServerApp()
 
 FINAL_MODEL = "final_model.pt"
+CONFIG_FILE = "config.json"
+#: Kind in the run directory's ownership marker (:func:`common.fsutil.write_marker`).
+RUN_KIND = "run"
+#: What a run leaves in its directory: any of these means a run is (or was) there.
+RUN_FILES = (CONFIG_FILE, ROUNDS_FILE, FINAL_MODEL, BEST_MODEL, "checkpoints")
 
 
 def wait_for_sites(grid: Grid, *, min_sites: int, timeout: float, poll: float = 1.0) -> int:
@@ -108,15 +124,75 @@ def resolve_run_dir(run: RunConfig, run_id: int) -> Path:
     return Path(run.run_dir) if run.run_dir else Path.cwd() / "runs" / f"run-{run_id}"
 
 
+def why_not_run_dir(path: Path) -> str | None:
+    """Return ``None`` when ``path`` is provably a medfed run directory, else why not.
+
+    Proof: medfed's ownership marker of kind :data:`RUN_KIND` (written when medfed
+    creates a run directory), or, for runs from before the marker, both ``config.json``
+    and ``rounds.jsonl``. An empty directory holds nothing to lose.
+    """
+    if path.is_symlink() or not path.is_dir():
+        return "it is not a directory"
+    if not any(path.iterdir()) or marker_kind(path) == RUN_KIND:
+        return None
+    if (path / CONFIG_FILE).is_file() and (path / ROUNDS_FILE).is_file():
+        return None
+    return "it is not a medfed run directory (no medfed marker, no config.json + rounds.jsonl)"
+
+
+def prepare_run_dir(run_dir: Path, config: Mapping[str, Any]) -> None:
+    """Create (or take) the run directory, mark it as medfed's and write ``config.json``.
+
+    A run directory is new, empty, or one medfed created for this run and marked (as
+    ``medfed simulate`` does before starting the engine). Nothing in it is overwritten:
+    ``config.json`` is created exclusively.
+
+    Parameters
+    ----------
+    run_dir : pathlib.Path
+        The run directory.
+    config : Mapping
+        The run config, written to ``config.json``.
+
+    Raises
+    ------
+    ConfigError
+        If ``run_dir`` already holds a run (``config.json``, ``rounds.jsonl``,
+        ``final_model.pt``, ``best_model.pt`` or ``checkpoints/``), or is a non-empty
+        directory medfed did not create for a run.
+
+    """
+    fix = (
+        "medfed never overwrites a run: set run config 'run-dir' to a new directory "
+        "(`medfed simulate` picks a fresh runs/sim-<time>, and its --force replaces a "
+        "previous medfed run)."
+    )
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        raise ConfigError(f"run-dir {run_dir} is not a directory. {fix}")
+    held = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if held:
+        raise ConfigError(f"run-dir {run_dir} already holds a run ({', '.join(held)}). {fix}")
+    fresh = not run_dir.exists() or not any(run_dir.iterdir())
+    if not fresh and marker_kind(run_dir) != RUN_KIND:
+        raise ConfigError(
+            f"run-dir {run_dir} is a non-empty directory medfed did not create for a run. {fix}"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        write_marker(run_dir, RUN_KIND)
+    try:
+        with (run_dir / CONFIG_FILE).open("x") as fh:  # exclusive: never overwrite
+            fh.write(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+    except FileExistsError:
+        raise ConfigError(f"run-dir {run_dir} already holds a run (config.json). {fix}") from None
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run ``num-server-rounds`` rounds of the configured strategy."""
     run = RunConfig.from_run_config(context.run_config)
     run_dir = resolve_run_dir(run, context.run_id)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(
-        json.dumps(run.to_run_config(), indent=2, sort_keys=True) + "\n"
-    )
+    prepare_run_dir(run_dir, run.to_run_config())
     log.info("run %s: writing logs and checkpoints to %s", context.run_id, run_dir)
 
     central = _central_evaluation(run)  # fail on a bad eval dataset before any round
@@ -143,7 +219,13 @@ def main(grid: Grid, context: Context) -> None:
             "dp.reproducible-noise=true: DP noise is seeded from the run config; this run "
             "is NOT PRIVATE (simulation research only; real sites refuse it)"
         )
-    strategy = RecordingStrategy(bounded, run_dir=run_dir, checkpoint_meta=meta, dp_noise=dp_noise)
+    strategy = RecordingStrategy(
+        bounded,
+        run_dir=run_dir,
+        checkpoint_meta=meta,
+        dp_noise=dp_noise,
+        selection_metric=resolve_metric(run),
+    )
 
     connected = wait_for_sites(grid, min_sites=run.min_sites, timeout=run.connect_timeout)
     log.info("%d sites connected; starting %d rounds", connected, run.num_server_rounds)
@@ -172,3 +254,24 @@ def main(grid: Grid, context: Context) -> None:
         ),
     )
     log.info("final global model saved to %s", run_dir / FINAL_MODEL)
+    _log_selection(strategy, run_dir)
+
+
+def _log_selection(strategy: RecordingStrategy, run_dir: Path) -> None:
+    """Say which round's model ``best_model.pt`` is, or why there is none."""
+    best = strategy.best
+    if best is None:
+        log.warning(
+            "no best model: no round's global model has an aggregated %s (did the sites' "
+            "policies refuse evaluation?); only %s was written",
+            strategy.selection_metric,
+            FINAL_MODEL,
+        )
+        return
+    log.info(
+        "best model: round %d (%s %.4f) -> %s",
+        best.round,
+        best.metric,
+        best.value,
+        run_dir / BEST_MODEL,
+    )

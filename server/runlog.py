@@ -5,6 +5,11 @@ rule 7: add behaviour by wrapping). It notes which sites were sampled, which rep
 which failed (with the reason they gave) and which dropped (no reply before the round
 deadline), the per-site and aggregated metrics, bytes on the wire and wall times, and
 after every round appends one JSON line to ``rounds.jsonl`` and saves a checkpoint.
+
+With a ``selection_metric`` it also does federated model selection (server/selection.py):
+every round it attributes the sites' aggregated validation to the global models it
+describes, keeps the best and writes it to ``best_model.pt``, and adds a
+``model-selection`` entry to the round's line.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +31,7 @@ from flwr.serverapp.strategy import Strategy
 
 from common.checkpoint import Checkpoint, save_checkpoint
 from common.errors import FederationError
+from server.selection import BEST_MODEL, Selection, attribute, is_minimised, select_best
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +44,14 @@ def record_nbytes(arrays: ArrayRecord) -> int:
     return sum(len(a.data) for a in arrays.values())
 
 
-def _clean(metrics: MetricRecord | dict[str, Any] | None) -> dict[str, Any]:
+def _json_number(v: Any) -> Any:
+    """JSON-safe metric value: NaN and infinities -> None."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _clean(metrics: MetricRecord | Mapping[str, Any] | None) -> dict[str, Any]:
     """JSON-safe copy of a metric record (NaN -> None)."""
-    out: dict[str, Any] = {}
-    for k, v in (metrics or {}).items():
-        if isinstance(v, float) and not math.isfinite(v):
-            out[k] = None
-        else:
-            out[k] = v
-    return out
+    return {k: _json_number(v) for k, v in (metrics or {}).items()}
 
 
 @dataclass
@@ -112,6 +117,17 @@ class RecordingStrategy(Strategy):
         Written as ``dp-noise`` on every round line: :data:`DP_NOISE_SECRET`,
         :data:`DP_NOISE_REPRODUCIBLE` (simulation research, not private) or
         :data:`DP_NOISE_OFF`.
+    selection_metric : str or None
+        The aggregated site validation metric that picks ``best_model.pt``
+        (``server.selection.resolve_metric``); None: no model selection.
+
+    Attributes
+    ----------
+    scores : dict[int, dict[str, float]]
+        ``{round: aggregated val metrics}`` of every global model the sites validated; a
+        model scored twice keeps its first score.
+    best : server.selection.Selection or None
+        The best model so far (written to ``best_model.pt``); None until one has a score.
 
     """
 
@@ -122,6 +138,7 @@ class RecordingStrategy(Strategy):
         run_dir: Path,
         checkpoint_meta: dict[str, Any],
         dp_noise: str = "off",
+        selection_metric: str | None = None,
     ) -> None:
         if dp_noise not in DP_NOISE_LABELS:
             raise ValueError(f"dp_noise={dp_noise!r} must be one of {DP_NOISE_LABELS}")
@@ -133,6 +150,12 @@ class RecordingStrategy(Strategy):
         self._evaluate = _Phase()
         self._round_start = time.perf_counter()
         self.history: list[dict[str, Any]] = []
+        self.selection_metric = selection_metric
+        self.scores: dict[int, dict[str, float]] = {}
+        self.best: Selection | None = None
+        # Models that may still become the best: the initial one (the fallback) and the
+        # last round's (round r's train replies validate round r - 1's model).
+        self._candidates: dict[int, ArrayRecord] = {}
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / ROUNDS_FILE).write_text("")  # a run's log starts empty
 
@@ -147,6 +170,7 @@ class RecordingStrategy(Strategy):
         """Delegate, and note the sampled sites and bytes sent down."""
         self._round_start = time.perf_counter()
         self._train = _Phase(started=time.perf_counter())
+        self._evaluate = _Phase()  # a round without an evaluate exchange validates nothing
         try:
             messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         except FederationError as exc:
@@ -268,6 +292,58 @@ class RecordingStrategy(Strategy):
                 **self.checkpoint_meta,
             )
             save_checkpoint(self.run_dir / "checkpoints" / f"round-{server_round:03d}.pt", ckpt)
+        if self.selection_metric is not None:
+            line["model-selection"] = self._select(server_round, arrays, self.selection_metric)
         with (self.run_dir / ROUNDS_FILE).open("a") as fh:
             fh.write(json.dumps(line, sort_keys=True) + "\n")
         self.history.append(line)
+
+    def _select(self, server_round: int, arrays: ArrayRecord, metric: str) -> dict[str, Any]:
+        """Score the models this round's validation describes; keep the best.
+
+        Writes ``best_model.pt`` (atomically) whenever the best round changes, and
+        returns the round line's ``model-selection`` entry: the metric and its goal,
+        ``validated`` (``{round: value}`` of the models this round's val metrics
+        describe, see :func:`server.selection.attribute`) and the best so far.
+        """
+        self._candidates[server_round] = arrays
+        validated = attribute(
+            server_round, train=self._train.aggregated, evaluate=self._evaluate.aggregated
+        )
+        for rnd, metrics in validated.items():
+            self.scores.setdefault(rnd, metrics)
+        best = select_best(self.scores, metric=metric)
+        if best is not None and (self.best is None or best.round != self.best.round):
+            self._write_best(best, self._candidates[best.round])
+            self.best = best
+        self._candidates = {r: a for r, a in self._candidates.items() if r in (0, server_round)}
+        return {
+            "metric": metric,
+            "goal": "min" if is_minimised(metric) else "max",
+            "validated": {str(r): _json_number(m.get(metric)) for r, m in validated.items()},
+            "best-round": None if best is None else best.round,
+            "best-value": None if best is None else _json_number(best.value),
+        }
+
+    def _write_best(self, best: Selection, arrays: ArrayRecord) -> None:
+        """Save round ``best.round``'s global model as ``best_model.pt`` (atomic replace).
+
+        The checkpoint is that round's model with ``metrics`` = its aggregated site
+        validation and ``selected_round`` / ``selection_metric`` saying why it was chosen.
+        """
+        ckpt = Checkpoint(
+            state_dict=arrays.to_torch_state_dict(),
+            round=best.round,
+            metrics=dict(best.metrics),
+            selected_round=best.round,
+            selection_metric=best.metric,
+            **self.checkpoint_meta,
+        )
+        save_checkpoint(self.run_dir / BEST_MODEL, ckpt)
+        log.info(
+            "best model so far: round %d (%s %.4f) -> %s",
+            best.round,
+            best.metric,
+            best.value,
+            BEST_MODEL,
+        )

@@ -22,6 +22,7 @@ from flwr.serverapp.strategy import (
 from common.config import RunConfig
 from common.errors import ConfigError, did_you_mean
 from common.models import get_model
+from common.wire import VAL_COUNT, VAL_PREFIX
 from server.scaffold import Scaffold
 
 
@@ -30,7 +31,15 @@ def aggregate_metrics_nan_aware(records: list[RecordDict], weight_key: str) -> M
 
     A site whose validation part holds one class has an undefined AUROC (NaN); Flower's
     ``aggregate_metricrecords`` would turn the whole mean into NaN. Here each key is
-    averaged over the sites that define it, weighted by ``weight_key``.
+    averaged over the sites that define it, weighted by the examples it was measured on:
+
+    * ``val-*`` metrics of a reply that carries ``val-num-examples`` (a train reply whose
+      site validated the received global model first, ``evaluate-in-train``) by that
+      count of validation images;
+    * every other metric (and ``val-*`` of an evaluate reply, whose ``num-examples``
+      counts validation images) by ``weight_key``. A train reply with ``val-*`` but no
+      ``val-num-examples`` (its policy withheld the count, or an older site) falls back
+      to ``weight_key``.
 
     Parameters
     ----------
@@ -42,27 +51,33 @@ def aggregate_metrics_nan_aware(records: list[RecordDict], weight_key: str) -> M
     Returns
     -------
     MetricRecord
-        Weighted means; NaN where no site defined the metric. The weight key is summed.
+        Weighted means; NaN where no site defined the metric. The counts (``weight_key``
+        and, where reported, ``val-num-examples``) are summed.
 
     """
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
-    total = 0.0
+    counts: dict[str, float] = {weight_key: 0.0}
     for rec in records:
         metrics = next(iter(rec.metric_records.values()))
         w = float(cast(float, metrics[weight_key]))
-        total += w
+        w_val = float(cast(float, metrics.get(VAL_COUNT, w)))
+        counts[weight_key] += w
+        if VAL_COUNT in metrics:
+            counts[VAL_COUNT] = counts.get(VAL_COUNT, 0.0) + w_val
         for key, value in metrics.items():
-            if key == weight_key or isinstance(value, list):
+            if key in (weight_key, VAL_COUNT) or isinstance(value, list):
                 continue
+            kw = w_val if key.startswith(VAL_PREFIX) else w
             v = float(cast(float, value))
             sums.setdefault(key, 0.0)
             weights.setdefault(key, 0.0)
             if math.isfinite(v):
-                sums[key] += w * v
-                weights[key] += w
+                sums[key] += kw * v
+                weights[key] += kw
     out = MetricRecord({k: (sums[k] / weights[k] if weights[k] else math.nan) for k in sums})
-    out[weight_key] = total
+    for key, total in counts.items():
+        out[key] = total
     return out
 
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from common.config import RunConfig
+from common.config import RunConfig, check_writable_dir, load_config_file
 from common.errors import ConfigError, MedfedError
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,21 @@ def _parse_set(pairs: list[str]) -> dict[str, Any]:
 def _fail(exc: MedfedError) -> typer.Exit:
     err_console.print(f"[bold red]error:[/] {exc}")
     return typer.Exit(code=2)
+
+
+def _kept(previous: Path | None) -> None:
+    """Tell the user where the run that ``--force`` would have replaced is kept."""
+    if previous is not None:
+        err_console.print(f"the previous run is kept at {previous}")
+
+
+def _new_run_dir(base: Path) -> Path:
+    """Return ``base``, or ``base-2``, ``base-3``, ... if it exists (two runs in a second)."""
+    candidate, n = base, 1
+    while candidate.exists() or candidate.is_symlink():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
 
 
 #: Dataset ``medfed simulate`` federates when ``--dataset`` is not given, by task.
@@ -129,6 +144,14 @@ def simulate(
     run_dir: Annotated[
         Path | None, typer.Option(help="Output directory (default: runs/sim-<timestamp>).")
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace --run-dir if it holds a previous medfed run (never any other "
+            "folder); the old run is kept aside until the new one completes.",
+        ),
+    ] = False,
     seed: Annotated[int, typer.Option(help="Seed for splits, init and sampling.")] = 42,
     config: Annotated[
         Path | None, typer.Option(help="TOML file of run-config keys (kebab-case).")
@@ -166,22 +189,30 @@ def simulate(
     Splits the dataset's training images into site datasets (IID or Dirichlet label
     skew), starts a local simulation SuperLink, runs the medfed ServerApp and ClientApps
     with `flwr run`, shows progress per round, prints the global validation accuracy and
-    AUROC per round, and leaves everything in the run directory: config.json,
-    rounds.jsonl, checkpoints/, final_model.pt, sites/.
+    AUROC per round, says which round's global model validated best at the sites, and
+    leaves everything in the run directory: config.json, rounds.jsonl, checkpoints/,
+    final_model.pt, best_model.pt (that best round's model), sites/.
 
     Example: medfed simulate --sites 5 --partition iid --rounds 5 --set local-epochs=2
     """
+    from server.selection import BEST_MODEL
     from simulation.chase import DATASET as CHASE
     from simulation.chase import ChasePlan, create_chase_sites
     from simulation.datasets import MEDMNIST, medmnist_path, resolve_data_dir
     from simulation.engine import run_simulation
     from simulation.sites import GLOBAL_EVAL, SplitPlan, create_virtual_sites
-    from simulation.summary import read_rounds, round_progress, site_table, summary_table
+    from simulation.summary import (
+        best_model_line,
+        read_rounds,
+        round_progress,
+        site_table,
+        summary_table,
+    )
 
     try:
         overrides: dict[str, Any] = {}
         if config is not None:
-            overrides |= tomllib.loads(config.read_text())
+            overrides |= load_config_file(config)
         overrides |= _parse_set(set_ or [])
         overrides |= {"num-server-rounds": rounds, "seed": seed, "min-sites": sites}
         overrides |= _task_overrides(overrides, model=model, task=task_name)
@@ -191,7 +222,7 @@ def simulate(
         if dataset not in MEDMNIST and dataset != CHASE:
             raise ConfigError(f"unknown dataset {dataset!r}; known: {sorted([*MEDMNIST, CHASE])}")
         npz = None if dataset == CHASE else medmnist_path(dataset, data_dir)
-        out = (run_dir or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")).resolve()
+        out = (run_dir or _new_run_dir(Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S"))).resolve()
         overrides |= {
             "run-dir": str(out),
             "sites-dir": str(out / "sites"),
@@ -204,10 +235,24 @@ def simulate(
             overrides["site-policy"] = str(site_policy.resolve())
         run = RunConfig.from_run_config(overrides)  # fail before any work on a bad config
         _check_model_task(run)
+        check_writable_dir(out)  # an unwritable run dir fails here, not in a site or round
     except MedfedError as exc:
         raise _fail(exc) from None
 
+    from common.fsutil import discard, marker_kind, set_aside, write_marker
+    from server.app import RUN_KIND, why_not_run_dir
+
+    try:  # an existing run is never overwritten; --force moves a medfed run aside
+        previous = set_aside(
+            out, overwrite=force, why_not_ours=why_not_run_dir, what="run directory"
+        )
+    except MedfedError as exc:
+        raise _fail(exc) from None
+    if previous is not None:
+        console.print(f"previous run moved aside to {previous} until this one completes")
     out.mkdir(parents=True, exist_ok=True)
+    if marker_kind(out) != RUN_KIND:
+        write_marker(out, RUN_KIND)  # out is new or empty: medfed's run directory
     console.print(
         f"[bold]medfed simulate[/]: {sites} sites, {partition}"
         f"{f' alpha={alpha}' if partition == 'dirichlet' else ''}, "
@@ -230,6 +275,7 @@ def simulate(
                 via_dicom=out / "dicom-exports" if via_dicom else None,
             )
     except MedfedError as exc:
+        _kept(previous)
         raise _fail(exc) from None
     for i, m in enumerate(manifests):
         counts = m["splits"]["train"]["label_counts"]
@@ -251,8 +297,10 @@ def simulate(
                 timeout=timeout,
             )
         except MedfedError as exc:
+            _kept(previous)
             raise _fail(exc) from None
 
+    discard(previous)  # the new run is complete: the replaced one goes
     history = read_rounds(out)
     console.print(summary_table(history))
     console.print(site_table(history))
@@ -260,16 +308,22 @@ def simulate(
     if latest.is_symlink() or not latest.exists():
         latest.unlink(missing_ok=True)
         latest.symlink_to(out.name)
+    if line := best_model_line(history):
+        console.print(line)
     console.print(f"run directory: [bold]{out}[/] (final model: {out / 'final_model.pt'})")
     eval_data = npz if npz is not None else out / "sites" / GLOBAL_EVAL
+    best = out / BEST_MODEL
+    model_file = best if best.is_file() else out / "final_model.pt"
     console.print(
-        f"check it on any split: medfed evaluate --checkpoint {out / 'final_model.pt'} "
+        f"check it on any split: medfed evaluate --checkpoint {model_file} "
         f"--data {eval_data} --split val"
     )
 
 
 def evaluate(
-    checkpoint: Annotated[Path, typer.Option(help="A medfed checkpoint (final_model.pt).")],
+    checkpoint: Annotated[
+        Path, typer.Option(help="A medfed checkpoint (final_model.pt) or `medfed export` model.ts.")
+    ],
     data: Annotated[
         Path,
         typer.Option(help="A MedMNIST-format .npz file, or a site dataset directory (any task)."),
@@ -286,16 +340,15 @@ def evaluate(
     ``runs/latest/sites/global-val``) works for every task; a ``.npz`` file for
     classification.
     """
-    from common.checkpoint import load_checkpoint
     from common.device import resolve_device
     from common.evaluation import evaluate_task
+    from common.export import load_model_file
     from common.site_dataset import SiteDataset
     from common.tasks import get_task
     from simulation.datasets import load_medmnist_split, to_model_images
 
     try:
-        ckpt = load_checkpoint(checkpoint)
-        model = ckpt.build_model()
+        ckpt, model = load_model_file(checkpoint)  # a checkpoint or a `medfed export` file
         if data.is_dir():
             site = SiteDataset(data)
             get_task(ckpt.task).check_dataset(
@@ -348,3 +401,6 @@ def register(app: typer.Typer) -> None:
     from simulation.pooled import pooled_baseline
 
     app.command()(pooled_baseline)
+    from simulation.model_cli import register as register_model_commands
+
+    register_model_commands(app)  # medfed explain, medfed export

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from common.config import RunConfig, check_writable_dir
 from common.errors import FederationError, MedfedError
 
 log = logging.getLogger(__name__)
@@ -58,15 +59,27 @@ def deploy_local(
         prepare_site_datasets,
     )
     from simulation.processes import sigterm_as_interrupt
-    from simulation.summary import read_rounds, round_progress, summary_table
+    from simulation.summary import best_model_line, read_rounds, round_progress, summary_table
 
     root = Path(__file__).resolve().parents[1]
     deploy_dir = (
         deploy_dir or root / "runs" / f"deploy-local-{time.strftime('%Y%m%d-%H%M%S')}"
     ).resolve()
     run_dir = deploy_dir / "run"
+    if run_dir.exists() or run_dir.is_symlink():  # a re-used deploy dir: never overwrite a run
+        run_dir = deploy_dir / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
     pids: list[int] = []
+    overrides = {
+        "num-server-rounds": rounds,
+        "min-sites": 3,
+        "min-replies": min_replies,
+        "round-timeout": round_timeout,
+    }
     try:
+        # A bad run config or an unwritable folder fails here, before any key, dataset or
+        # process exists.
+        RunConfig.from_run_config({"run-dir": str(run_dir), **overrides})
+        check_writable_dir(deploy_dir, what="deployment folder", option="--deploy-dir")
         npz = medmnist_path(dataset, data_dir)
         console.print(f"deployment folder: [bold]{deploy_dir}[/]")
         prepare_credentials(deploy_dir, num_sites=3, force=force)
@@ -81,16 +94,7 @@ def deploy_local(
             f"{len(policies)} site policies ({policies[0].parent}; edit, then "
             "`medfed site policy check FILE`)"
         )
-        run_config = default_run_config(
-            deploy_dir,
-            run_dir,
-            **{
-                "num-server-rounds": rounds,
-                "min-sites": 3,
-                "min-replies": min_replies,
-                "round-timeout": round_timeout,
-            },
-        )
+        run_config = default_run_config(deploy_dir, run_dir, **overrides)
         with sigterm_as_interrupt(), local_federation(deploy_dir) as fed:
             pids = [m.pid for m in fed.group.procs.values()]
             console.print(
@@ -115,7 +119,10 @@ def deploy_local(
         left = [p for p in pids if pid_alive(p)]
         if left:
             err_console.print(f"[red]processes still alive: {left}[/]")
-    console.print(summary_table(read_rounds(run_dir)))
+    history = read_rounds(run_dir)
+    console.print(summary_table(history))
+    if line := best_model_line(history):
+        console.print(line)
     console.print(f"run directory: [bold]{run_dir}[/]; all {len(pids)} processes stopped")
     console.print(
         "what each hospital's worker was asked, refused and sent: medfed site audit show "

@@ -4,14 +4,20 @@ Run directory (``rounds.jsonl``, ``config.json``, ``sites/`` or the run config's
 ``sites-dir``) -> ``report/``:
 
 * ``metrics.png``: global (server-side held-out) accuracy and AUROC, and each site's
-  local validation accuracy, vs round;
+  local validation accuracy, vs round; a dotted line marks the round of ``best_model.pt``
+  (federated model selection, server/selection.py);
 * ``participation.png``: sites that replied, failed (with injected faults) and dropped
   per round;
 * ``epsilon.png``: cumulative epsilon of every site vs round (DP-SGD ledger);
 * ``bytes.png``: megabytes sent to and received from the sites per round;
 * ``time.png``: round wall time split into training, evaluation and other (s);
-* ``report.html``: the plots, the per-round table, failures and drops, the config and
-  the per-site data summary (counts and label balance from the site manifests).
+* ``explain.png`` (+ ``explain.json``), when the run has ``best_model.pt`` or
+  ``final_model.pt`` and a held-out site dataset: Grad-CAM / occlusion overlays of 8
+  right and wrong predictions (``simulation.model_tools.report_explain``);
+* ``report.html``: the best model (which round, by which aggregated site validation
+  metric), the plots, the per-round table (with each round's model-selection score),
+  failures and drops, the config and the per-site data summary (counts and label
+  balance from the site manifests).
 
 Experiment directory (``results.json``) -> ``report.html`` with ``ratios.png`` (federated
 / pooled and federated / best-local accuracy), ``accuracy.png`` and the results table,
@@ -33,7 +39,7 @@ import matplotlib.pyplot as plt
 
 from common.errors import DataNotFoundError
 from server.runlog import DP_NOISE_REPRODUCIBLE
-from simulation.summary import site_validation
+from simulation.summary import best_model_line, model_selection, site_validation
 
 REPORT_DIR = "report"
 REPORT_HTML = "report.html"
@@ -93,6 +99,9 @@ def plot_metrics(rounds: list[dict[str, Any]], path: Path, names: dict[str, str]
         left.plot(
             *zip(*mean_site, strict=True), "^:", label="site val accuracy (example-weighted mean)"
         )
+    selection = model_selection(rounds)
+    if selection is not None and selection["best-round"] is not None:
+        left.axvline(selection["best-round"], color="grey", ls=":", label="best_model.pt round")
     left.set(xlabel="round", ylabel="metric (fraction, 0-1)", title="Global model", ylim=(0, 1))
     left.legend(loc="lower right", fontsize=8)
     for node, name in names.items():
@@ -291,15 +300,23 @@ def write_run_report(run_dir: Path) -> Path:
     plot_epsilon(rounds, out / "epsilon.png", names)
     plot_bytes(rounds, out / "bytes.png")
     plot_time(rounds, out / "time.png")
+    from simulation.model_tools import report_explain
+
+    figures = [*RUN_PLOTS, *report_explain(run_dir, out)]  # explain.png if model + data
     cfg_path = run_dir / "config.json"
     config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     validated = site_validation(rounds)
+    selection = model_selection(rounds)
+    scores = selection["scores"] if selection is not None else {}
+    best_round = selection["best-round"] if selection is not None else None
+    best_line = best_model_line(rounds)
     per_round = [
         [
-            r["round"],
+            f"{r['round']} (best)" if r["round"] == best_round else r["round"],
             _f(r.get("global", {}).get("accuracy")),
             _f(r.get("global", {}).get("auroc")),
             _f(validated.get(r["round"], {}).get("metrics", {}).get("val-accuracy")),
+            _f(scores.get(r["round"])),
             _f(r.get("train", {}).get("metrics", {}).get("train-loss")),
             len(r.get("train", {}).get("replied", [])),
             "; ".join(
@@ -332,8 +349,9 @@ def write_run_report(run_dir: Path) -> Path:
         f"{html.escape(str(config.get('strategy', '?')))}, DP "
         f"{'on' if config.get('dp.enabled') else 'off'}, secure aggregation "
         f"{'on' if config.get('secagg.enabled') else 'off'}.</p>",
+        *([f"<p><b>{html.escape(best_line)}</b></p>"] if best_line else []),
         "<div class='grid'>",
-        *[f"<img src='{p}' alt='{p}'>" for p in RUN_PLOTS],
+        *[f"<img src='{p}' alt='{p}'>" for p in figures],
         "</div>",
         "<h2>Rounds</h2>",
         _table(
@@ -342,6 +360,7 @@ def write_run_report(run_dir: Path) -> Path:
                 "global acc",
                 "global AUROC",
                 "mean site val acc",
+                f"model selection ({selection['metric']})" if selection else "model selection",
                 "train loss",
                 "replied",
                 "failed (reason)",

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from server.runlog import DP_NOISE_REPRODUCIBLE
+from server.selection import BEST_MODEL
 
 ROUNDS_FILE = "rounds.jsonl"
 ROUND_RE = re.compile(r"\[ROUND (\d+)/(\d+)\]")
@@ -85,6 +86,54 @@ def site_validation(rounds: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     return out
 
 
+def model_selection(rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Return the run's federated model selection from the round lines.
+
+    Returns
+    -------
+    dict or None
+        ``{"metric", "best-round", "best-value", "scores": {round: value}}``: the
+        ``model-selection-metric``, the round whose global model ``best_model.pt`` holds
+        (None if no round had a score) and its value, and the aggregated site validation
+        value of every global model the sites validated (server/selection.py). None for
+        a run logged without model selection.
+
+    """
+    entries = [r["model-selection"] for r in rounds if "model-selection" in r]
+    if not entries:
+        return None
+    scores: dict[int, Any] = {}
+    for entry in entries:
+        for rnd, value in entry.get("validated", {}).items():
+            scores.setdefault(int(rnd), value)
+    return {
+        "metric": entries[-1]["metric"],
+        "best-round": entries[-1].get("best-round"),
+        "best-value": entries[-1].get("best-value"),
+        "scores": scores,
+    }
+
+
+def best_model_line(rounds: list[dict[str, Any]]) -> str | None:
+    """``best model: round k (val-balanced-accuracy 0.9300) -> best_model.pt``, or None.
+
+    None for a run without model selection; a sentence saying why when no round had a
+    score (then the run has no ``best_model.pt``).
+    """
+    selection = model_selection(rounds)
+    if selection is None:
+        return None
+    if selection["best-round"] is None:
+        return (
+            f"no best model: no round's global model has an aggregated {selection['metric']} "
+            "(no site validated it)"
+        )
+    return (
+        f"best model: round {selection['best-round']} ({selection['metric']} "
+        f"{_fmt(selection['best-value'])}) -> {BEST_MODEL}"
+    )
+
+
 def summary_table(rounds: list[dict[str, Any]]) -> Table:
     """Per-round global validation accuracy and AUROC, local metrics, drops and timing."""
     table = Table(
@@ -111,6 +160,17 @@ def summary_table(rounds: list[dict[str, Any]]) -> Table:
     if dice:
         table.add_column("val Dice", justify="right")
         table.add_column("site Dice", justify="right")
+    selection = model_selection(rounds)
+    if selection is not None:
+        # Federated model selection (server/selection.py): the round's global model scored
+        # by the sites' aggregated validation, and the round best_model.pt holds.
+        table.add_column(f"site {selection['metric'].removeprefix('val-')}", justify="right")
+        table.add_column("best", justify="center")
+        table.caption = (
+            f"{table.caption}; site {selection['metric'].removeprefix('val-')} = the "
+            "round's global model on the sites' validation splits (aggregated, weighted "
+            f"by their sizes; picks the best model); ★ = {BEST_MODEL}"
+        )
     if any(r.get("dp-noise") == DP_NOISE_REPRODUCIBLE for r in rounds):
         table.title = (
             "medfed: per-round results: NOT PRIVATE (dp.reproducible-noise: DP noise "
@@ -123,6 +183,9 @@ def summary_table(rounds: list[dict[str, Any]]) -> Table:
         ev = validated.get(r["round"], {})
         lost = len(tr.get("dropped", [])) + len(tr.get("failed", {}))
         extra = [_fmt(g.get("dice")), _fmt(ev.get("metrics", {}).get("val-dice"))] if dice else []
+        if selection is not None:
+            best = r["round"] == selection["best-round"]
+            extra += [_fmt(selection["scores"].get(r["round"])), "★" if best else ""]
         table.add_row(
             str(r["round"]),
             _fmt(g.get("accuracy")),

@@ -17,11 +17,13 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import Context, Error, Message, MessageType, MetricRecord, RecordDict
 from torch import nn
 from torch.utils.data import DataLoader
 
+from client.augment import make_augmentation
 from client.privacy import (
     DPRandomness,
     PrivacyBudgetError,
@@ -43,11 +45,13 @@ from common.config import NodeConfig, RunConfig
 from common.device import resolve_device
 from common.errors import ConfigError, DataError, ModelError
 from common.evaluation import evaluate_task
+from common.imbalance import balanced_class_weights, class_counts
 from common.models import get_model
 from common.records import load_record, state_to_record
 from common.replies import ReplyCode, fixed_reason
 from common.site_dataset import SiteDataset
 from common.tasks import get_task
+from common.wire import VAL_COUNT
 
 log = logging.getLogger(__name__)
 
@@ -160,16 +164,79 @@ def dp_randomness(job: Job) -> DPRandomness:
     return DPRandomness.seeded(_round_seed(job), job.device)
 
 
+def augmentation_generator(job: Job, randomness: DPRandomness | None) -> torch.Generator:
+    """Return the round's generator for training-time augmentation (client/augment.py).
+
+    Under DP the round's :class:`DPRandomness` one (secret site entropy, or seeded only
+    under the simulation-only ``dp.reproducible-noise``); without DP, like the shuffling,
+    one seeded from :func:`_round_seed` (non-DP training carries no privacy guarantee).
+    """
+    if randomness is not None:
+        return randomness.augmentation
+    return torch.Generator(device=job.device).manual_seed(_round_seed(job) + 13)
+
+
+def site_class_weights(job: Job, labels: np.ndarray) -> torch.Tensor | None:
+    """Class weights for the round's loss per run config ``class-weighting``, or None.
+
+    ``"site"`` (also what ``"auto"`` means for classification,
+    :meth:`RunConfig.class_weight_source`): :func:`common.imbalance.balanced_class_weights`
+    of this site's own training-label counts, capped at ``class-weight-max``. The
+    weights are a function of the site's label counts, which DP-SGD's accounting does
+    not cover (as with the exact ``num-examples`` every reply carries); the weights
+    themselves never leave the site, and the planned ``"federation"`` mode (securely
+    summed counts) removes the per-site dependence.
+
+    Parameters
+    ----------
+    job : Job
+        The prepared message.
+    labels : numpy.ndarray
+        int64 ``(N,)`` training labels.
+
+    Returns
+    -------
+    torch.Tensor or None
+        float32 ``(K,)`` on the job's device.
+
+    Raises
+    ------
+    ConfigError
+        For a mode other than ``"none"`` / ``"site"`` (RunConfig refuses ``"federation"``
+        until the secure sum of class counts exists).
+    """
+    mode = job.run.class_weight_source()
+    if mode == "none":
+        return None
+    if mode != "site":
+        raise ConfigError(f"config key 'class-weighting'={mode!r} is not available at sites")
+    counts = class_counts(labels, num_classes=job.run.num_classes)
+    weights = balanced_class_weights(counts, max_weight=job.run.class_weight_max)
+    log.info("class weights %s from this site's training label counts", weights.round(4))
+    return torch.as_tensor(weights, dtype=torch.float32, device=job.device)
+
+
 def local_validation(job: Job) -> dict[str, float]:
     """Evaluate the job's model on the site's ``val`` split: ``{"val-<metric>": value}``.
 
-    The metrics of the run's task (common/evaluation.py), before rounding.
+    The metrics of the run's task (common/evaluation.py), before rounding; the count of
+    validation images is not among them (each reply names it in its own way).
     """
     split = job.data.load("val")
     metrics = evaluate_task(
         job.run.task, job.model, split.images, split.labels, batch_size=64, device=job.device
     )
     return {f"val-{k}": float(v) for k, v in metrics.items() if k != "num-examples"}
+
+
+def folded_validation(job: Job) -> dict[str, int | float]:
+    """:func:`local_validation` for a train reply, with ``val-num-examples``.
+
+    The coordinator weights the sites' ``val-*`` metrics by their validation sizes
+    (server/strategy.py); in a train reply ``num-examples`` counts training images, so
+    the validation count travels as ``val-num-examples`` (an exact count).
+    """
+    return {VAL_COUNT: job.data.count("val"), **local_validation(job)}
 
 
 def train_content(job: Job, *, evaluate_first: bool = False) -> RecordDict:
@@ -181,10 +248,10 @@ def train_content(job: Job, *, evaluate_first: bool = False) -> RecordDict:
         The prepared message.
     evaluate_first : bool
         ``evaluate-in-train``: first evaluate the received global model on the site's
-        ``val`` split and add its ``val-*`` metrics to the reply, which saves the
-        coordinator a separate evaluate exchange in this round.
+        ``val`` split and add its ``val-*`` metrics and ``val-num-examples`` to the
+        reply, which saves the coordinator a separate evaluate exchange in this round.
     """
-    validation = local_validation(job) if evaluate_first else {}
+    validation = folded_validation(job) if evaluate_first else {}
     job.model.train()  # evaluation left it in eval mode; Opacus needs training mode
     split = job.data.load("train")
     # Non-DP shuffling only: under DP, private_training replaces this generator with the
@@ -197,7 +264,11 @@ def train_content(job: Job, *, evaluate_first: bool = False) -> RecordDict:
         momentum=job.run.momentum,
         weight_decay=job.run.weight_decay,
     )
-    task_loss = get_task(job.run.task).make_loss()
+    task_loss = get_task(job.run.task).make_loss(
+        class_weights=site_class_weights(job, split.labels)
+    )
+    randomness = dp_randomness(job) if job.run.dp_enabled else None
+    augment = make_augmentation(job.run.augment, generator=augmentation_generator(job, randomness))
     # FedProx: anchor the proximal term at the global weights just loaded.
     criterion = (
         ProximalLoss(task_loss, model=job.model, mu=job.proximal_mu)
@@ -217,7 +288,7 @@ def train_content(job: Job, *, evaluate_first: bool = False) -> RecordDict:
         )
     )
     with (
-        site_privacy(job, len(split), job.model, optimizer, loader) as priv,
+        site_privacy(job, len(split), job.model, optimizer, loader, randomness=randomness) as priv,
         scaffold.correction(job.model, optimizer) if scaffold else contextlib.nullcontext(),
     ):
         stats = train_epochs(
@@ -228,6 +299,7 @@ def train_content(job: Job, *, evaluate_first: bool = False) -> RecordDict:
             device=job.device,
             criterion=criterion,
             amp=job.run.amp,
+            augment=augment,
         )
     log.info(
         "round %d: trained %d steps on %d examples in %.1f s (loss %.4f)",
@@ -268,7 +340,7 @@ def train_content(job: Job, *, evaluate_first: bool = False) -> RecordDict:
 
 #: Metrics sent exactly: privacy accounting of public parameters and counts.
 EXACT_METRICS = frozenset(
-    {"num-examples", "train-steps", "epsilon", "delta", "dp-noise-multiplier"}
+    {"num-examples", VAL_COUNT, "train-steps", "epsilon", "delta", "dp-noise-multiplier"}
 )
 
 
@@ -309,18 +381,22 @@ def site_privacy(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     loader: DataLoader[Any],
+    *,
+    randomness: DPRandomness | None = None,
 ) -> Iterator[PrivateTraining | NonPrivateTraining]:
     """Wrap the round's training objects with DP-SGD, or pass them through if DP is off.
 
     With DP on, the site's ledger (``state-dir``) is checked against its policy's
     ceiling (``max-epsilon``) before any step and updated after (client/privacy.py);
     a noise multiplier derived from the target epsilon must clear the policy's floor.
+    ``randomness`` is the round's :func:`dp_randomness` if the caller already drew it
+    (its augmentation generator is used too); otherwise it is drawn here.
     """
     run, node = job.run, job.node
     if not run.dp_enabled:
         yield NonPrivateTraining(model, optimizer, loader)
         return
-    randomness = dp_randomness(job)
+    randomness = randomness if randomness is not None else dp_randomness(job)
     if not randomness.reproducible:
         # prepare() seeded torch's global generator from run config for model init;
         # anything else drawn during a DP round must not be predictable either.

@@ -111,7 +111,9 @@ STANDARD_METRICS: tuple[str, ...] = (
     "epsilon",
     "delta",
     "dp-noise-multiplier",
-    # evaluate replies (and local evaluation folded into train replies)
+    # evaluate replies (and local evaluation folded into train replies, with the count
+    # of validation images behind it: the weight of the federated mean)
+    "val-num-examples",
     "val-loss",
     # classification and tabular (common.metrics.classification_metrics)
     "val-accuracy",

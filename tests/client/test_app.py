@@ -81,10 +81,14 @@ def test_evaluate_in_train_validates_the_received_model_before_training(site, fo
     # Execute
     job = prepare_(_content(model), ctx)
     reply = train_content(job, evaluate_first=job.run.evaluate_in_train)
-    # Assert: the train reply carries the evaluate message's validation of the same model
+    # Assert: the train reply carries the evaluate message's validation of the same model,
+    # and the count of validation images as val-num-examples (the evaluate reply's
+    # num-examples; an exact int, the weight of the federated mean)
     metrics = reply.metric_records["metrics"]
     val = {k: v for k, v in metrics.items() if k.startswith("val-")}
     if fold:
+        count = val.pop("val-num-examples")
+        assert count == expected["num-examples"] == 10 and type(count) is int
         assert val == {k: v for k, v in expected.items() if k.startswith("val-")}
         assert val["val-accuracy"] == pytest.approx(expected["val-accuracy"])
     else:

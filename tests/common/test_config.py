@@ -63,3 +63,62 @@ def test_node_config_resolves_dataset_dir(tmp_path):
 def test_node_config_rejects_bad_device():
     with pytest.raises(ConfigError, match="device"):
         NodeConfig.from_node_config({"device": "gpu0"})
+
+
+def test_model_selection_metric_is_checked_against_the_tasks_metrics():
+    # a typo names the closest validation metric of the task
+    with pytest.raises(ConfigError, match=r"Did you mean 'val-balanced-accuracy'\?"):
+        RunConfig.from_run_config({"model-selection-metric": "val-balanced-acuracy"})
+    # a metric of another task is refused, listing the task's own
+    with pytest.raises(ConfigError, match=r"for task 'classification'.*'val-auroc'"):
+        RunConfig.from_run_config({"model-selection-metric": "val-dice"})
+    # a training metric cannot pick a model: the sites do not validate with it
+    with pytest.raises(ConfigError, match="model-selection-metric"):
+        RunConfig.from_run_config({"model-selection-metric": "train-loss"})
+    assert RunConfig().model_selection_metric == "auto"
+    for metric in ("val-loss", "val-auroc", "val-balanced-accuracy"):
+        assert RunConfig(model_selection_metric=metric).model_selection_metric == metric
+    seg = {"task": "segmentation", "model": "unet", "model-selection-metric": "val-dice"}
+    assert RunConfig.from_run_config(seg).model_selection_metric == "val-dice"
+
+
+# --- issue 13: class weighting and augmentation keys ---------------------------------
+
+
+def test_class_weighting_and_augment_keys_parse():
+    cfg = RunConfig.from_run_config(
+        {"class-weighting": "site", "class-weight-max": 5, "augment": "light"}
+    )
+    assert (cfg.class_weighting, cfg.class_weight_max, cfg.augment) == ("site", 5.0, "light")
+
+
+def test_auto_class_weighting_is_site_for_classification_and_none_for_segmentation():
+    assert RunConfig().class_weighting == "auto"
+    assert RunConfig().class_weight_source() == "site"
+    assert RunConfig(task="tabular", model="heart-mlp").class_weight_source() == "site"
+    assert RunConfig(task="segmentation", model="unet").class_weight_source() == "none"
+    assert RunConfig(class_weighting="none").class_weight_source() == "none"
+
+
+def test_federation_class_weighting_is_refused_until_it_exists():
+    with pytest.raises(ConfigError, match=r"'federation' is not yet available.*use 'site'"):
+        RunConfig.from_run_config({"class-weighting": "federation"})
+
+
+@pytest.mark.parametrize(
+    ("run", "match"),
+    [
+        ({"class-weighting": "sites"}, "Did you mean 'site'"),
+        ({"class-weight-max": 0.5}, "'class-weight-max'=0.5 must be >= 1"),
+        ({"augment": "heavy"}, "'augment'='heavy' must be one of"),
+        (
+            {"task": "segmentation", "model": "unet", "class-weighting": "site"},
+            "segmentation loss takes no class weights",
+        ),
+        ({"task": "segmentation", "model": "unet", "augment": "light"}, "needs task="),
+        ({"task": "tabular", "model": "heart-mlp", "augment": "light"}, "needs task="),
+    ],
+)
+def test_bad_class_weighting_or_augment_values_name_the_key(run, match):
+    with pytest.raises(ConfigError, match=match):
+        RunConfig.from_run_config(run)

@@ -79,6 +79,18 @@ def test_dp_simulation_beats_baseline_enforces_ceilings_and_cleans_up(tmp_path, 
     assert all(t["bytes-up"] > 0 for t in trained)
     # the tables printed per-round global metrics and per-site epsilon
     assert "val AUROC" in sim.stdout and "epsilon" in sim.stdout
+    # federated model selection through DP + SecAgg+: best_model.pt is the trained round
+    # the round log names (round 1's model was validated in round 2's train replies)
+    best = rounds[-1]["model-selection"]["best-round"]
+    assert best in (1, 2)
+    assert f"best model: round {best} (val-balanced-accuracy" in sim.stdout
+    ev_best = _medfed(
+        "evaluate", "--checkpoint", str(run_dir / "best_model.pt"),
+        "--data", str(pneumonia_npz), "--split", "val",
+        env=env, timeout=120,
+    )  # fmt: skip
+    assert ev_best.returncode == 0, ev_best.stderr
+    assert json.loads(ev_best.stdout)["round"] == best
     # the background SuperLink was stopped
     pids = [int(p) for p in re.findall(r"\(pid (\d+)", sim.stdout + sim.stderr)]
     assert pids, "SuperLink pid not reported"

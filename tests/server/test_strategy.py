@@ -44,3 +44,38 @@ def test_scaffold_refuses_settings_it_cannot_honour(changes, match):
 
     with pytest.raises(ConfigError, match=match):
         RunConfig(strategy="scaffold", **changes)
+
+
+def test_validation_metrics_are_weighted_by_the_sites_validation_sizes():
+    # Prepare: evaluate-in-train replies of two sites with equal training sets but
+    # different validation splits (10 and 30 images)
+    a = _reply(100, **{"train-loss": 1.0, "val-accuracy": 0.9, "val-num-examples": 10})
+    b = _reply(100, **{"train-loss": 3.0, "val-accuracy": 0.5, "val-num-examples": 30})
+    # Execute
+    out = aggregate_metrics_nan_aware([a, b], "num-examples")
+    # Assert: val-* by validation size, the rest by training size; both counts summed
+    assert out["val-accuracy"] == pytest.approx((10 * 0.9 + 30 * 0.5) / 40)
+    assert out["train-loss"] == pytest.approx(2.0)
+    assert out["val-num-examples"] == 40
+    assert out["num-examples"] == 200
+
+
+def test_evaluate_replies_weight_validation_by_their_num_examples():
+    # an evaluate reply's num-examples is its count of validation images
+    out = aggregate_metrics_nan_aware(
+        [_reply(10, **{"val-accuracy": 0.9}), _reply(30, **{"val-accuracy": 0.5})], "num-examples"
+    )
+    assert out["val-accuracy"] == pytest.approx(0.6)
+    assert "val-num-examples" not in out
+
+
+def test_a_site_that_withholds_its_validation_count_falls_back_to_num_examples():
+    # Prepare: site B's policy does not allow val-num-examples
+    a = _reply(100, **{"val-accuracy": 0.9, "val-num-examples": 10, "val-auroc": math.nan})
+    b = _reply(30, **{"val-accuracy": 0.5})
+    # Execute
+    out = aggregate_metrics_nan_aware([a, b], "num-examples")
+    # Assert: A by its 10 validation images, B by its 30 training images
+    assert out["val-accuracy"] == pytest.approx((10 * 0.9 + 30 * 0.5) / 40)
+    assert math.isnan(out["val-auroc"])
+    assert out["val-num-examples"] == 10

@@ -2,6 +2,7 @@
 
 import json
 import re
+from html import escape
 
 import numpy as np
 import pytest
@@ -144,3 +145,57 @@ def test_site_validation_takes_folded_metrics_for_the_previous_rounds_model():
     assert validated[0]["sites"] == {"7": {"val-accuracy": 0.4}}
     assert validated[1]["metrics"] == {"val-accuracy": 0.6}
     assert validated[2]["metrics"] == {"val-accuracy": 0.7}
+
+
+def _with_selection(run_dir, validated, best):
+    """Add the ServerApp's model-selection entries to the round log (server/runlog.py)."""
+    lines = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    for line, scored, best_round in zip(lines, validated, best, strict=True):
+        line["model-selection"] = {
+            "metric": "val-balanced-accuracy",
+            "goal": "max",
+            "validated": scored,
+            "best-round": best_round,
+            "best-value": None if best_round is None else 0.9,
+        }
+    (run_dir / "rounds.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+
+
+def test_end_of_run_table_and_report_say_which_round_is_the_best_model(run_dir):
+    from rich.console import Console
+
+    from simulation.summary import best_model_line, read_rounds, summary_table
+
+    # Prepare: evaluate-in-train: round r's line validated round r-1's model
+    _with_selection(
+        run_dir,
+        validated=[{}, {"0": 0.5}, {"1": 0.9}, {"2": 0.7, "3": 0.8}],
+        best=[None, 0, 1, 1],
+    )
+    rounds = read_rounds(run_dir)
+    # Execute
+    console = Console(width=250, record=True)
+    console.print(summary_table(rounds))
+    text = console.export_text()
+    html = write_run_report(run_dir).read_text()
+    # Assert: one line for the CLI and the report, a score per round and a star on round 1
+    line = best_model_line(rounds)
+    assert line == "best model: round 1 (val-balanced-accuracy 0.9000) -> best_model.pt"
+    assert "site balanced-accuracy" in text and "★" in text
+    starred = [row for row in text.splitlines() if "★" in row and row.startswith("│")]
+    assert len(starred) == 1 and starred[0].split("│")[1].strip() == "1"
+    assert "0.9000" in starred[0]
+    assert escape(line) in html
+    assert "<td>1 (best)</td>" in html
+    assert "model selection (val-balanced-accuracy)" in html
+
+
+def test_a_run_without_any_site_validation_says_there_is_no_best_model(run_dir):
+    from simulation.summary import best_model_line, read_rounds
+
+    _with_selection(run_dir, validated=[{}, {}, {}, {}], best=[None] * 4)
+    assert best_model_line(read_rounds(run_dir)).startswith("no best model")
+    # and a run logged before model selection existed shows nothing about it
+    lines = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    before = [{k: v for k, v in x.items() if k != "model-selection"} for x in lines]
+    assert best_model_line(before) is None
