@@ -20,7 +20,12 @@ Per round, from the server's round log:
 - ``bytes_up_per_site_over_4p``: model bytes each site sent / (4 x parameters).
 
 and the ratio of the designs' median overheads (``in-clientapp / workers``), measured in
-this one run. ``--secagg`` repeats both with SecAgg+ on (its four exchanges per round
+this one run. A third design, ``flower-floor``, runs a ClientApp that does nothing (it
+echoes the global model back at once): its overhead is what Flower's deployment engine
+costs per round on this machine whatever the app does (the SuperNode's idle pull
+interval, a fresh ``flwr-clientapp`` process per message, the reply's wait for the
+SuperNode's next loop), so ``workers - flower-floor`` is what medfed itself adds.
+``--secagg`` repeats both with SecAgg+ on (its four exchanges per round
 each pay the SuperNode's pull interval). The 1-minute load average is recorded: on a
 shared 2-core machine the figures move with it.
 
@@ -86,6 +91,31 @@ def evaluate(msg: Message, context: Context) -> Message:
 '''
 
 
+#: Flower's own floor: a ClientApp that does no work and replies at once.
+FLOWER_FLOOR = '''"""Benchmark floor: a ClientApp that echoes the global model back."""
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+def _echo(msg: Message, metrics: dict[str, float]) -> Message:
+    arrays = {k: v for k, v in msg.content.array_records.items()}
+    return Message(RecordDict({**arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return _echo(msg, {"num-examples": 1, "train-seconds": 0.0})
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return _echo(msg, {"num-examples": 1})
+'''
+
+
 def in_clientapp_compose(out: Path) -> Path:
     """Write a compose file for the baseline: no workers, data and state in the ClientApp."""
     compose = load_compose(COMPOSE_FILE)
@@ -105,14 +135,14 @@ def in_clientapp_compose(out: Path) -> Path:
     return out
 
 
-def in_clientapp_app(out: Path) -> Path:
-    """Copy the app with the baseline ClientApp."""
+def in_clientapp_app(out: Path, client_app: str = IN_CLIENTAPP) -> Path:
+    """Copy the app with the baseline ClientApp (or another ``client/app.py`` source)."""
     out.mkdir(parents=True)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(PROJECT_ROOT / name, out / name)
     for pkg in ("common", "client", "server", "simulation"):
         shutil.copytree(PROJECT_ROOT / pkg, out / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    (out / "client" / "app.py").write_text(IN_CLIENTAPP)
+    (out / "client" / "app.py").write_text(client_app)
     return out
 
 
@@ -140,7 +170,7 @@ def summarise(rounds: list[dict[str, Any]], n_params: int) -> dict[str, Any]:
                 {"round": r["round"], "error": r.get("error"), "failed": train["failed"]}
             )
             continue
-        slowest = max(seconds)
+        slowest = max(max(seconds), 1e-3)  # the floor's no-op app reports 0 s
         replied = len(train["replied"])
         per_round.append(
             {
@@ -184,11 +214,15 @@ def main() -> None:
         root = Path(tmp)
         baseline_compose = in_clientapp_compose(root / "compose-in-clientapp.yml")
         baseline_app = in_clientapp_app(root / "app-in-clientapp")
+        floor_app = in_clientapp_app(root / "app-flower-floor", FLOWER_FLOOR)
         for secagg in settings:
-            for design, compose, app_dir in (
+            designs = [
                 ("workers", COMPOSE_FILE, PROJECT_ROOT),
                 ("in-clientapp", baseline_compose, baseline_app),
-            ):
+            ]
+            if not secagg:  # the echo app cannot speak SecAgg+
+                designs.append(("flower-floor", baseline_compose, floor_app))
+            for design, compose, app_dir in designs:
                 label = f"{design}{'-secagg' if secagg else ''}"
                 deploy_dir = root / label
                 prepare_credentials(deploy_dir, num_sites=3)
@@ -221,6 +255,7 @@ def main() -> None:
         )
         for secagg in settings
     }
+    floor = results["flower-floor"]["median_overhead_seconds"]
     result = {
         "benchmark": "round_overhead",
         "engine": "deployment (SuperLink + 3 SuperNodes, process isolation, TLS, node auth)",
@@ -230,6 +265,10 @@ def main() -> None:
         "dp": True,
         "designs": results,
         "overhead_ratio_in_clientapp_over_workers": ratios,
+        "flower_floor_median_overhead_seconds": floor,
+        "medfed_added_median_overhead_seconds": round(
+            results["workers"]["median_overhead_seconds"] - floor, 3
+        ),
         "targets": {"workers_median_overhead_seconds_plain": 6.0},
         "load_average_1min": os.getloadavg()[0],
         "cpus": os.cpu_count(),
