@@ -699,6 +699,55 @@ class NodeConfig:
         )
 
 
+def read_toml_file(path: Path, *, name: str, max_bytes: int, hint: str) -> dict[str, Any]:
+    """Read a small TOML file a user names, with a clear error for every way it can fail.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The file.
+    name : str
+        How the messages call it (e.g. ``"--config"``, ``"site policy file"``).
+    max_bytes : int
+        Largest accepted size, checked before reading.
+    hint : str
+        What to do instead, appended to the messages (e.g. how to write a default).
+
+    Returns
+    -------
+    dict[str, Any]
+        The parsed TOML document (``tomllib``).
+
+    Raises
+    ------
+    ConfigError
+        If the file does not exist, cannot be read, is not a regular file, is larger
+        than ``max_bytes``, is not UTF-8 text or is not valid TOML.
+
+    """
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"{name} {path}: no such file; {hint}.") from None
+    except OSError as exc:
+        raise ConfigError(f"{name} {path}: cannot read it ({exc.strerror}).") from None
+    if not path.is_file():
+        raise ConfigError(f"{name} {path} is not a regular file; {hint}.")
+    if st.st_size > max_bytes:
+        raise ConfigError(
+            f"{name} {path} is {st.st_size} bytes, above the {max_bytes} byte limit; "
+            "is it the right file?"
+        )
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name} {path} is not UTF-8 text; {hint}.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{name} {path} is not valid TOML: {exc}. Fix that line.") from None
+    except OSError as exc:
+        raise ConfigError(f"{name} {path}: cannot read it ({exc.strerror}).") from None
+
+
 def load_config_file(path: Path, *, option: str = "--config") -> dict[str, Any]:
     """Read a TOML file of run-config keys given on the command line.
 
@@ -717,36 +766,15 @@ def load_config_file(path: Path, *, option: str = "--config") -> dict[str, Any]:
     Raises
     ------
     ConfigError
-        If the file does not exist, is not a regular file, is larger than
-        :data:`MAX_CONFIG_FILE_BYTES`, is not UTF-8 text or is not valid TOML.
+        As :func:`read_toml_file`, with at most :data:`MAX_CONFIG_FILE_BYTES`.
 
     """
-    example = "e.g. a file with the line  local-epochs = 2"
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{option} {path}: no such file; pass a TOML file of run-config keys ({example})."
-        ) from None
-    except OSError as exc:
-        raise ConfigError(f"{option} {path}: cannot read it ({exc.strerror}).") from None
-    if not path.is_file():
-        raise ConfigError(f"{option} {path} is not a regular file; pass a TOML file ({example}).")
-    if st.st_size > MAX_CONFIG_FILE_BYTES:
-        raise ConfigError(
-            f"{option} {path} is {st.st_size} bytes, above the {MAX_CONFIG_FILE_BYTES} byte "
-            "limit for a run-config file; is it the right file?"
-        )
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(
-            f"{option} {path} is not UTF-8 text; pass a TOML file of run-config keys ({example})."
-        ) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{option} {path} is not valid TOML: {exc}. Fix that line.") from None
-    except OSError as exc:
-        raise ConfigError(f"{option} {path}: cannot read it ({exc.strerror}).") from None
+    return read_toml_file(
+        path,
+        name=option,
+        max_bytes=MAX_CONFIG_FILE_BYTES,
+        hint="pass a TOML file of run-config keys (e.g. a file with the line  local-epochs = 2)",
+    )
 
 
 def check_writable_dir(

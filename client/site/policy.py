@@ -58,13 +58,12 @@ import numbers
 import os
 import re
 import textwrap
-import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config import TASKS, RunConfig
+from common.config import TASKS, RunConfig, read_toml_file
 from common.errors import ConfigError, MedfedError, did_you_mean
 from common.models import list_models
 from common.replies import ReplyCode, fixed_reason
@@ -627,33 +626,12 @@ class SitePolicy:
             type or value; the message names the file, the key, the rule and the fix.
         """
         p = Path(path)
-        try:
-            st = p.stat()
-        except FileNotFoundError:
-            raise ConfigError(
-                f"site policy file {p} not found; write a commented default with "
-                f"`medfed site policy init {p}` and edit it."
-            ) from None
-        except OSError as exc:
-            raise ConfigError(f"cannot read site policy file {p}: {exc.strerror}") from None
-        if not p.is_file():
-            raise ConfigError(f"site policy {p} is not a regular file; point --policy at one.")
-        if st.st_size > MAX_POLICY_BYTES:
-            raise ConfigError(
-                f"site policy file {p} is {st.st_size} bytes, above the {MAX_POLICY_BYTES} "
-                "limit; a policy is a few kilobytes: is this the right file?"
-            )
-        try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise ConfigError(f"site policy file {p} is not UTF-8 text.") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(
-                f"site policy file {p} is not valid TOML: {exc}. Fix that line "
-                f"(`medfed site policy check {p}` re-checks)."
-            ) from None
-        except OSError as exc:
-            raise ConfigError(f"cannot read site policy file {p}: {exc.strerror}") from None
+        data = read_toml_file(
+            p,
+            name="site policy file",
+            max_bytes=MAX_POLICY_BYTES,
+            hint=f"write a commented default with `medfed site policy init {p}` and edit it",
+        )
         try:
             policy = cls.from_dict(data)
         except ConfigError as exc:
