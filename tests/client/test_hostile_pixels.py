@@ -386,19 +386,26 @@ def test_an_honest_image_over_the_budget_is_too_large_in_ingest(
     assert decoded_rows == [int(pydicom.dcmread(ct_file).Rows)]
 
 
+def _refused_with_peak(fn: Any) -> tuple[Any, int]:
+    """Run ``fn``, which must raise :class:`UnusableInputError`; the error and the peak
+    bytes Python allocated meanwhile (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(UnusableInputError) as info:
+            fn()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return info, peak
+
+
 def test_deflate_bomb_is_too_large_without_inflating_it(ct_file: Path) -> None:
     # Prepare: a normal image whose deflated data set inflates to 32 MiB
     bomb = to_bytes(with_padding(crafted(ct_file), 32 * MIB), deflate=True)
     assert len(bomb) < MIB
     budget = ByteBudget(limit=4 * MIB)
     # Execute
-    tracemalloc.start()
-    try:
-        with pytest.raises(UnusableInputError) as info:
-            parse_dataset(bomb, budget=budget)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    info, peak = _refused_with_peak(lambda: parse_dataset(bomb, budget=budget))
     # Assert: refused while measuring; pydicom never inflated it
     assert info.value.reason is Reason.TOO_LARGE
     assert "inflated" in info.value.detail
@@ -444,13 +451,7 @@ def test_gzip_bomb_is_too_large_and_decompresses_no_more_than_the_budget(
     path.write_bytes(gzip_bomb(ct_file.read_bytes(), 64 * MIB))
     # Execute
     budget = ByteBudget(limit=4 * MIB)
-    tracemalloc.start()
-    try:
-        with pytest.raises(UnusableInputError) as info:
-            load_bytes(path, budget=budget)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    info, peak = _refused_with_peak(lambda: load_bytes(path, budget=budget))
     # Assert: measured in 1 MiB pieces, thrown away: the 64 MiB never exist
     assert info.value.reason is Reason.TOO_LARGE
     assert "gunzipped" in info.value.detail

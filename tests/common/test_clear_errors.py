@@ -30,6 +30,7 @@ from common.errors import ConfigError, DataError
 from common.models import get_model
 from simulation.cli import register as register_research
 from simulation.deploy_cli import register as register_deploy
+from tests.cli_errors import assert_refused
 
 runner = CliRunner()
 
@@ -52,18 +53,6 @@ APP = _app()
 
 def _run(*args: str) -> Result:
     return runner.invoke(APP, list(args))
-
-
-def _refused(result: Result, *phrases: str) -> None:
-    """A clear error: non-zero exit, no exception escaped, each phrase in the message."""
-    assert result.exit_code != 0, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
-        result.exception
-    )
-    assert "Traceback" not in result.output
-    text = " ".join(result.output.split())
-    for phrase in phrases:
-        assert phrase in text, text
 
 
 # ---------------------------------------------------------------- medfed evaluate
@@ -140,7 +129,7 @@ def test_evaluate_refuses_a_malformed_checkpoint_before_building_the_model(
     # Execute
     result = _evaluate(tmp_path / "bad.pt", tmp_path)
     # Assert
-    _refused(result, message)
+    assert_refused(result, message)
 
 
 def _bomb(path: Path, inflated: int) -> None:
@@ -174,7 +163,7 @@ def test_evaluate_refuses_an_archive_that_inflates_before_torch_load(
     # Execute
     result = _evaluate(tmp_path / "bomb.pt", tmp_path)
     # Assert
-    _refused(result, "inflates from", "to 314572800 bytes", "torch.save does not compress")
+    assert_refused(result, "inflates from", "to 314572800 bytes", "torch.save does not compress")
 
 
 def test_declared_size_above_the_limit_is_refused(
@@ -241,7 +230,7 @@ def test_simulate_config_file_problems_are_clear_errors(
     # Execute
     result = _run("simulate", "--run-dir", str(tmp_path / "run"), "--config", str(config))
     # Assert: nothing started, nothing written
-    _refused(result, message)
+    assert_refused(result, message)
     assert not (tmp_path / "run").exists()
 
 
@@ -262,7 +251,7 @@ def test_run_dir_under_a_regular_file_is_refused_before_any_work(
     # Execute
     result = _run("simulate", "--data-dir", str(shared_data_dir), "--run-dir", str(blocker / "run"))
     # Assert
-    _refused(result, "run directory", "is not a directory; choose another --run-dir")
+    assert_refused(result, "run directory", "is not a directory; choose another --run-dir")
     assert blocker.read_text() == "not a folder"
 
 
@@ -282,7 +271,7 @@ def test_run_dir_in_a_read_only_folder_is_refused_before_any_work(
             "simulate", "--data-dir", str(shared_data_dir), "--run-dir", str(parent / "run")
         )
         # Assert
-        _refused(result, "is not writable", "--run-dir")
+        assert_refused(result, "is not writable", "--run-dir")
         assert not (parent / "run").exists()
     finally:
         parent.chmod(0o700)
@@ -321,10 +310,10 @@ def test_deploy_local_checks_its_folder_and_run_config_before_any_work(tmp_path:
     blocker.write_text("x")
     # Execute / Assert: a folder that cannot be created
     result = _run("deploy-local", "--deploy-dir", str(blocker / "deploy"))
-    _refused(result, "deployment folder", "is not a directory")
+    assert_refused(result, "deployment folder", "is not a directory")
     # Execute / Assert: a quorum that no round could reach, refused before keys or data
     result = _run("deploy-local", "--deploy-dir", str(tmp_path / "d"), "--min-replies", "5")
-    _refused(result, "'min-replies'=5 exceeds 'min-sites'=3")
+    assert_refused(result, "'min-replies'=5 exceeds 'min-sites'=3")
     assert not (tmp_path / "d").exists()
 
 
@@ -362,7 +351,7 @@ def test_budget_forecast_refuses_out_of_range_plans(args: list[str], message: st
     # Execute
     result = _run("budget", "forecast", "--examples", "3000", *args)
     # Assert
-    _refused(result, message)
+    assert_refused(result, message)
 
 
 def test_budget_forecast_of_the_longest_plan_shows_sampled_rounds() -> None:
@@ -421,7 +410,7 @@ def test_simulate_refuses_a_huge_seed_before_any_work(
         "--seed",
         str(2**62),
     )
-    _refused(result, "config key 'seed'")
+    assert_refused(result, "config key 'seed'")
     assert not (tmp_path / "run").exists()
 
 
@@ -452,7 +441,7 @@ def test_simulate_refuses_a_bad_project_before_any_site_is_written(
         "--set",
         'project="study \\"x\\""',
     )
-    _refused(result, "config key 'project'", "must be 1-64 letters, digits")
+    assert_refused(result, "config key 'project'", "must be 1-64 letters, digits")
     assert not (tmp_path / "run").exists()
 
 

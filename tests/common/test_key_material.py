@@ -29,6 +29,7 @@ from common.tls import (
     write_node_keys,
 )
 from server.cli import register as register_certs
+from tests.cli_errors import assert_refused
 
 runner = CliRunner()
 SECRET = b"outside file that must never change\n"
@@ -48,18 +49,6 @@ def _app() -> typer.Typer:
 
 def _run(*args: str) -> Result:
     return runner.invoke(_app(), list(args))
-
-
-def _refused(result: Result, *phrases: str) -> None:
-    """A clear error: non-zero exit, no exception escaped, each phrase in the message."""
-    assert result.exit_code != 0, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
-        result.exception
-    )
-    assert "Traceback" not in result.output
-    text = " ".join(result.output.split())
-    for phrase in phrases:
-        assert phrase in text, text
 
 
 def _owned_dir(path: Path) -> Path:
@@ -118,7 +107,7 @@ def test_symlink_at_the_destination_is_refused_and_its_target_untouched(
     # Execute
     result = _run("certs", str(out), *(["--force"] if force else []))
     # Assert: nothing written, the link and its target as they were
-    _refused(result, "symbolic link", "refusing to write key material")
+    assert_refused(result, "symbolic link", "refusing to write key material")
     assert outside.read_bytes() == SECRET
     assert not (outside.parent / "not-yet.txt").exists()
     assert (out / CA_KEY).is_symlink()
@@ -131,7 +120,7 @@ def test_site_name_escaping_the_folder_is_refused(tmp_path: Path) -> None:
     # Execute
     result = _run("certs", str(out), "--site", "../../x")
     # Assert: a clear error, nothing written anywhere
-    _refused(result, "--site '../../x' is not a valid SuperNode name", "no '/' and no '..'")
+    assert_refused(result, "--site '../../x' is not a valid SuperNode name", "no '/' and no '..'")
     assert not (tmp_path / "a" / "x.key").exists()
     assert not out.exists()
 
@@ -178,7 +167,7 @@ def test_folder_that_is_a_symlink_is_refused(tmp_path: Path, command: list[str])
     # Execute
     result = _run(*command, str(link))
     # Assert
-    _refused(result, "is a symbolic link")
+    assert_refused(result, "is a symbolic link")
     assert list(real.iterdir()) == []
 
 
@@ -194,7 +183,7 @@ def test_folder_writable_by_others_is_refused(
     # Execute
     result = _run(*command, str(out))
     # Assert
-    _refused(result, "writable by group or others", "chmod go-w")
+    assert_refused(result, "writable by group or others", "chmod go-w")
     assert list(out.iterdir()) == []
 
 
@@ -207,7 +196,7 @@ def test_folder_owned_by_someone_else_is_refused(tmp_path: Path, command: list[s
     # Execute
     result = _run(*command, str(out))
     # Assert
-    _refused(result, "is owned by uid 4242, not by you")
+    assert_refused(result, "is owned by uid 4242, not by you")
     assert list(out.iterdir()) == []
 
 
