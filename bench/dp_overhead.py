@@ -11,7 +11,7 @@ Both phases run with the allocator settings training uses
 (``common.host_memory.keep_training_buffers_in_heap``, called by ``train_epochs``);
 without them glibc unmaps DP-SGD's per-step buffers and the DP step time turns bimodal.
 
-Writes ``bench/results/dp_overhead.json``. Targets on CPU: CNN step-time ratio <= 2.0
+Writes ``bench/results/dp_overhead.json`` (``dp_overhead_cuda.json`` on a GPU). Targets on CPU: CNN step-time ratio <= 2.0
 (issue 4); U-Net <= 2.5 and GRU <= 4.0 (issue 7). Segmentation models train on random
 masks with their task's loss (Dice + CE); the GRU/LSTM non-DP baseline is the same model
 built with ``torch.nn.GRU`` / ``LSTM`` (``dp_layers=False``), the DP run uses Opacus's
@@ -157,13 +157,21 @@ def main() -> None:
         default=None,
         help="subset of registered models; their results are merged into the existing JSON",
     )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON to write (default bench/results/dp_overhead.json on CPU, "
+        "bench/results/dp_overhead_cuda.json on CUDA)",
+    )
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out: Path = args.out or (OUT if device.type == "cpu" else OUT.with_name("dp_overhead_cuda.json"))
     warnings.simplefilter("ignore")
     allocator_tuned = keep_training_buffers_in_heap()
     results = {}
-    if args.models and OUT.exists():
-        results = json.loads(OUT.read_text()).get("models", {})
+    if args.models and out.exists():
+        results = json.loads(out.read_text()).get("models", {})
     for name in args.models or list_models():
         plain = _setup(name, dp=False, batch_size=args.batch_size, device=device)
         private = _setup(name, dp=True, batch_size=args.batch_size, device=device)
@@ -198,13 +206,14 @@ def main() -> None:
             else "spawned child RSS growth from the built model over the steps (1 ms sampling)",
         }
         print(name, json.dumps(results[name], indent=1))
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
         json.dumps(
             {
                 "benchmark": "dp_overhead",
                 "device": str(device),
                 "torch": torch.__version__,
+                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                 "machine": platform.machine(),
                 "threads": torch.get_num_threads(),
                 "batch_size": args.batch_size,
@@ -226,7 +235,7 @@ def main() -> None:
         )
         + "\n"
     )
-    print(f"wrote {OUT}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
