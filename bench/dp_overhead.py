@@ -11,10 +11,11 @@ Both phases run with the allocator settings training uses
 (``common.host_memory.keep_training_buffers_in_heap``, called by ``train_epochs``);
 without them glibc unmaps DP-SGD's per-step buffers and the DP step time turns bimodal.
 
-Writes ``bench/results/dp_overhead.json`` (``dp_overhead_cuda.json`` on a GPU). Targets on CPU: CNN step-time ratio <= 2.0
-(issue 4); U-Net <= 2.5 and GRU <= 4.0 (issue 7). Segmentation models train on random
-masks with their task's loss (Dice + CE); the GRU/LSTM non-DP baseline is the same model
-built with ``torch.nn.GRU`` / ``LSTM`` (``dp_layers=False``), the DP run uses Opacus's
+Writes ``bench/results/dp_overhead.json`` (on a GPU: ``dp_overhead_cuda.json``).
+Targets on CPU: CNN step-time ratio <= 2.0 (issue 4); U-Net <= 2.5 and GRU <= 4.0
+(issue 7). Segmentation models train on random masks with their task's loss
+(Dice + CE); the GRU/LSTM non-DP baseline is the same model built with
+``torch.nn.GRU`` / ``LSTM`` (``dp_layers=False``), the DP run uses Opacus's
 ``DPGRU`` / ``DPLSTM``.
 
 Usage: python bench/dp_overhead.py [--batch-size 32] [--blocks 10] [--steps 5] [--models cnn ...]
@@ -166,7 +167,9 @@ def main() -> None:
     )
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out: Path = args.out or (OUT if device.type == "cpu" else OUT.with_name("dp_overhead_cuda.json"))
+    out: Path = args.out or (
+        OUT if device.type == "cpu" else OUT.with_name("dp_overhead_cuda.json")
+    )
     warnings.simplefilter("ignore")
     allocator_tuned = keep_training_buffers_in_heap()
     results = {}

@@ -9,13 +9,16 @@ reply to                        records it carries, exactly
 ==============================  ===========================================================
 ``train``, no SecAgg+           ``arrays`` (the model's ``state_dict`` spec) + ``metrics``
                                 (+ ``scaffold-dc``, the trainable parameters' spec, only
-                                with ``strategy = scaffold``)
+                                with ``strategy = scaffold``; + ``medfed.secure-sum``,
+                                validation score-histogram counts, only when
+                                ``common.secure_sum.spec`` names them)
 ``train``, ``advertise-keys``   ``secagg`` (public keys, seed commitment) + ``metrics``
 ``train``, ``share-keys``       ``secagg`` (ciphertexts to the request's neighbours)
 ``train``, ``masked-input``     ``masked`` (one ``uint32`` vector of the model's float
-                                length) + ``secagg`` (peers, a subset of the request's)
+                                length plus the secure-sum entries) + ``secagg`` (peers,
+                                a subset of the request's)
 ``train``, ``unmask``           ``secagg`` (shares of the request's survivors / dropped)
-``evaluate``                    ``metrics``
+``evaluate``                    ``metrics`` (+ ``medfed.secure-sum`` without SecAgg+)
 ==============================  ===========================================================
 
 ``metrics`` holds exactly names of the message type's table (``common.wire``: train
@@ -59,8 +62,9 @@ from flwr.app import (
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
-from common import wire
+from common import secure_sum, wire
 from common.config import RunConfig
+from common.errors import DataError
 from common.models import get_model
 from common.records import expected_spec
 from common.replies import ReplyCode, fixed_reason, parse_reason
@@ -169,6 +173,27 @@ def _arrays_check(spec: wire.ArraySpec, name: str) -> RecordCheck:
 
 def _metrics_check(rules: wire.MetricRules, allowed: frozenset[str] | None) -> RecordCheck:
     return lambda record: wire.check_metrics(record, rules, allowed=allowed)
+
+
+def _secure_sum_check(run: RunConfig, *, only: str | None = None) -> RecordCheck:
+    """Check the :mod:`common.secure_sum` record: exactly its arrays, finite counts >= 0.
+
+    ``only``: the one array of the run's layout the reply may hold (an evaluate reply
+    carries the score histogram alone).
+    """
+    run_spec = secure_sum.spec(run)
+    if only is not None:
+        run_spec = {only: run_spec[only]}
+    arrays_spec = {k: (shape, secure_sum.DTYPE) for k, shape in run_spec.items()}
+
+    def check(record: Any) -> None:
+        wire.check_arrays(record, arrays_spec, name=secure_sum.RECORD)
+        try:
+            secure_sum.check_counts({k: v.numpy() for k, v in record.items()}, run_spec)
+        except DataError as exc:
+            raise EgressRefused(wire.ARRAY_SPEC, str(exc)) from None
+
+    return check
 
 
 # ------------------------------------------------------ secure-aggregation records
@@ -296,6 +321,8 @@ def reply_schema(
             task=run.task, num_classes=run.num_classes, faults=_faults_on(run)
         )
         checks = {wire.METRICS_RECORD: _metrics_check(rules, allowed_metrics)}
+        if secure_sum.SCORE_HISTOGRAM in secure_sum.spec(run) and not run.secagg_enabled:
+            checks[secure_sum.RECORD] = _secure_sum_check(run, only=secure_sum.SCORE_HISTOGRAM)
         return ReplySchema(checks, frozenset({wire.METRICS_RECORD}))
     if message_type != MessageType.TRAIN:
         raise EgressRefused(wire.MESSAGE_TYPE, "no reply schema for this message type")
@@ -322,6 +349,8 @@ def reply_schema(
                 checks[SCAFFOLD_DELTA_RECORD] = PROTOCOL_RECORDS[SCAFFOLD_DELTA_RECORD](
                     run, None, None
                 )
+            if secure_sum.spec(run):
+                checks[secure_sum.RECORD] = _secure_sum_check(run)
             return ReplySchema(checks, frozenset({wire.MODEL_RECORD, wire.METRICS_RECORD}))
         checks = {
             name: PROTOCOL_RECORDS[name](run, stage, secagg_request)

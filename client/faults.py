@@ -12,8 +12,9 @@ common/config.py):
     generator seeded with ``(seed, round, partition-id)``, so a run is reproducible): the
     site does not train and answers ``ErrorCode.NODE_UNAVAILABLE`` with reason
     ``"injected fault: dropout"``; the round log lists it under ``dropped``.
-``faults.slow-site`` = i, ``faults.slow-seconds`` = s
-    site ``i`` sleeps ``s`` seconds before training every round (a slow hospital); the
+``faults.slow-site`` = i, ``faults.slow-seconds`` = s, ``faults.slow-round`` = r
+    from round ``r`` on (default 1), site ``i`` sleeps ``s`` seconds before training
+    every round (a slow hospital; past ``round-timeout`` it is late and left out); the
     delay shows in the round's wall time and in the ``fault-delay-seconds`` train metric
     (every site of a run with faults reports it, 0 when not delayed).
 ``faults.crash-site`` = i, ``faults.crash-round`` = r
@@ -21,7 +22,20 @@ common/config.py):
     raises :class:`InjectedFault`, Flower answers the server with an error whose reason
     contains ``"injected fault: crash"``, and the round log lists it under ``failed``.
 
-A round still aggregates while ``min-replies`` sites reply (server/quorum.py).
+``faults.drop-site`` = i, ``faults.drop-stage`` = stage
+    secure aggregation only: every round, site ``i`` stops answering at SecAgg+ stage
+    ``stage`` (``advertise-keys``, ``share-keys``, ``masked-input`` or ``unmask``): it
+    forgets the round's secrets and answers ``ErrorCode.NODE_UNAVAILABLE`` with reason
+    ``"injected fault: dropout"``, as the SuperLink does for a node it lost. At
+    ``unmask`` the site has already sent its masked input, so its update stays in the
+    sum (its self-mask is rebuilt from the other sites' shares; Bonawitz et al., CCS
+    2017, section 4); at an earlier stage it leaves the round. ``secagg.jsonl``
+    (server/secagg.py) names the stage. This is :func:`stage_fault_injection`, a mod
+    *outside* ``client/secagg_mod.py`` (the later stages never reach the train
+    handler); the other faults are :func:`fault_injection`, inside it, around training.
+
+A round still aggregates while ``min-replies`` sites reply (server/quorum.py), and a
+secure round while enough sites survive each stage (server/secagg.py).
 """
 
 from __future__ import annotations
@@ -35,7 +49,8 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
 from common.config import NodeConfig, RunConfig
-from common.errors import MedfedError
+from common.errors import ConfigError, MedfedError
+from common.secagg.params import RECORD as SECAGG_RECORD
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +84,57 @@ def drops_out(*, probability: float, seed: int, server_round: int, partition_id:
     return bool(rng.random() < probability)
 
 
+def _virtual_site(context: Context) -> tuple[int, RunConfig] | None:
+    """Return a virtual site's partition id and run config; None for a real site."""
+    pid = context.node_config.get("partition-id")
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        return None
+    if NodeConfig.from_node_config(context.node_config).dataset_dir is not None:
+        return None  # a real site's data: never inject
+    return pid, RunConfig.from_run_config(context.run_config)
+
+
+def stage_fault_injection(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower client mod, outside ``secagg_mod``: ``faults.drop-site`` stops at its stage.
+
+    Acts only on ``train`` messages of a SecAgg+ stage at a virtual site of a simulation
+    (see the module docstring); everything else goes to ``call_next`` unchanged.
+
+    Returns
+    -------
+    flwr.app.Message
+        ``call_next``'s reply, or, for ``faults.drop-site`` at ``faults.drop-stage``, an
+        ``ErrorCode.NODE_UNAVAILABLE`` reply with reason :data:`REASON_DROPOUT` (the
+        site's round state is wiped first: a site that went away keeps nothing).
+
+    """
+    if msg.metadata.message_type != MessageType.TRAIN or not msg.has_content():
+        return call_next(msg, context)
+    record = msg.content.config_records.get(SECAGG_RECORD)
+    if record is None:
+        return call_next(msg, context)
+    try:
+        site = _virtual_site(context)
+    except ConfigError:
+        return call_next(msg, context)  # the site service refuses a bad config itself
+    if site is None:
+        return call_next(msg, context)
+    pid, run = site
+    if pid != run.faults_drop_site or record.get("stage") != run.faults_drop_stage:
+        return call_next(msg, context)
+    from client.secagg_mod import SiteSecAggState  # the mod this one wraps
+
+    SiteSecAggState().save(context, drop_delta=True)
+    log.warning(
+        "round %s: %s at secagg stage %s (site %d)",
+        record.get("round"),
+        REASON_DROPOUT,
+        run.faults_drop_stage,
+        pid,
+    )
+    return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=REASON_DROPOUT), reply_to=msg)
+
+
 def fault_injection(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower client mod: inject the run config's ``faults.*`` (simulation only).
 
@@ -83,20 +149,20 @@ def fault_injection(msg: Message, context: Context, call_next: ClientAppCallable
         When this site is the crash site and the round is >= ``faults.crash-round``.
 
     """
-    pid = context.node_config.get("partition-id")
-    if msg.metadata.message_type != MessageType.TRAIN or not isinstance(pid, int):
+    if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)
-    run = RunConfig.from_run_config(context.run_config)
-    node = NodeConfig.from_node_config(context.node_config)
-    if node.dataset_dir is not None:  # a real site's data: never inject
+    site = _virtual_site(context)
+    if site is None:
         return call_next(msg, context)
+    pid, run = site
     server_round = int(str(msg.content.config_records["config"].get("server-round", 0)))
     if drops_out(
         probability=run.faults_dropout, seed=run.seed, server_round=server_round, partition_id=pid
     ):
         log.warning("round %d: %s (site %d)", server_round, REASON_DROPOUT, pid)
         return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=REASON_DROPOUT), reply_to=msg)
-    delay = run.faults_slow_seconds if pid == run.faults_slow_site else 0.0
+    slow = pid == run.faults_slow_site and server_round >= run.faults_slow_round
+    delay = run.faults_slow_seconds if slow else 0.0
     if delay > 0:
         log.warning("round %d: injected fault: slow site %d (+%.1f s)", server_round, pid, delay)
         time.sleep(delay)

@@ -50,8 +50,9 @@ from flwr.app import (
 from flwr.clientapp.typing import ClientAppCallable
 from numpy.typing import NDArray
 
+from common import secure_sum
 from common.config import RunConfig
-from common.errors import ConfigError
+from common.errors import ConfigError, DataError
 from common.secagg import crypto
 from common.secagg.encoding import (
     Layout,
@@ -203,7 +204,10 @@ def advertise_keys(
     global_arrays : ArrayRecord
         The global model the site received.
     params : SecAggParams
-        The run's secure-aggregation settings (clip range).
+        The run's secure-aggregation settings (clip range, secure sums). The train
+        reply's :data:`common.secure_sum.RECORD` (zeros if it has none this round) is
+        appended to the delta as ``counts / (num-examples * SCALE)``, so the unmasked
+        weighted mean reveals only their sum over sites (``params.sum_spec``).
 
     Returns
     -------
@@ -219,9 +223,14 @@ def advertise_keys(
         ``num-examples``, or a non-float array changed.
 
     """
-    if len(train_reply.array_records) != 1 or len(train_reply.metric_records) != 1:
+    sum_spec = params.sum_spec
+    model_records = [k for k in train_reply.array_records if k != secure_sum.RECORD]
+    sums = train_reply.array_records.get(secure_sum.RECORD)
+    if len(model_records) != 1 or len(train_reply.metric_records) != 1:
         raise SecAggProtocolError("train reply must hold one ArrayRecord and one MetricRecord")
-    trained = next(iter(train_reply.array_records.values()))
+    if sums is not None and not sum_spec:
+        raise SecAggProtocolError("train reply holds a secure-sum record the run does not use")
+    trained = train_reply.array_records[model_records[0]]
     metrics_name, metrics = next(iter(train_reply.metric_records.items()))
     weight = metrics.get(WEIGHT_KEY)
     if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0:
@@ -231,6 +240,15 @@ def advertise_keys(
     delta = flat_delta(
         trained={k: v.numpy() for k, v in trained.items()}, global_state=global_np, layout=layout
     )
+    try:
+        extra = secure_sum.to_masked(
+            None if sums is None else {k: v.numpy() for k, v in sums.items()},
+            sum_spec,
+            weight=float(weight),
+        )
+    except DataError as exc:
+        raise SecAggProtocolError(f"secure-sum record: {exc}") from None
+    delta = np.concatenate([delta, extra])
     check_clip_range(delta, clip_range=params.clip_range)
     state = SiteSecAggState(
         stage=ADVERTISE,

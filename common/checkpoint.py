@@ -7,14 +7,16 @@ A checkpoint is a ``torch.save`` file of plain containers and tensors (loadable 
      "model": "cnn", "model-kwargs": {...}, "task": "classification",
      "label-names": [...] or [], "round": int, "run-config": {...},
      "metrics": {...}, "state-dict": {name: tensor},
-     "selected-round": int or None, "selection-metric": str or None}
+     "selected-round": int or None, "selection-metric": str or None,
+     "operating-point": {...} or None}
 
 ``selected-round`` and ``selection-metric`` mark a model chosen by federated model
 selection (``best_model.pt``, server/selection.py): the round whose global model scored
 best on the sites' aggregated validation, and the metric it was chosen by (``metrics``
 then holds that round's aggregated ``val-*`` metrics). They are ``None`` in other
 checkpoints and absent from checkpoints written before model selection existed, which
-still load.
+still load. ``operating-point`` is the decision threshold of a binary classifier chosen on
+the sites' pooled validation (common/operating_point.py), or ``None`` (argmax).
 
 Anyone can rebuild the model from the file alone with :func:`load_checkpoint`.
 
@@ -46,6 +48,7 @@ from torch import nn
 from common.config import MAX_NUM_CLASSES, TASKS
 from common.errors import DataError, DataNotFoundError, MedfedError, ModelError
 from common.models import check_model_name, get_model, get_spec
+from common.operating_point import OperatingPoint
 from common.records import check_state, expected_spec
 
 FORMAT = "medfed-checkpoint"
@@ -87,6 +90,7 @@ FIELDS: dict[str, str] = {
     "state-dict": "a table of tensors",
     "selected-round": "None, or the integer 'round' (the round model selection chose)",
     "selection-metric": "None, or a metric name such as 'val-balanced-accuracy'",
+    "operating-point": "None, or a table with 'threshold' in [0, 1], 'method', ...",
 }
 #: What a ``selection-metric`` may look like (a metric key, e.g. ``val-loss``).
 METRIC_NAME_RE = re.compile(r"[a-z0-9][a-z0-9.\-]{0,63}")
@@ -108,6 +112,9 @@ class Checkpoint:
     selected_round: int | None = None
     #: ``best_model.pt``: the metric it was chosen by (``val-balanced-accuracy``...).
     selection_metric: str | None = None
+    #: The decision threshold chosen on federated validation
+    #: (:meth:`common.operating_point.OperatingPoint.as_dict`); None: argmax (0.5).
+    operating_point: dict[str, Any] | None = None
 
     def build_model(self) -> nn.Module:
         """Instantiate the registered model and load the weights (strict, checked).
@@ -152,6 +159,7 @@ def save_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> Path:
         "state-dict": {k: v.detach().cpu().contiguous() for k, v in ckpt.state_dict.items()},
         "selected-round": None if ckpt.selected_round is None else int(ckpt.selected_round),
         "selection-metric": ckpt.selection_metric,
+        "operating-point": None if ckpt.operating_point is None else dict(ckpt.operating_point),
     }
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     torch.save(payload, tmp)
@@ -360,6 +368,12 @@ def _parse(raw: Any, p: Path) -> Checkpoint:
     if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 0:
         raise _bad(p, "round", rnd)
     selected_round, selection_metric = _selection(raw, p, rnd)
+    operating_point = raw.get("operating-point")  # absent before operating points existed
+    if operating_point is not None:
+        try:
+            operating_point = OperatingPoint.from_dict(operating_point).as_dict()
+        except DataError as exc:
+            raise DataError(f"{p}: field 'operating-point': {exc}") from None
     try:
         check_model_kwargs(model, kwargs)
         spec_task = get_spec(model).task
@@ -382,6 +396,7 @@ def _parse(raw: Any, p: Path) -> Checkpoint:
         metrics={k: float(v) for k, v in metrics.items()},
         selected_round=selected_round,
         selection_metric=selection_metric,
+        operating_point=operating_point,
     )
 
 

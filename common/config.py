@@ -217,7 +217,8 @@ class RunConfig:
             "class-weighting",
             "class-weighted cross-entropy: 'auto' ('site' for classification, 'none' for "
             "segmentation), 'none', 'site' (inverse frequency of the site's own training "
-            "labels) or 'federation' (not yet available)",
+            "labels) or 'federation' (of the federation's label counts, summed before round "
+            "1 without any site revealing its own: under SecAgg+ when it is on)",
             _one_of(*CLASS_WEIGHTINGS),
         ),
     )
@@ -253,6 +254,43 @@ class RunConfig:
             "(val-balanced-accuracy for classification, the task's headline metric "
             "otherwise) or val-<metric> of the run's task; a metric ending in 'loss' is "
             "minimised, any other maximised",
+        ),
+    )
+    max_site_examples: int = field(
+        default=1_000_000,
+        metadata=_key(
+            "max-site-examples",
+            "largest num-examples a site may claim (its FedAvg weight); a site's first "
+            "accepted claim is its registered count for the run and later claims may not "
+            "exceed it (server/claims.py)",
+            _positive,
+        ),
+    )
+    operating_point: str = field(
+        default="youden",
+        metadata=_key(
+            "operating-point",
+            "decision threshold of a binary classifier, chosen on the pooled ROC of the "
+            "sites' securely summed validation score histograms: 'youden' (max "
+            "sensitivity + specificity - 1), 'sensitivity' (the highest threshold reaching "
+            "operating-point-sensitivity) or 'none' (argmax, 0.5)",
+            _one_of("youden", "sensitivity", "none"),
+        ),
+    )
+    operating_point_sensitivity: float = field(
+        default=0.9,
+        metadata=_key(
+            "operating-point-sensitivity",
+            "target sensitivity of operating-point='sensitivity', in (0, 1]",
+            lambda v: None if 0.0 < v <= 1.0 else "must be in (0, 1]",
+        ),
+    )
+    operating_point_bins: int = field(
+        default=100,
+        metadata=_key(
+            "operating-point-bins",
+            "score histogram bins per class (threshold resolution 1/bins), 2..1000",
+            lambda v: None if 2 <= v <= 1000 else "must be in 2..1000",
         ),
     )
     min_sites: int = field(
@@ -402,6 +440,14 @@ class RunConfig:
             "faults.slow-seconds", "simulation only: extra seconds per round", _non_negative
         ),
     )
+    faults_slow_round: int = field(
+        default=1,
+        metadata=_key(
+            "faults.slow-round",
+            "simulation only: round from which the slow site is slow",
+            _positive,
+        ),
+    )
     faults_crash_site: int = field(
         default=-1,
         metadata=_key(
@@ -412,6 +458,22 @@ class RunConfig:
         default=1,
         metadata=_key(
             "faults.crash-round", "simulation only: round from which it crashes", _positive
+        ),
+    )
+    faults_drop_site: int = field(
+        default=-1,
+        metadata=_key(
+            "faults.drop-site",
+            "simulation only: partition-id of a site that stops answering at a SecAgg+ stage; "
+            "-1 none",
+        ),
+    )
+    faults_drop_stage: str = field(
+        default="unmask",
+        metadata=_key(
+            "faults.drop-stage",
+            "simulation only: the SecAgg+ stage at which faults.drop-site stops answering",
+            _one_of("advertise-keys", "share-keys", "masked-input", "unmask"),
         ),
     )
     run_dir: str = field(
@@ -433,6 +495,14 @@ class RunConfig:
             "uses its own worker's policy and ignores this key)",
         ),
     )
+    resume_from: str = field(
+        default="",
+        metadata=_key(
+            "resume-from",
+            "a run directory the ServerApp can read: resume that run after its last "
+            "finished round (server/resume.py); `medfed simulate --resume` sets it",
+        ),
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -447,13 +517,6 @@ class RunConfig:
             raise ConfigError(
                 "config key 'amp'=true needs 'dp.enabled'=false: per-sample gradient clipping "
                 "under reduced precision is not validated in medfed; turn one of them off."
-            )
-        if self.class_weighting == "federation":
-            raise ConfigError(
-                "config key 'class-weighting'='federation' is not yet available: it needs the "
-                "federation's class counts securely summed before round 1, which medfed does "
-                "not implement yet; use 'site' (each site weights by its own label counts) "
-                "or 'none'."
             )
         if self.class_weighting in ("site", "federation") and self.task == "segmentation":
             raise ConfigError(

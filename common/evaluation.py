@@ -82,6 +82,25 @@ def evaluate_arrays(
 
     """
     probs = predict_proba(model, images, batch_size=batch_size, device=device)
+    return metrics_from_proba(labels, probs)
+
+
+def metrics_from_proba(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """:func:`evaluate_arrays` from already predicted probabilities.
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        int ``(N,)``.
+    probs : numpy.ndarray
+        float ``(N, K)`` from :func:`predict_proba`.
+
+    Returns
+    -------
+    dict[str, float]
+        As :func:`evaluate_arrays`.
+
+    """
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     metrics = classification_metrics(labels, probs)
     if labels.size:
@@ -173,3 +192,50 @@ def evaluate_task(
     from common.tasks import get_task
 
     return get_task(task).evaluate(model, images, labels, batch_size=batch_size, device=device)
+
+
+def evaluate_binary_at(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    thresholds: dict[str, float],
+    batch_size: int = 256,
+    device: torch.device,
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Evaluate a binary classifier once, at one or more decision thresholds.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A two-class classifier (see :func:`predict_proba`).
+    images : numpy.ndarray
+        float32 ``(N, C, H, W)`` (or ``(N, F)`` for tabular models).
+    labels : numpy.ndarray
+        int ``(N,)`` in ``{0, 1}``.
+    thresholds : dict[str, float]
+        ``{name: t}``: predict class 1 when ``P(class 1) >= t``.
+    batch_size : int
+        Images per forward pass.
+    device : torch.device
+        Where to run the model.
+
+    Returns
+    -------
+    tuple[dict[str, float], dict[str, dict[str, float]]]
+        The threshold-free metrics (``auroc``, ``loss``, ``num-examples``) and, per
+        threshold name, :func:`common.operating_point.confusion_at` (counts ``tp``,
+        ``fp``, ``tn``, ``fn`` and the rates they imply).
+
+    """
+    from common.operating_point import POSITIVE, confusion_at
+
+    probs = predict_proba(model, images, batch_size=batch_size, device=device)
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    base = metrics_from_proba(labels, probs)
+    free = {k: base[k] for k in ("auroc", "loss", "num-examples")}
+    at = {
+        name: confusion_at(probs[:, POSITIVE], labels, threshold=t)
+        for name, t in thresholds.items()
+    }
+    return free, at

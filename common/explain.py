@@ -103,8 +103,8 @@ def decision_threshold(checkpoint: Any, num_classes: int) -> Decision:
     Parameters
     ----------
     checkpoint : common.checkpoint.Checkpoint
-        Read for an optional ``threshold`` attribute (float, binary tasks); checkpoints
-        written before that field existed have none.
+        Read for an optional ``operating_point`` (its ``threshold``, chosen on the sites'
+        pooled validation; binary tasks); checkpoints without one use 0.5.
     num_classes : int
         ``K``, the model's number of outputs.
 
@@ -116,7 +116,8 @@ def decision_threshold(checkpoint: Any, num_classes: int) -> Decision:
     """
     if num_classes != 2:
         return Decision(None, "argmax")
-    raw = getattr(checkpoint, "threshold", None)
+    op = getattr(checkpoint, "operating_point", None)
+    raw = op.get("threshold") if isinstance(op, dict) else getattr(checkpoint, "threshold", None)
     if raw is None:
         return Decision(DEFAULT_THRESHOLD, "default")
     try:

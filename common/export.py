@@ -54,6 +54,7 @@ from torch import nn
 
 from common.checkpoint import Checkpoint, load_checkpoint
 from common.errors import ConfigError, DataError, MedfedError
+from common.operating_point import OperatingPoint
 
 log = logging.getLogger(__name__)
 
@@ -501,6 +502,8 @@ def export_model(
         "task": ckpt.task,
         "label-names": list(ckpt.label_names),
         "round": ckpt.round,
+        # the decision threshold chosen on the sites' pooled validation (or None: 0.5)
+        "operating-point": ckpt.operating_point,
     }
     full = {**identity, **card, "input": input_spec(ckpt)}
 
@@ -574,8 +577,11 @@ def is_exported(path: str | os.PathLike[str]) -> bool:
     p = Path(path)
     if not p.is_file() or not zipfile.is_zipfile(p):
         return False
-    with zipfile.ZipFile(p) as zf:
-        return any(n.endswith(f"/extra/{CARD_FILE}") for n in zf.namelist())
+    try:
+        with zipfile.ZipFile(p) as zf:
+            return any(n.endswith(f"/extra/{CARD_FILE}") for n in zf.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return False  # a damaged archive: load_checkpoint refuses it with a DataError
 
 
 def load_exported(
@@ -604,10 +610,12 @@ def load_exported(
                 str(path), map_location="cpu", _extra_files=extra
             )
         card = json.loads(extra[CARD_FILE])
-    except (RuntimeError, ValueError) as exc:
+    except Exception as exc:  # torch raises many types for a damaged archive
         raise DataError(f"{path} looks like a medfed export but does not load: {exc}") from exc
+    if not isinstance(card, dict):
+        raise DataError(f"{path} looks like a medfed export but its model card is not a table")
     module.eval()
-    return module, dict(card)
+    return module, card
 
 
 class ExportedLogits(nn.Module):
@@ -659,6 +667,11 @@ def load_model_file(path: str | os.PathLike[str]) -> tuple[Checkpoint, nn.Module
             state_dict={},
             round=int(card.get("round") or 0),
             label_names=list(card.get("label-names", [])),
+            operating_point=(
+                None
+                if card.get("operating-point") is None
+                else OperatingPoint.from_dict(card["operating-point"]).as_dict()
+            ),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{path}: the export's model card lacks {exc}") from exc

@@ -7,13 +7,37 @@ offending key instead of deep inside ``load_state_dict``.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
-from common.errors import ModelError
+from common.errors import DataError, ModelError
+from common.wire import decode_array
+
+
+def record_to_state_dict(record: Any) -> OrderedDict[str, torch.Tensor]:
+    """``ArrayRecord`` -> ``state_dict`` with every array checked by :func:`decode_array`.
+
+    Raises
+    ------
+    DataError
+        If ``record`` is not an ``ArrayRecord`` or an array does not decode.
+
+    """
+    if not isinstance(record, ArrayRecord):
+        raise DataError(f"expected an ArrayRecord, got {type(record).__name__}")
+    state: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for key in record:
+        try:
+            arr = decode_array(record[key])
+        except DataError as exc:
+            raise DataError(f"array {key!r}: {exc}") from None
+        state[key] = torch.from_numpy(arr.copy())
+    return state
 
 
 def state_to_record(model: nn.Module) -> ArrayRecord:
@@ -77,8 +101,10 @@ def load_record(model: nn.Module, record: ArrayRecord) -> None:
     ------
     ModelError
         If keys, shapes or dtypes differ from the model's ``state_dict``.
+    DataError
+        If an array does not decode (:func:`decode_array`).
 
     """
-    state = record.to_torch_state_dict()
+    state = record_to_state_dict(record)
     check_state(state, expected_spec(model))
     model.load_state_dict(state, strict=True)

@@ -26,13 +26,17 @@ schema does not know (a key may itself carry data).
 from __future__ import annotations
 
 import functools
+import io
 import math
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from common.errors import MedfedError
+import numpy as np
+from flwr.app import Array
+
+from common.errors import DataError, MedfedError
 from common.replies import ReplyCode, fixed_reason
 
 __all__ = [
@@ -54,9 +58,12 @@ __all__ = [
     "EgressRefused",
     "MetricRule",
     "MetricRules",
+    "array_spec",
     "check_arrays",
     "check_metrics",
+    "decode_array",
     "evaluate_metric_rules",
+    "screen_replies",
     "task_metric_names",
     "train_metric_rules",
 ]
@@ -357,8 +364,7 @@ def check_arrays(arrays: Any, spec: ArraySpec, *, name: str = MODEL_RECORD) -> N
         ``record-type`` if not an ``ArrayRecord``; ``array-spec`` for a missing, extra,
         reshaped, retyped or padded array.
     """
-    import numpy as np
-    from flwr.app import Array, ArrayRecord
+    from flwr.app import ArrayRecord
 
     if not isinstance(arrays, ArrayRecord):
         raise EgressRefused(RECORD_TYPE, f"record {name!r} is not an ArrayRecord")
@@ -378,7 +384,8 @@ def check_arrays(arrays: Any, spec: ArraySpec, *, name: str = MODEL_RECORD) -> N
                 ARRAY_SPEC, f"array {key!r} of record {name!r} is not declared as {want}"
             )
         try:
-            decoded = np.asarray(arr.numpy())
+            # header checked before allocating (Array.numpy() allocates what it declares)
+            decoded = decode_array(arr, shape=want[0], dtype=want[1])
         except Exception as exc:
             raise EgressRefused(
                 ARRAY_SPEC, f"array {key!r} of record {name!r} cannot be decoded"
@@ -389,3 +396,146 @@ def check_arrays(arrays: Any, spec: ArraySpec, *, name: str = MODEL_RECORD) -> N
             raise EgressRefused(
                 ARRAY_SPEC, f"array {key!r} of record {name!r} carries extra bytes beyond its data"
             )
+
+
+#: ``numpy.save`` format versions accepted (1.0 is what Flower writes; 2.0 for big headers).
+_NPY_VERSIONS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+#: numpy dtype kinds an array from elsewhere may have: bool, integers, floats.
+_ARRAY_KINDS = frozenset("biuf")
+
+
+def decode_array(
+    array: Any, *, shape: tuple[int, ...] | None = None, dtype: str | None = None
+) -> np.ndarray:
+    """Decode a Flower ``Array`` from elsewhere, checking its header before allocating.
+
+    ``Array.numpy()`` (``numpy.load``) allocates what the ``.npy`` header inside the
+    payload declares before it reads the data, so a 100-byte array declaring ``(2**31,)``
+    costs 8 GiB; and junk raises ``ValueError``, ``EOFError`` or ``UnicodeError``. Here
+    the header (``numpy.lib.format``, versions 1.0 and 2.0) is parsed first and the
+    payload must hold exactly ``prod(shape) x itemsize`` bytes after it, of a plain
+    numeric dtype (bool, int, uint, float; native byte order; no objects), equal to the
+    ``Array``'s declared ``shape``/``dtype`` and to ``shape``/``dtype`` when given. The
+    result is a read-only view of the payload: no memory beyond what arrived.
+
+    Parameters
+    ----------
+    array : flwr.app.Array
+        The array as received.
+    shape : tuple of int, optional
+        The shape it must have.
+    dtype : str, optional
+        The numpy dtype name it must have (``"float32"``).
+
+    Returns
+    -------
+    numpy.ndarray
+        Read-only, of the checked shape and dtype.
+
+    Raises
+    ------
+    DataError
+        For anything but exactly such an array; the message names the rule, never a value.
+
+    """
+    if not isinstance(array, Array):
+        raise DataError(f"expected a flwr Array, got {type(array).__name__}")
+    data = array.data
+    if array.stype != "numpy.ndarray" or not isinstance(data, bytes | bytearray):
+        raise DataError("array is not numpy.save data")
+    buf = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buf)
+        reader = _NPY_VERSIONS.get(version)
+        if reader is None:
+            raise DataError(f"array uses .npy format version {version}, not 1.0 or 2.0")
+        npy_shape, fortran, npy_dtype = reader(buf)
+    except DataError:
+        raise
+    except Exception as exc:  # numpy raises ValueError, EOFError, SyntaxError, ...
+        raise DataError(f"array header does not parse ({type(exc).__name__})") from None
+    if npy_dtype.kind not in _ARRAY_KINDS or npy_dtype.hasobject or not npy_dtype.isnative:
+        raise DataError("array dtype is not a native-order bool, integer or float type")
+    if not all(isinstance(n, int) and n >= 0 for n in npy_shape):
+        raise DataError("array shape is not a tuple of non-negative integers")
+    count = math.prod(npy_shape)
+    if count * npy_dtype.itemsize != len(data) - buf.tell():
+        raise DataError("array payload length differs from what its header declares")
+    declared = (tuple(array.shape), str(array.dtype))
+    if declared != (tuple(npy_shape), str(npy_dtype)):
+        raise DataError("array declares another shape or dtype than its payload holds")
+    if shape is not None and tuple(npy_shape) != tuple(shape):
+        raise DataError(f"array shape is {tuple(npy_shape)}, expected {tuple(shape)}")
+    if dtype is not None and str(npy_dtype) != dtype:
+        raise DataError(f"array dtype is {npy_dtype}, expected {dtype}")
+    flat = np.frombuffer(data, dtype=npy_dtype, count=count, offset=buf.tell())
+    return flat.reshape(npy_shape, order="F" if fortran else "C")
+
+
+def array_spec(arrays: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{name: (shape, dtype)}`` of an ``ArrayRecord`` as declared (for one's own arrays)."""
+    return {k: (tuple(a.shape), normalise_dtype(str(a.dtype))) for k, a in arrays.items()}
+
+
+def screen_replies(
+    replies: Iterable[Any], *, spec: ArraySpec, weight_key: str = "num-examples"
+) -> tuple[list[Any], dict[int, str]]:
+    """Split a round's train replies into those a strategy can aggregate and the rest.
+
+    A site's reply is input from elsewhere: an array whose ``.npy`` payload lies would
+    raise ``ValueError`` inside Flower's aggregation (or allocate what its header
+    declares), and a missing or absurd weight would stop it too, ending the whole run.
+    A reply is kept if it is an error reply (the strategy counts it as a failure) or if
+    its model record :data:`MODEL_RECORD` holds exactly the arrays of ``spec``
+    (:func:`check_arrays`), every other array of it decodes (:func:`decode_array`), and it
+    has exactly one ``MetricRecord`` whose ``weight_key`` is an int in ``[0, 2**31 - 1]``
+
+    Parameters
+    ----------
+    replies : Iterable[flwr.app.Message]
+        The replies of one train round.
+    spec : ArraySpec
+        ``{name: (shape, dtype)}`` of the global model sent (:func:`array_spec`).
+    weight_key : str
+        The aggregation weight's metric name.
+
+    Returns
+    -------
+    tuple[list[flwr.app.Message], dict[int, str]]
+        The replies kept, and ``{node id: reason}`` of those refused (reasons name a rule,
+        never a value).
+
+    """
+    from flwr.app import MetricRecord
+
+    kept: list[Any] = []
+    refused: dict[int, str] = {}
+    weight_rule = MetricRule(integer=True, low=0, high=2**31 - 1)
+    for reply in replies:
+        if reply.has_error():
+            kept.append(reply)
+            continue
+        node = int(reply.metadata.src_node_id)
+        content = reply.content
+        try:
+            if MODEL_RECORD not in content.array_records:
+                raise EgressRefused(RECORD_MISSING, f"no {MODEL_RECORD!r} record")
+            check_arrays(content.array_records[MODEL_RECORD], spec)
+            for name, record in content.array_records.items():
+                if name != MODEL_RECORD:
+                    for key in record:
+                        decode_array(record[key])
+            metrics = list(content.metric_records.values())
+            if len(metrics) != 1 or not isinstance(metrics[0], MetricRecord):
+                raise EgressRefused(RECORD_TYPE, "not exactly one MetricRecord")
+            if not weight_rule.accepts(metrics[0].get(weight_key)):
+                raise EgressRefused(METRIC_VALUE, f"{weight_key!r} is not a count")
+        except (EgressRefused, DataError) as exc:
+            detail = exc.detail if isinstance(exc, EgressRefused) else ARRAY_SPEC
+            refused[node] = f"malformed reply: {detail}"
+            continue
+        kept.append(reply)
+    return kept, refused

@@ -11,13 +11,19 @@ engine. Everything it writes goes to the run directory (run config ``run-dir``):
     best_model.pt          the global model of the round that scored best on the sites'
                            aggregated validation (run config 'model-selection-metric';
                            server/selection.py); its 'selected_round' names the round
+    resume.pt              what resuming needs, replaced atomically after every round
+                           (server/resume.py)
+    .run.lock              held by the ServerApp while the run goes on
 
 A run never overwrites another: the ServerApp refuses a run directory that already holds
 a run, or a non-empty one medfed did not create for this run (:func:`prepare_run_dir`).
+With run config ``resume-from`` it goes on with the run in that directory after its last
+finished round instead (:func:`open_run`, server/resume.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -29,6 +35,7 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from common import secure_sum
 from common.checkpoint import Checkpoint, save_checkpoint
 from common.config import RunConfig
 from common.device import resolve_device
@@ -40,8 +47,22 @@ from common.records import state_to_record
 from common.secagg.params import SecAggParams
 from common.site_dataset import SiteDataset
 from common.tasks import get_task
+from server.census import run_census
+from server.claims import ClaimRegistry
 from server.grid import PromptGrid
 from server.quorum import SAMPLE_WAIT_SECONDS, QuorumStrategy
+from server.resume import (
+    RESUME_FILE,
+    ResumableRun,
+    ResumeState,
+    check_model,
+    check_resumable,
+    discard_lost_round,
+    load_state,
+    restore_strategy,
+    resumed_config,
+    run_lock,
+)
 from server.runlog import ROUNDS_FILE, EvaluateFn, RecordingStrategy, dp_noise_label
 from server.secagg import SecAggGrid
 from server.selection import BEST_MODEL, resolve_metric
@@ -56,7 +77,7 @@ CONFIG_FILE = "config.json"
 #: Kind in the run directory's ownership marker (:func:`common.fsutil.write_marker`).
 RUN_KIND = "run"
 #: What a run leaves in its directory: any of these means a run is (or was) there.
-RUN_FILES = (CONFIG_FILE, ROUNDS_FILE, FINAL_MODEL, BEST_MODEL, "checkpoints")
+RUN_FILES = (CONFIG_FILE, ROUNDS_FILE, FINAL_MODEL, BEST_MODEL, RESUME_FILE, "checkpoints")
 
 
 def wait_for_sites(grid: Grid, *, min_sites: int, timeout: float, poll: float = 1.0) -> int:
@@ -189,12 +210,85 @@ def prepare_run_dir(run_dir: Path, config: Mapping[str, Any]) -> None:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run ``num-server-rounds`` rounds of the configured strategy."""
-    run = RunConfig.from_run_config(context.run_config)
-    run_dir = resolve_run_dir(run, context.run_id)
-    prepare_run_dir(run_dir, run.to_run_config())
-    log.info("run %s: writing logs and checkpoints to %s", context.run_id, run_dir)
+    """Run ``num-server-rounds`` rounds of the configured strategy, or resume a run.
 
+    With run config ``resume-from`` (a run directory), the run in it goes on after its
+    last finished round (server/resume.py).
+    """
+    run = RunConfig.from_run_config(context.run_config)
+    with contextlib.ExitStack() as stack:  # holds the run directory's lock to the end
+        run, run_dir, start = open_run(run, context.run_id, stack)
+        log.info("run %s: writing logs and checkpoints to %s", context.run_id, run_dir)
+        _federate(grid, run, run_dir, start)
+
+
+def open_run(
+    run: RunConfig, run_id: int, stack: contextlib.ExitStack
+) -> tuple[RunConfig, Path, ResumeState | None]:
+    """Prepare a new run directory, or open the run to resume; lock it for the run.
+
+    Parameters
+    ----------
+    run : RunConfig
+        The run config; ``resume-from`` selects a run to resume.
+    run_id : int
+        Flower's run id (names the default run directory).
+    stack : contextlib.ExitStack
+        Receives the run directory's lock (:func:`server.resume.run_lock`).
+
+    Returns
+    -------
+    tuple[RunConfig, pathlib.Path, ResumeState or None]
+        The config to run (a resumed run's own, :func:`server.resume.resumed_config`),
+        the run directory and the resume state (None: start at round 0).
+
+    Raises
+    ------
+    ConfigError
+        Before any round, if the run directory cannot take a new run
+        (:func:`prepare_run_dir`), or ``resume-from`` is not a medfed run, is finished,
+        is still running, has a corrupt resume state or another model or strategy.
+
+    """
+    if not run.resume_from:
+        run_dir = resolve_run_dir(run, run_id)
+        prepare_run_dir(run_dir, run.to_run_config())
+        stack.enter_context(run_lock(run_dir))
+        return run, run_dir, None
+    run_dir = Path(run.resume_from).resolve()
+    if run.run_dir and Path(run.run_dir).resolve() != run_dir:
+        raise ConfigError(
+            f"run config 'resume-from'={run.resume_from!r} and 'run-dir'={run.run_dir!r} name "
+            "different directories; a resumed run goes on in its own directory: drop 'run-dir'."
+        )
+    if (why := why_not_run_dir(run_dir)) is not None:
+        raise ConfigError(
+            f"run config 'resume-from'={run.resume_from!r} cannot be resumed: {why}. Give the "
+            "directory of a medfed run (the one that holds its config.json and rounds.jsonl)."
+        )
+    stack.enter_context(run_lock(run_dir))
+    start = load_state(run_dir)
+    check_resumable(run_dir, start)
+    if start is None:  # stopped before its first round: it starts over, with its own config
+        try:
+            saved = json.loads((run_dir / CONFIG_FILE).read_text())
+            if not isinstance(saved, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"{run_dir / CONFIG_FILE} cannot be read ({exc}); start a new run"
+            ) from None
+        resumed = resumed_config(saved, run, run_dir=run_dir)
+        log.warning("the run in %s stopped before its first round: it starts over", run_dir)
+    else:
+        resumed = resumed_config(start.run_config, run, run_dir=run_dir)
+        log.info("resuming the run in %s after round %d", run_dir, start.round)
+    discard_lost_round(run_dir, start.round if start is not None else 0)
+    return resumed, run_dir, start
+
+
+def _federate(grid: Grid, run: RunConfig, run_dir: Path, start: ResumeState | None) -> None:
+    """Run the rounds of ``run`` (after ``start.round`` when resuming) and save the models."""
     central = _central_evaluation(run)  # fail on a bad eval dataset before any round
     torch.manual_seed(run.seed)
     model = get_model(run.model, **run.model_kwargs())
@@ -203,9 +297,18 @@ def main(grid: Grid, context: Context) -> None:
         "model_kwargs": run.model_kwargs(),
         "task": run.task,
         "run_config": run.to_run_config(),
+        # class names from the coordinator's held-out dataset, when it has one (the
+        # sites' manifests never leave them); explain and export print them
+        "label_names": SiteDataset(run.eval_dataset_dir).label_names
+        if run.eval_dataset_dir
+        else [],
     }
+    inner = build_strategy(run)
+    if start is not None:  # a resumed run's state must fit before anything is rewritten
+        check_model(start, model)
+        restore_strategy(inner, start.strategy, expected=start.arrays)
     bounded = QuorumStrategy(
-        build_strategy(run),
+        inner,
         min_replies=run.min_replies,
         min_sites=run.min_sites,
         sample_timeout=min(run.connect_timeout, SAMPLE_WAIT_SECONDS),
@@ -219,13 +322,31 @@ def main(grid: Grid, context: Context) -> None:
             "dp.reproducible-noise=true: DP noise is seeded from the run config; this run "
             "is NOT PRIVATE (simulation research only; real sites refuse it)"
         )
+    # One registry of the sites' num-examples claims for both aggregation paths
+    # (server/claims.py): a site may not weigh more than it registered.
+    claims = ClaimRegistry(run.max_site_examples)
     strategy = RecordingStrategy(
         bounded,
         run_dir=run_dir,
         checkpoint_meta=meta,
         dp_noise=dp_noise,
         selection_metric=resolve_metric(run),
+        operating_point=run.operating_point,
+        target_sensitivity=run.operating_point_sensitivity,
+        claims=claims,
     )
+    if start is not None:
+        try:
+            strategy.restore(
+                start.recording,
+                arrays=ArrayRecord(start.arrays),
+                initial_arrays=state_to_record(model),
+            )
+        except ValueError as exc:
+            raise ConfigError(
+                f"the resume state in {run_dir} is corrupt ({exc}); restore the run directory "
+                "from a backup or start a new run."
+            ) from None
 
     connected = wait_for_sites(grid, min_sites=run.min_sites, timeout=run.connect_timeout)
     log.info("%d sites connected; starting %d rounds", connected, run.num_server_rounds)
@@ -234,22 +355,41 @@ def main(grid: Grid, context: Context) -> None:
     if run.secagg_enabled:
         # SecAgg+: train messages run the four-stage protocol; the strategy sees only the
         # unmasked weighted mean (server/secagg.py).
-        grid = SecAggGrid(grid, params=SecAggParams.from_run(run), run_dir=run_dir)
+        grid = SecAggGrid(grid, params=SecAggParams.from_run(run), run_dir=run_dir, claims=claims)
         log.info("secure aggregation on: the coordinator sees only the sum of updates")
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=state_to_record(model),
-        num_rounds=run.num_server_rounds,
-        timeout=run.round_timeout,
-        evaluate_fn=strategy.make_evaluate_fn(central),
+    if run.class_weight_source() == "federation":
+        # The census before round 1: the federation's label counts, summed over the
+        # sites (under SecAgg+ when on) and sent to every training round.
+        counts = run_census(
+            grid,
+            initial_arrays=state_to_record(model),
+            min_replies=run.min_replies,
+            timeout=run.round_timeout,
+        )
+        strategy.extra_train_config[secure_sum.FEDERATION_COUNTS_KEY] = counts.tolist()
+    # Flower's loop over the rounds left, committing the resume state after each.
+    rounds = ResumableRun(
+        run_dir=run_dir,
+        run=run,
+        strategy=strategy,
+        inner=inner,
+        recording=strategy.resume_state,
+        start=start,
     )
-    final_metrics = result.evaluate_metrics_serverapp.get(run.num_server_rounds, MetricRecord())
+    final_arrays, final_metrics = rounds.run_rounds(
+        grid,
+        initial_arrays=state_to_record(model),
+        evaluate=strategy.make_evaluate_fn(central),
+        timeout=run.round_timeout,
+    )
+    final_op = strategy.operating_point_of(run.num_server_rounds)
     save_checkpoint(
         run_dir / FINAL_MODEL,
         Checkpoint(
-            state_dict=result.arrays.to_torch_state_dict(),
+            state_dict=final_arrays.to_torch_state_dict(),
             round=run.num_server_rounds,
-            metrics={k: float(v) for k, v in final_metrics.items()},  # type: ignore[arg-type]
+            metrics=dict(final_metrics),
+            operating_point=None if final_op is None else final_op.as_dict(),
             **meta,  # type: ignore[arg-type]
         ),
     )
@@ -275,3 +415,14 @@ def _log_selection(strategy: RecordingStrategy, run_dir: Path) -> None:
         best.value,
         run_dir / BEST_MODEL,
     )
+    op = strategy.operating_point_of(best.round)
+    if op is not None:
+        log.info(
+            "operating point (%s, pooled validation of %d images): threshold %.2f, "
+            "sensitivity %.3f, specificity %.3f",
+            op.method,
+            round(op.validation_examples),
+            op.threshold,
+            op.sensitivity,
+            op.specificity,
+        )

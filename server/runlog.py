@@ -9,7 +9,11 @@ after every round appends one JSON line to ``rounds.jsonl`` and saves a checkpoi
 With a ``selection_metric`` it also does federated model selection (server/selection.py):
 every round it attributes the sites' aggregated validation to the global models it
 describes, keeps the best and writes it to ``best_model.pt``, and adds a
-``model-selection`` entry to the round's line.
+``model-selection`` entry to the round's line. For a binary classifier it also takes the
+sites' summed validation score histograms out of the replies (:mod:`common.secure_sum`),
+chooses each validated model's decision threshold on the pooled ROC
+(:mod:`common.operating_point`), logs it under ``model-selection.operating-point`` and
+stores the best model's in ``best_model.pt``.
 """
 
 from __future__ import annotations
@@ -24,13 +28,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from numpy.typing import NDArray
 
+from common import secure_sum
 from common.checkpoint import Checkpoint, save_checkpoint
-from common.errors import FederationError
+from common.errors import DataError, FederationError
+from common.operating_point import OperatingPoint, choose_threshold
+from common.wire import array_spec, screen_replies
+from server.census import take_secure_sums
+from server.claims import ClaimRegistry
 from server.selection import BEST_MODEL, Selection, attribute, is_minimised, select_best
 
 log = logging.getLogger(__name__)
@@ -120,6 +131,15 @@ class RecordingStrategy(Strategy):
     selection_metric : str or None
         The aggregated site validation metric that picks ``best_model.pt``
         (``server.selection.resolve_metric``); None: no model selection.
+    operating_point : str
+        ``operating-point``: how a binary classifier's decision threshold is chosen from
+        the pooled validation score histogram (:mod:`common.operating_point`):
+        ``youden``, ``sensitivity`` or ``none``.
+    target_sensitivity : float
+        ``operating-point-sensitivity`` for the ``sensitivity`` method.
+    claims : server.claims.ClaimRegistry, optional
+        Bounds each site's ``num-examples`` claim (its FedAvg weight): a train reply it
+        refuses is left out of aggregation and listed under the round's ``failed``.
 
     Attributes
     ----------
@@ -128,6 +148,10 @@ class RecordingStrategy(Strategy):
         model scored twice keeps its first score.
     best : server.selection.Selection or None
         The best model so far (written to ``best_model.pt``); None until one has a score.
+    histograms : dict[int, numpy.ndarray]
+        ``{round: (2, B) score-histogram counts}`` summed over the sites that validated
+        that round's global model (:mod:`common.secure_sum`; attributed to rounds as the
+        ``val-*`` metrics are, :func:`server.selection.attribute`).
 
     """
 
@@ -139,6 +163,9 @@ class RecordingStrategy(Strategy):
         checkpoint_meta: dict[str, Any],
         dp_noise: str = "off",
         selection_metric: str | None = None,
+        operating_point: str = "none",
+        target_sensitivity: float = 0.9,
+        claims: ClaimRegistry | None = None,
     ) -> None:
         if dp_noise not in DP_NOISE_LABELS:
             raise ValueError(f"dp_noise={dp_noise!r} must be one of {DP_NOISE_LABELS}")
@@ -153,6 +180,14 @@ class RecordingStrategy(Strategy):
         self.selection_metric = selection_metric
         self.scores: dict[int, dict[str, float]] = {}
         self.best: Selection | None = None
+        self.operating_point = operating_point
+        self.target_sensitivity = target_sensitivity
+        self.claims = claims
+        #: Added to every train message's config (e.g. the census's federation class
+        #: counts, ``common.secure_sum.FEDERATION_COUNTS_KEY``).
+        self.extra_train_config: dict[str, Any] = {}
+        self.histograms: dict[int, NDArray[np.float64]] = {}
+        self._sums: dict[str, dict[str, NDArray[np.float64]]] = {"train": {}, "evaluate": {}}
         # Models that may still become the best: the initial one (the fallback) and the
         # last round's (round r's train replies validate round r - 1's model).
         self._candidates: dict[int, ArrayRecord] = {}
@@ -171,6 +206,10 @@ class RecordingStrategy(Strategy):
         self._round_start = time.perf_counter()
         self._train = _Phase(started=time.perf_counter())
         self._evaluate = _Phase()  # a round without an evaluate exchange validates nothing
+        self._sums = {"train": {}, "evaluate": {}}
+        self._train_spec = array_spec(arrays)  # what a train reply's model record must be
+        for key, value in self.extra_train_config.items():
+            config[key] = value
         try:
             messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         except FederationError as exc:
@@ -183,8 +222,14 @@ class RecordingStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Note replies, failures and per-site metrics, then delegate."""
-        replies = list(replies)
+        replies, refused = self._bound_claims(server_round, list(replies))
+        spec = getattr(self, "_train_spec", None)
+        if spec is not None:  # a reply that would break aggregation is refused (common.wire)
+            replies, malformed = screen_replies(replies, spec=spec)
+            refused |= malformed
+        self._sums["train"] = take_secure_sums(replies)
         self._collect(self._train, replies)
+        self._train.failed |= refused
         try:
             arrays, metrics = self.inner.aggregate_train(server_round, replies)
         except FederationError as exc:
@@ -206,10 +251,38 @@ class RecordingStrategy(Strategy):
     ) -> MetricRecord | None:
         """Note replies and per-site metrics, then delegate."""
         replies = list(replies)
+        self._sums["evaluate"] = take_secure_sums(replies)
         self._collect(self._evaluate, replies)
         metrics = self.inner.aggregate_evaluate(server_round, replies)
         self._evaluate.aggregated = dict(metrics or {})
         return metrics
+
+    def _bound_claims(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[list[Message], dict[int, str]]:
+        """Split train replies by their ``num-examples`` claim (:mod:`server.claims`).
+
+        Returns the replies whose claim is accepted (and error replies) and
+        ``{node: reason}`` of those refused.
+        """
+        if self.claims is None:
+            return replies, {}
+        kept: list[Message] = []
+        refused: dict[int, str] = {}
+        for r in replies:
+            if r.has_error():
+                kept.append(r)
+                continue
+            node = r.metadata.src_node_id
+            claims = [m.get("num-examples") for m in r.content.metric_records.values()]
+            why = self.claims.check(
+                node, claims[0] if len(claims) == 1 else None, server_round=server_round
+            )
+            if why is None:
+                kept.append(r)
+            else:
+                refused[node] = why
+        return kept, refused
 
     @staticmethod
     def _begin(messages: list[Message]) -> _Phase:
@@ -312,18 +385,62 @@ class RecordingStrategy(Strategy):
         )
         for rnd, metrics in validated.items():
             self.scores.setdefault(rnd, metrics)
+        for rnd, hist in self._validated_histograms(server_round).items():
+            self.histograms.setdefault(rnd, hist)
         best = select_best(self.scores, metric=metric)
         if best is not None and (self.best is None or best.round != self.best.round):
             self._write_best(best, self._candidates[best.round])
             self.best = best
         self._candidates = {r: a for r, a in self._candidates.items() if r in (0, server_round)}
-        return {
+        entry = {
             "metric": metric,
             "goal": "min" if is_minimised(metric) else "max",
             "validated": {str(r): _json_number(m.get(metric)) for r, m in validated.items()},
             "best-round": None if best is None else best.round,
             "best-value": None if best is None else _json_number(best.value),
         }
+        points = {
+            str(r): op.as_dict()
+            for r in validated
+            if (op := self.operating_point_of(r)) is not None
+        }
+        if points:
+            entry["operating-point"] = points
+        return entry
+
+    def _validated_histograms(self, server_round: int) -> dict[int, NDArray[np.float64]]:
+        """Return this round's summed histograms keyed by the round whose model they describe."""
+        out: dict[int, NDArray[np.float64]] = {}
+        train = self._sums["train"].get(secure_sum.SCORE_HISTOGRAM)
+        if train is not None and server_round >= 1:
+            out[server_round - 1] = train
+        evaluated = self._sums["evaluate"].get(secure_sum.SCORE_HISTOGRAM)
+        if evaluated is not None:
+            out[server_round] = evaluated
+        return out
+
+    def operating_point_of(self, server_round: int) -> OperatingPoint | None:
+        """Return the decision threshold for round ``server_round``'s global model, if any.
+
+        Chosen by ``operating-point`` on the pooled score histogram of the sites'
+        validation of that model (:func:`common.operating_point.choose_threshold`);
+        None when the run picks none, no histogram reached the coordinator for that
+        model (e.g. the final model's evaluate exchange under SecAgg+, which carries no
+        histogram), or the histogram lacks a class.
+        """
+        hist = self.histograms.get(server_round)
+        if self.operating_point == "none" or hist is None:
+            return None
+        try:
+            return choose_threshold(
+                hist,
+                method=self.operating_point,
+                target_sensitivity=self.target_sensitivity,
+                server_round=server_round,
+            )
+        except DataError as exc:
+            log.warning("round %d: no operating point: %s", server_round, exc)
+            return None
 
     def _write_best(self, best: Selection, arrays: ArrayRecord) -> None:
         """Save round ``best.round``'s global model as ``best_model.pt`` (atomic replace).
@@ -331,12 +448,14 @@ class RecordingStrategy(Strategy):
         The checkpoint is that round's model with ``metrics`` = its aggregated site
         validation and ``selected_round`` / ``selection_metric`` saying why it was chosen.
         """
+        op = self.operating_point_of(best.round)
         ckpt = Checkpoint(
             state_dict=arrays.to_torch_state_dict(),
             round=best.round,
             metrics=dict(best.metrics),
             selected_round=best.round,
             selection_metric=best.metric,
+            operating_point=None if op is None else op.as_dict(),
             **self.checkpoint_meta,
         )
         save_checkpoint(self.run_dir / BEST_MODEL, ckpt)
@@ -347,3 +466,99 @@ class RecordingStrategy(Strategy):
             best.value,
             BEST_MODEL,
         )
+
+    # ------------------------------------------------------------------- resume
+    def resume_state(self) -> dict[str, Any]:
+        """Return what :meth:`restore` needs to go on after a restart (JSON-safe).
+
+        server/resume.py saves it in the run's resume state after every round: the round
+        log so far (``history``), the sites' validation ``scores``, the summed score
+        ``histograms`` (operating points), the registered ``claims`` and the ``best``
+        model so far.
+        """
+        best = self.best
+        return {
+            "history": list(self.history),
+            "scores": {str(r): dict(m) for r, m in self.scores.items()},
+            "histograms": {str(r): h.tolist() for r, h in self.histograms.items()},
+            "claims": None
+            if self.claims is None
+            else {str(n): c for n, c in self.claims.registered.items()},
+            "best": None
+            if best is None
+            else {
+                "round": best.round,
+                "metric": best.metric,
+                "value": best.value,
+                "metrics": dict(best.metrics),
+            },
+        }
+
+    def restore(
+        self, state: Mapping[str, Any], *, arrays: ArrayRecord, initial_arrays: ArrayRecord
+    ) -> None:
+        """Go on from :meth:`resume_state`, saved after the run's last committed round.
+
+        Rewrites ``rounds.jsonl`` atomically with the saved lines (the constructor emptied
+        it; a round lost in the crash has no line among them), and ``best_model.pt`` with
+        the saved best (a lost round may have replaced it), or removes it if none was.
+
+        Parameters
+        ----------
+        state : Mapping
+            From :meth:`resume_state`.
+        arrays : ArrayRecord
+            The global model of the last committed round (the last saved line's round).
+        initial_arrays : ArrayRecord
+            The round-0 model.
+
+        Raises
+        ------
+        ValueError
+            If ``state`` is not what :meth:`resume_state` returns.
+        common.errors.DataError
+            If the best round's checkpoint cannot be read.
+
+        """
+        from common.checkpoint import load_checkpoint
+        from common.fsutil import atomic_write
+
+        try:
+            history = [dict(line) for line in state["history"]]
+            last = int(history[-1]["round"])
+            scores = {
+                int(r): {str(k): float(v) for k, v in m.items()} for r, m in state["scores"].items()
+            }
+            histograms = {
+                int(r): np.asarray(h, dtype=np.float64)
+                for r, h in state.get("histograms", {}).items()
+            }
+            claims = {int(n): float(c) for n, c in (state.get("claims") or {}).items()}
+            saved = state["best"]
+            best = (
+                None
+                if saved is None
+                else Selection(
+                    round=int(saved["round"]),
+                    metric=str(saved["metric"]),
+                    value=float(saved["value"]),
+                    metrics={str(k): float(v) for k, v in saved["metrics"].items()},
+                )
+            )
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"not a RecordingStrategy resume state: {exc!r}") from None
+        self.history, self.scores, self.best = history, scores, best
+        self.histograms = histograms
+        if self.claims is not None:
+            self.claims.registered.update(claims)
+        self._candidates = {0: initial_arrays, last: arrays}
+        text = "".join(json.dumps(line, sort_keys=True) + "\n" for line in history).encode()
+        atomic_write(self.run_dir / ROUNDS_FILE, lambda fh: fh.write(text))
+        if best is None:
+            (self.run_dir / BEST_MODEL).unlink(missing_ok=True)
+            return
+        source = self._candidates.get(best.round)
+        if source is None:
+            ckpt = load_checkpoint(self.run_dir / "checkpoints" / f"round-{best.round:03d}.pt")
+            source = ArrayRecord(ckpt.state_dict)
+        self._write_best(best, source)

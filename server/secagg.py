@@ -16,15 +16,29 @@ single site's update: only masked vectors and, after unmasking, their sum.
 
 Failure semantics
 -----------------
-Sites that fail or time out at a stage are dropped; sites whose messages are malformed
-(:class:`SecAggProtocolError`) are excluded and never trusted. Up to ``m - t`` holders of
-each neighbourhood may drop after sending their masked input and the round completes
-with the exact sum of the survivors (their self-masks and the dropped sites' pairwise
-masks are rebuilt from Shamir shares; Bonawitz et al. 2017, section 4, round 4). With
-fewer, :class:`SecAggAbortedError`: logged at ERROR, appended to ``secagg.jsonl``, and
-every site that answered gets an error reply naming the reason, so ``rounds.jsonl`` records the
-round as failed and the global model stays as it was (Flower's legacy workflow skips such
-a round silently).
+Each stage waits at most the strategy's ``timeout`` (run config ``round-timeout``) for
+its replies; the deadline applies per stage. A site leaves the round at the first stage
+where it is *late* (no reply before the deadline), *dropped* (an
+``ErrorCode.NODE_UNAVAILABLE`` reply: the SuperLink lost it, or a simulated site went
+away), *failed* (any other error reply, e.g. a crash while training at advertise-keys)
+or *excluded* (a malformed message, :class:`SecAggProtocolError`; never trusted).
+``secagg.jsonl`` lists each under ``faults`` with the stage and whether its input is in
+the sum. A site that sent its masked input and then does not answer ``unmask`` is still
+a survivor: its update is in the sum and its self-mask is rebuilt from the other sites'
+seed shares (Bonawitz et al., CCS 2017, section 4, round 4). A site that leaves before
+sending its masked input is not in the sum, and its pairwise masks are removed with its
+mask key rebuilt from the survivors' shares. Up to ``m - t`` holders of each
+neighbourhood may be missing at unmask and the round completes with the sum of exactly
+the sites that sent their masked input. With fewer, :class:`SecAggAbortedError`: logged at
+ERROR, appended to ``secagg.jsonl``, and every site that answered gets an error reply
+naming the reason, so ``rounds.jsonl`` records the round as failed and the global model
+stays as it was (Flower's legacy workflow skips such a round silently).
+
+What the strategy sees of a fault (and so ``rounds.jsonl``): a late site that never
+answered gets no reply (``dropped`` there); a site that answered and then went late or
+away gets an ``ErrorCode.NODE_UNAVAILABLE`` error reply (``dropped``); a site that failed
+or was excluded gets an error reply with its own reason (``failed``); a site that went
+away at ``unmask`` gets an ordinary reply (``replied``: its update is in the model).
 """
 
 from __future__ import annotations
@@ -41,9 +55,11 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from numpy.typing import NDArray
 
+from common import secure_sum
 from common.secagg import crypto
 from common.secagg.encoding import (
     Layout,
@@ -73,6 +89,7 @@ from common.secagg.schema import (
     parse_masked_input_reply,
     parse_share_keys_reply,
 )
+from server.claims import ClaimRegistry
 from server.grid import DelegatingGrid
 
 log = logging.getLogger(__name__)
@@ -83,14 +100,33 @@ ABORT_CODE = 0
 #: At most this many share subsets are tried when a rebuilt secret fails verification.
 MAX_COMBINATIONS = 64
 
-#: ``send(stage, {node: content}) -> {node: reply content, or the error reason (str)}``;
-#: nodes without a reply are absent.
-Transport = Callable[[str, dict[int, RecordDict]], dict[int, RecordDict | str]]
+#: ``send(stage, {node: content}) -> {node: reply content, or its Error (or reason)}``;
+#: nodes without a reply before the stage deadline are absent.
+Transport = Callable[[str, dict[int, RecordDict]], dict[int, RecordDict | Error | str]]
+
+#: Kinds of fault in :attr:`RoundReport.faults`: no reply before the stage deadline ...
+FAULT_LATE = "late"
+#: ... an ``ErrorCode.NODE_UNAVAILABLE`` reply (the site went away) ...
+FAULT_DROPPED = "dropped"
+#: ... any other error reply (e.g. a crash while training) ...
+FAULT_FAILED = "failed"
+#: ... or a malformed message (never trusted).
+FAULT_EXCLUDED = "excluded"
+FAULT_KINDS = (FAULT_LATE, FAULT_DROPPED, FAULT_FAILED, FAULT_EXCLUDED)
+#: Reason recorded for a site without a reply before a stage's deadline.
+NO_REPLY = "no reply before the deadline"
 
 
 @dataclass
 class RoundReport:
-    """What one secure-aggregation round did (one line of ``secagg.jsonl``)."""
+    """What one secure-aggregation round did (one line of ``secagg.jsonl``).
+
+    ``faults`` holds, per site, the first stage at which it left the round, the kind
+    (:data:`FAULT_KINDS`) and the reason; the JSON line adds ``in-sum``: whether the
+    site's update is in the unmasked sum anyway (a site gone at ``unmask``).
+    ``step`` is the quantisation step and ``total_weight`` the weight of the sites in the
+    sum (:func:`common.secagg.encoding.mean_error_bound` gives the error of the mean).
+    """
 
     server_round: int
     status: str = "running"
@@ -103,10 +139,18 @@ class RoundReport:
     bytes_down: dict[int, int] = field(default_factory=dict)
     masked_length: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    faults: dict[int, dict[str, str]] = field(default_factory=dict)
+    step: float = 0.0
+    total_weight: float = 0.0
+
+    def note_fault(self, node: int, *, stage: str, kind: str, reason: str) -> None:
+        """Record that ``node`` left the round at ``stage`` (its first fault only)."""
+        self.faults.setdefault(node, {"stage": stage, "kind": kind, "reason": reason})
 
     def as_json(self) -> dict[str, Any]:
         """JSON-safe dict."""
         up = sum(self.bytes_up.values())
+        survivors = set(self.survivors)
         return {
             "round": self.server_round,
             "status": self.status,
@@ -119,6 +163,12 @@ class RoundReport:
             "bytes-down": sum(self.bytes_down.values()),
             "masked-length": self.masked_length,
             "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
+            "faults": [
+                {"site": node, **fault, "in-sum": node in survivors}
+                for node, fault in sorted(self.faults.items())
+            ],
+            "quantisation-step": self.step,
+            "total-weight": self.total_weight,
         }
 
 
@@ -139,6 +189,9 @@ class RoundResult:
         Sum of the survivors' ``num-examples``.
     metrics : dict[int, MetricRecord]
         Each survivor's train metrics.
+    sums : dict[str, numpy.ndarray]
+        The survivors' secure-sum arrays summed (:mod:`common.secure_sum`); empty when
+        the run has none.
 
     """
 
@@ -147,6 +200,7 @@ class RoundResult:
     survivors: list[int]
     total_weight: float
     metrics: dict[int, MetricRecord]
+    sums: dict[str, NDArray[np.float64]] = field(default_factory=dict)
 
 
 def content_nbytes(content: RecordDict) -> int:
@@ -173,7 +227,9 @@ class SecAggRound:
         The global model sent to every site this round (the deltas' reference).
     transport : Transport
         Sends one stage's contents and returns the replies.
-
+    claims : server.claims.ClaimRegistry, optional
+        Bounds each site's ``num-examples`` (its weight in the sum); a site whose claim
+        it refuses is excluded at advertise-keys, before any mask depends on the weight.
     """
 
     def __init__(
@@ -183,12 +239,16 @@ class SecAggRound:
         server_round: int,
         global_arrays: ArrayRecord,
         transport: Transport,
+        claims: ClaimRegistry | None = None,
     ) -> None:
         self.params = params
+        self.claims = claims
         self.server_round = server_round
         self.global_np = {k: v.numpy() for k, v in global_arrays.items()}
         self.layout = Layout.of(self.global_np)
-        self.length = self.layout.length
+        # the run's secure sums ride behind the delta (common/secure_sum.py)
+        self.sum_spec = params.sum_spec
+        self.length = self.layout.length + secure_sum.length(self.sum_spec)
         self.transport = transport
         self.session = secrets.token_bytes(SESSION_BYTES)
         self.report = RoundReport(server_round=server_round)
@@ -207,14 +267,19 @@ class SecAggRound:
         for node in contents:
             reply = replies.get(node)
             if reply is None:
-                dropped[node] = "no reply before the deadline"
+                dropped[node], kind = NO_REPLY, FAULT_LATE
+            elif isinstance(reply, Error):
+                dropped[node] = reply.reason or f"error code {reply.code}"
+                kind = FAULT_DROPPED if reply.code == ErrorCode.NODE_UNAVAILABLE else FAULT_FAILED
             elif isinstance(reply, str):
-                dropped[node] = reply
+                dropped[node], kind = reply, FAULT_FAILED
             else:
                 self.report.bytes_up[node] = self.report.bytes_up.get(node, 0) + content_nbytes(
                     reply
                 )
                 ok[node] = reply
+                continue
+            self.report.note_fault(node, stage=stage, kind=kind, reason=dropped[node])
         if dropped:
             self.report.dropped[stage] = dropped
             log.warning(
@@ -225,6 +290,7 @@ class SecAggRound:
 
     def _exclude(self, node: int, stage: str, exc: Exception) -> None:
         self.report.excluded[node] = f"{stage}: {exc}"
+        self.report.note_fault(node, stage=stage, kind=FAULT_EXCLUDED, reason=str(exc))
         log.warning(
             "secagg round %d: excluding site %d (%s: %s)", self.server_round, node, stage, exc
         )
@@ -286,6 +352,10 @@ class SecAggRound:
                 w = m.get(WEIGHT_KEY)
                 if isinstance(w, bool) or not isinstance(w, int | float) or not 0 < w < 2**40:
                     raise SecAggProtocolError(f"{WEIGHT_KEY!r} must be a positive number")
+                if self.claims is not None and (
+                    why := self.claims.check(node, w, server_round=self.server_round)
+                ):
+                    raise SecAggProtocolError(why)  # before any mask depends on w
                 weights[node], metrics[node] = float(w), m
             except SecAggProtocolError as exc:
                 adverts.pop(node, None)
@@ -298,6 +368,7 @@ class SecAggRound:
         self._require(len(u1), t, ADVERTISE)
         total_adv = sum(weights.values())
         step = quantisation_step(clip_range=self.params.clip_range, total_weight=total_adv)
+        self.report.step = step
 
         # -- stage 1: share keys
         hdr1 = self._header(SHARE_KEYS)
@@ -438,14 +509,19 @@ class SecAggRound:
                     total += mask
 
         total_weight = sum(weights[v] for v in survivors)
-        mean_delta = decode_mean(total, step=step, total_weight=total_weight)
+        mean = decode_mean(total, step=step, total_weight=total_weight)
+        mean_delta = mean[: self.layout.length]
         self.report.survivors = sorted(survivors)
+        self.report.total_weight = total_weight
         return RoundResult(
             arrays=apply_mean_delta(self.global_np, mean_delta, layout=self.layout),
             mean_delta=mean_delta,
             survivors=sorted(survivors),
             total_weight=total_weight,
             metrics={v: metrics[v] for v in survivors},
+            sums=secure_sum.from_mean(
+                mean[self.layout.length :], self.sum_spec, total_weight=total_weight
+            ),
         )
 
     def _rebuild(
@@ -504,12 +580,22 @@ class SecAggGrid(DelegatingGrid):
         From the run config.
     run_dir : pathlib.Path, optional
         Receives ``secagg.jsonl`` (one line per secure round).
+    claims : server.claims.ClaimRegistry, optional
+        Passed to every :class:`SecAggRound`.
 
     """
 
-    def __init__(self, grid: Grid, *, params: SecAggParams, run_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        *,
+        params: SecAggParams,
+        run_dir: Path | None = None,
+        claims: ClaimRegistry | None = None,
+    ) -> None:
         super().__init__(grid)
         self.params = params
+        self.claims = claims
         self.run_dir = run_dir
         self.reports: list[RoundReport] = []
 
@@ -539,12 +625,14 @@ class SecAggGrid(DelegatingGrid):
         last_sent: dict[int, Message] = {}
         answered: set[int] = set()
 
-        def transport(stage: str, contents: dict[int, RecordDict]) -> dict[int, RecordDict | str]:
+        def transport(
+            stage: str, contents: dict[int, RecordDict]
+        ) -> dict[int, RecordDict | Error | str]:
             out_msgs = [
                 self._grid.create_message(c, MessageType.TRAIN, node, group_id)
                 for node, c in contents.items()
             ]
-            out: dict[int, RecordDict | str] = {}
+            out: dict[int, RecordDict | Error | str] = {}
             for m in out_msgs:
                 last_sent[m.metadata.dst_node_id] = m
             for reply in self._grid.send_and_receive(out_msgs, timeout=timeout):
@@ -552,10 +640,7 @@ class SecAggGrid(DelegatingGrid):
                 if node not in contents:
                     continue
                 answered.add(node)
-                if reply.has_error():
-                    out[node] = reply.error.reason or f"error code {reply.error.code}"
-                else:
-                    out[node] = reply.content
+                out[node] = reply.error if reply.has_error() else reply.content
             return out
 
         rnd = SecAggRound(
@@ -563,6 +648,7 @@ class SecAggGrid(DelegatingGrid):
             server_round=server_round,
             global_arrays=global_arrays,
             transport=transport,
+            claims=self.claims,
         )
         contents = {m.metadata.dst_node_id: m.content for m in messages}
         try:
@@ -572,10 +658,7 @@ class SecAggGrid(DelegatingGrid):
             self._record(rnd.report)
             # a site that failed on its own keeps its own reason; the others get the abort's
             return [
-                Message(
-                    Error(code=ABORT_CODE, reason=_own_failure(rnd.report, node) or str(exc)),
-                    reply_to=last_sent[node],
-                )
+                Message(_failure(rnd.report, node, str(exc)), reply_to=last_sent[node])
                 for node in sorted(answered)
             ]
         self._record(rnd.report)
@@ -587,18 +670,25 @@ class SecAggGrid(DelegatingGrid):
             / max(1, rnd.length * len(result.survivors)),
         )
         replies: list[Message] = []
+        sums_attached = False
         for node in sorted(answered):
             sent = last_sent[node]
             if node in result.survivors:
                 metrics = MetricRecord(dict(result.metrics[node]))
                 metrics["secagg-bytes-up"] = rnd.report.bytes_up.get(node, 0)
                 arrays = ArrayRecord({k: Array(np.asarray(v)) for k, v in result.arrays.items()})
-                replies.append(
-                    Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=sent)
-                )
+                content = RecordDict({"arrays": arrays, "metrics": metrics})
+                if result.sums and not sums_attached:
+                    # The round's secure sum rides on the first survivor's reply only:
+                    # the strategy adds what replies carry, so it counts once.
+                    content[secure_sum.RECORD] = ArrayRecord(
+                        {k: Array(v.astype(np.float32)) for k, v in result.sums.items()}
+                    )
+                    sums_attached = True
+                replies.append(Message(content, reply_to=sent))
             else:
-                reason = _own_failure(rnd.report, node) or "secagg: left the round"
-                replies.append(Message(Error(code=ABORT_CODE, reason=reason), reply_to=sent))
+                error = _failure(rnd.report, node, "secagg: left the round")
+                replies.append(Message(error, reply_to=sent))
         return replies
 
     def _record(self, report: RoundReport) -> None:
@@ -606,6 +696,20 @@ class SecAggGrid(DelegatingGrid):
         if self.run_dir is not None:
             with (self.run_dir / SECAGG_LOG).open("a") as fh:
                 fh.write(json.dumps(report.as_json(), sort_keys=True) + "\n")
+
+
+def _failure(report: RoundReport, node: int, default: str) -> Error:
+    """Return the error reply content for ``node``, which is not in the round's sum.
+
+    A site that was late or went away keeps ``ErrorCode.NODE_UNAVAILABLE`` (the round
+    log counts it as dropped, as without secure aggregation); one that failed or was
+    excluded gets :data:`ABORT_CODE` with its own reason; any other gets ``default``.
+    """
+    fault = report.faults.get(node)
+    reason = _own_failure(report, node) or default
+    if fault is not None and fault["kind"] in (FAULT_LATE, FAULT_DROPPED):
+        return Error(code=int(ErrorCode.NODE_UNAVAILABLE), reason=reason)
+    return Error(code=ABORT_CODE, reason=reason)
 
 
 def _own_failure(report: RoundReport, node: int) -> str | None:

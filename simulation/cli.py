@@ -10,11 +10,12 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 from rich.console import Console
 
 from common.config import RunConfig, check_writable_dir, load_config_file
-from common.errors import ConfigError, MedfedError
+from common.errors import ConfigError, DataError, MedfedError
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -111,6 +112,7 @@ def _task_overrides(
 
 
 def simulate(
+    ctx: typer.Context,
     sites: Annotated[int, typer.Option("--sites", "-n", help="Number of virtual hospitals.")] = 3,
     partition: Annotated[
         str, typer.Option(help="How to split the training data: 'iid' or 'dirichlet'.")
@@ -152,6 +154,16 @@ def simulate(
             "folder); the old run is kept aside until the new one completes.",
         ),
     ] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            metavar="RUN_DIR",
+            help="Resume the run in RUN_DIR after its last finished round (e.g. after a "
+            "crash), with its own settings and sites; only --timeout, --cpus-per-site, "
+            "--gpus-per-site and run-config timeouts may be given with it.",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed for splits, init and sampling.")] = 42,
     config: Annotated[
         Path | None, typer.Option(help="TOML file of run-config keys (kebab-case).")
@@ -167,6 +179,16 @@ def simulate(
         float, typer.Option(help="GPU fraction per site (e.g. 0.25 packs 4 sites on a GPU).")
     ] = 0.0,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 3600.0,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            help="Run the virtual sites on an existing (multi-machine) Ray cluster: 'auto' "
+            "or HEAD_IP:6379 (sets RAY_ADDRESS for Flower's Ray driver). The run directory "
+            "must be on a filesystem every Ray node mounts at the same path. Default: a "
+            "local Ray instance on this machine's cores.",
+        ),
+    ] = None,
     via_dicom: Annotated[
         bool,
         typer.Option(
@@ -194,19 +216,27 @@ def simulate(
     final_model.pt, best_model.pt (that best round's model), sites/.
 
     Example: medfed simulate --sites 5 --partition iid --rounds 5 --set local-epochs=2
+
+    Resume a run that was stopped (a crash, a kill): medfed simulate --resume RUN_DIR
     """
-    from server.selection import BEST_MODEL
+    if resume is not None:
+        _resume(
+            ctx,
+            resume,
+            config=config,
+            set_=set_ or [],
+            timeout=timeout,
+            resources={"cpus_per_site": cpus_per_site, "gpus_per_site": gpus_per_site},
+            ray_address=ray_address,
+        )
+        return
     from simulation.chase import DATASET as CHASE
     from simulation.chase import ChasePlan, create_chase_sites
     from simulation.datasets import MEDMNIST, medmnist_path, resolve_data_dir
     from simulation.engine import run_simulation
     from simulation.sites import GLOBAL_EVAL, SplitPlan, create_virtual_sites
     from simulation.summary import (
-        best_model_line,
-        read_rounds,
         round_progress,
-        site_table,
-        summary_table,
     )
 
     try:
@@ -295,12 +325,22 @@ def simulate(
                 gpus_per_site=gpus_per_site,
                 on_line=on_line,
                 timeout=timeout,
+                ray_address=ray_address,
             )
         except MedfedError as exc:
             _kept(previous)
             raise _fail(exc) from None
 
     discard(previous)  # the new run is complete: the replaced one goes
+    eval_data = npz if npz is not None else out / "sites" / GLOBAL_EVAL
+    _report(out, eval_data)
+
+
+def _report(out: Path, eval_data: Path) -> None:
+    """Print the finished run's tables and where its models are."""
+    from server.selection import BEST_MODEL
+    from simulation.summary import best_model_line, read_rounds, site_table, summary_table
+
     history = read_rounds(out)
     console.print(summary_table(history))
     console.print(site_table(history))
@@ -311,13 +351,117 @@ def simulate(
     if line := best_model_line(history):
         console.print(line)
     console.print(f"run directory: [bold]{out}[/] (final model: {out / 'final_model.pt'})")
-    eval_data = npz if npz is not None else out / "sites" / GLOBAL_EVAL
     best = out / BEST_MODEL
     model_file = best if best.is_file() else out / "final_model.pt"
     console.print(
         f"check it on any split: medfed evaluate --checkpoint {model_file} "
         f"--data {eval_data} --split val"
     )
+
+
+#: ``simulate`` options that define a new run: a resumed run has its own.
+_NEW_RUN_OPTIONS = (
+    "sites", "partition", "alpha", "rounds", "dataset", "task_name", "model", "data_dir",
+    "run_dir", "force", "seed", "via_dicom", "site_policy",
+)  # fmt: skip
+
+
+def _resume(
+    ctx: typer.Context,
+    run_dir: Path,
+    *,
+    config: Path | None,
+    set_: list[str],
+    timeout: float,
+    resources: dict[str, Any],
+    ray_address: str | None,
+) -> None:
+    """``medfed simulate --resume RUN_DIR``: go on with the run in ``run_dir``.
+
+    Checks everything the ServerApp will check (a medfed run, not finished, not still
+    going on, a readable resume state, the same model and strategy) before starting the
+    engine, then runs the rest of the rounds on the run's own virtual sites
+    (``RUN_DIR/sites``) with run config ``resume-from`` (server/resume.py).
+    """
+    from click.core import ParameterSource
+
+    from server.app import CONFIG_FILE, why_not_run_dir
+    from server.resume import check_resumable, load_state, resumed_config, run_lock
+    from simulation.engine import run_simulation
+    from simulation.sites import GLOBAL_EVAL
+    from simulation.summary import round_progress
+
+    out = run_dir.resolve()
+    try:
+        _check_gpus(float(resources["gpus_per_site"]))
+        given = [
+            "--" + name.replace("_", "-").replace("task-name", "task")
+            for name in _NEW_RUN_OPTIONS
+            if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+        ]
+        if given:
+            raise ConfigError(
+                f"--resume continues the run in {run_dir} with its own settings; drop "
+                f"{', '.join(given)} (or start a new run without --resume)."
+            )
+        if (why := why_not_run_dir(out)) is not None:
+            raise ConfigError(f"--resume {run_dir}: {why}; give the directory of a medfed run.")
+        with run_lock(out):  # fails now if the run is still going on
+            state = load_state(out)
+            check_resumable(out, state)
+        if state is not None:
+            saved = dict(state.run_config)
+        else:
+            try:
+                saved = json.loads((out / CONFIG_FILE).read_text())
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"{out / CONFIG_FILE} cannot be read ({exc})") from None
+        saved = _moved(saved, out)
+        overrides = (load_config_file(config) if config is not None else {}) | _parse_set(set_)
+        current = RunConfig.from_run_config(
+            {**saved, **overrides, "run-dir": str(out), "resume-from": str(out)}
+        )
+        run = resumed_config(saved, current, run_dir=out)  # the ServerApp's own checks
+        sites = run.min_sites
+        missing = [i for i in range(sites) if not (out / "sites" / f"site-{i}").is_dir()]
+        if missing:
+            raise ConfigError(
+                f"--resume {run_dir}: its virtual sites {missing} are missing from "
+                f"{out / 'sites'}; the run cannot go on without them."
+            )
+    except MedfedError as exc:
+        raise _fail(exc) from None
+    done = state.round if state is not None else 0
+    console.print(
+        f"[bold]medfed simulate --resume[/]: {out}, {sites} sites, after round {done} of "
+        f"{run.num_server_rounds}"
+    )
+    verbose = logging.getLogger().level <= logging.DEBUG
+    with round_progress(console, max(1, run.num_server_rounds - done), echo_all=verbose) as on:
+        try:
+            run_simulation(
+                run_dir=out,
+                run_config=current.to_run_config(),
+                num_sites=sites,
+                on_line=on,
+                timeout=timeout,
+                ray_address=ray_address,
+                **resources,
+            )
+        except MedfedError as exc:
+            raise _fail(exc) from None
+    _report(out, out / "sites" / GLOBAL_EVAL)
+
+
+def _moved(saved: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Return ``saved`` with paths inside the run's old directory moved to ``out``."""
+    old = Path(str(saved.get("run-dir") or out))
+    moved = dict(saved)
+    for key in ("sites-dir", "eval-dataset-dir"):
+        value = Path(str(saved.get(key) or ""))
+        if saved.get(key) and value.is_relative_to(old):
+            moved[key] = str(out / value.relative_to(old))
+    return moved
 
 
 def evaluate(
@@ -330,6 +474,31 @@ def evaluate(
     ],
     split: Annotated[str, typer.Option(help="Split of the file: train, val or test.")] = "val",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="Binary classifiers: predict class 1 when P(class 1) >= this. Default: the "
+            "checkpoint's operating point (chosen on the sites' pooled validation), else 0.5.",
+            min=0.0,
+            max=1.0,
+        ),
+    ] = None,
+    at_default: Annotated[
+        bool,
+        typer.Option(
+            "--at-default",
+            help="Binary classifiers: also report the metrics at the default threshold 0.5.",
+        ),
+    ] = False,
+    balanced: Annotated[
+        bool,
+        typer.Option(
+            "--balanced",
+            help="Classification: evaluate on a class-balanced resample of the split (every "
+            "class cut to the rarest class's count, seeded): a stand-in for a hospital "
+            "whose prevalence differs.",
+        ),
+    ] = False,
 ) -> None:
     """Evaluate a saved global model on any split of a MedMNIST file or a site dataset.
 
@@ -339,9 +508,15 @@ def evaluate(
     and configuration, so no other input is needed. A site dataset directory (e.g.
     ``runs/latest/sites/global-val``) works for every task; a ``.npz`` file for
     classification.
+
+    A binary classifier is scored at a decision threshold: the checkpoint's operating
+    point (``best_model.pt`` of a run stores the threshold chosen on the sites' pooled
+    validation ROC, run config ``operating-point``), ``--threshold``, or 0.5; the JSON
+    names it and its source and adds the confusion matrix (``tp``, ``fp``, ``tn``,
+    ``fn``), PPV and NPV. ``--at-default`` adds the same block at 0.5 under ``at-0.5``.
     """
     from common.device import resolve_device
-    from common.evaluation import evaluate_task
+    from common.evaluation import evaluate_binary_at, evaluate_task
     from common.export import load_model_file
     from common.site_dataset import SiteDataset
     from common.tasks import get_task
@@ -361,19 +536,83 @@ def evaluate(
         else:
             raw_images, labels = load_medmnist_split(data, split)
             images = to_model_images(raw_images)
-        metrics = evaluate_task(ckpt.task, model, images, labels, device=resolve_device(device))
+        if balanced:
+            keep = balanced_indices(np.asarray(labels), seed=0)
+            images, labels = images[keep], np.asarray(labels)[keep]
+        binary = ckpt.task != "segmentation" and int(ckpt.model_kwargs.get("num_classes", 0)) == 2
+        if binary:
+            t, source = _decision_threshold(ckpt, threshold)
+            wanted = {"chosen": t} | ({"default": 0.5} if at_default else {})
+            free, at = evaluate_binary_at(
+                model, images, labels, thresholds=wanted, device=resolve_device(device)
+            )
+            metrics = free | {"threshold": t} | at["chosen"]
+        else:
+            metrics = evaluate_task(ckpt.task, model, images, labels, device=resolve_device(device))
     except MedfedError as exc:
         raise _fail(exc) from None
-    result = {
+
+    def clean(values: dict[str, float]) -> dict[str, float | None]:
+        return {k: (None if v != v else round(v, 6)) for k, v in values.items()}
+
+    result: dict[str, Any] = {
         "checkpoint": str(checkpoint),
         "model": ckpt.model,
         "round": ckpt.round,
         "data": str(data),
         "split": split,
         "num-images": int(metrics.pop("num-examples")),
-        **{k: (None if v != v else round(v, 6)) for k, v in metrics.items()},
     }
+    if balanced:
+        result["resample"] = "class-balanced (seed 0)"
+    if binary:
+        result["threshold-source"] = source
+    result |= clean(metrics)
+    if binary and at_default:
+        result["at-0.5"] = clean(at["default"])
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
+
+
+def balanced_indices(labels: np.ndarray, *, seed: int) -> np.ndarray:
+    """Return indices of a class-balanced resample (each class cut to the rarest's count).
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        int ``(N,)`` image-level labels.
+    seed : int
+        Seed of the draw without replacement (``numpy.random.default_rng``).
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 sorted indices, ``K * min_c n_c`` of them.
+
+    Raises
+    ------
+    DataError
+        If the labels are not image-level ``(N,)``.
+    """
+    if labels.ndim != 1:
+        raise DataError("--balanced needs image-level labels (classification)")
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    n = int(counts.min())
+    picked = [rng.choice(np.flatnonzero(labels == c), size=n, replace=False) for c in classes]
+    return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
+def _decision_threshold(ckpt: Any, override: float | None) -> tuple[float, str]:
+    """Return the threshold ``medfed evaluate`` scores a binary classifier at, and why."""
+    if override is not None:
+        return float(override), "--threshold"
+    op = getattr(ckpt, "operating_point", None)
+    if op:
+        return float(op["threshold"]), (
+            f"checkpoint operating point ({op['method']}, pooled site validation of round "
+            f"{op.get('round', '?')})"
+        )
+    return 0.5, "default 0.5 (the checkpoint has no operating point)"
 
 
 def download(

@@ -36,12 +36,69 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Generic process management lives in simulation/processes.py (shared with deploy.py).
 
 
+#: Ray reads the address of an existing cluster from this variable when ``ray.init()`` is
+#: called without one (ray/_private/worker.py, ``init``); Flower's RayBackend
+#: (flwr/server/superlink/fleet/vce/backend/raybackend.py, ``init_ray``) calls it so.
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
+
+
+def simulation_settings(
+    flwr_home: Path,
+    *,
+    num_sites: int,
+    cpus_per_site: int = 1,
+    gpus_per_site: float = 0.0,
+    ray_address: str | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """Return ``flwr run --federation-config`` pairs and the SuperLink's environment.
+
+    Flower 1.41's federation config has no Ray address (only ``init-args-num-cpus``,
+    ``-num-gpus``, ``-logging-level``, ``-log-to-driver``), so a multi-machine Ray
+    cluster is selected by ``RAY_ADDRESS`` in the environment of the simulation
+    SuperLink, which its ``flwr-simulation`` process (the Ray driver) inherits. With an
+    address, ``init-args-num-cpus`` is left out: Ray refuses ``num_cpus`` when it
+    connects to an existing cluster, whose resources are the cluster's own.
+
+    Parameters
+    ----------
+    flwr_home : pathlib.Path
+        FLWR_HOME of the run (:func:`simulation.processes.flower_env`).
+    num_sites, cpus_per_site, gpus_per_site
+        See :func:`run_simulation`.
+    ray_address : str, optional
+        ``auto``, ``HEAD_IP:6379`` or ``ray://HEAD_IP:10001``; None starts a local Ray
+        instance with this machine's cores (the default).
+
+    Returns
+    -------
+    tuple[list[str], dict[str, str]]
+        The ``key=value`` federation-config pairs and the environment.
+
+    """
+    env = flower_env(flwr_home)
+    fed = [
+        f"num-supernodes={num_sites}",
+        f"client-resources-num-cpus={cpus_per_site}",
+        f"client-resources-num-gpus={gpus_per_site}",
+    ]
+    if ray_address:
+        env[RAY_ADDRESS_ENV] = ray_address
+    else:
+        env.pop(RAY_ADDRESS_ENV, None)  # never join a cluster the caller did not name
+        fed.append(f"init-args-num-cpus={max(1, os.cpu_count() or 1)}")
+    return fed, env
+
+
 @contextlib.contextmanager
-def simulation_superlink(flwr_home: Path, *, startup_timeout: float = 60.0) -> Iterator[str]:
+def simulation_superlink(
+    flwr_home: Path, *, startup_timeout: float = 60.0, env: dict[str, str] | None = None
+) -> Iterator[str]:
     """Start a ``--simulation`` SuperLink on a free port; yield its address; stop it.
 
     The connection is written to ``<flwr_home>/config.toml`` as ``[superlink.medfed-sim]``.
-    Loopback only and plaintext: it never leaves this machine.
+    Loopback only and plaintext: it never leaves this machine. ``env`` (default
+    :func:`~simulation.processes.flower_env`) is the SuperLink's environment, inherited
+    by the Ray driver it starts (``RAY_ADDRESS``, see :func:`simulation_settings`).
     """
     flwr_home.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -68,7 +125,7 @@ def simulation_superlink(flwr_home: Path, *, startup_timeout: float = 60.0) -> I
     with log_file.open("ab") as out:
         proc = subprocess.Popen(
             cmd,
-            env=flower_env(flwr_home),
+            env=env if env is not None else flower_env(flwr_home),
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -112,6 +169,7 @@ def run_simulation(
     app_dir: Path = PROJECT_ROOT,
     on_line: Callable[[str], None] | None = None,
     timeout: float = 3600.0,
+    ray_address: str | None = None,
 ) -> None:
     """Run the medfed app on ``num_sites`` virtual SuperNodes and wait for it to end.
 
@@ -134,6 +192,9 @@ def run_simulation(
         Called with every line ``flwr run --stream`` prints (progress display).
     timeout : float
         Seconds before the run is stopped and :class:`FederationError` raised.
+    ray_address : str, optional
+        Run the virtual sites on this existing Ray cluster (``auto``, ``HEAD_IP:6379``);
+        None: a local Ray instance (see :func:`simulation_settings`).
 
     Raises
     ------
@@ -142,14 +203,14 @@ def run_simulation(
 
     """
     flwr_home = run_dir / ".flwr"
-    env = flower_env(flwr_home)
-    fed = [
-        f"num-supernodes={num_sites}",
-        f"client-resources-num-cpus={cpus_per_site}",
-        f"client-resources-num-gpus={gpus_per_site}",
-        f"init-args-num-cpus={max(1, os.cpu_count() or 1)}",
-    ]
-    with simulation_superlink(flwr_home):
+    fed, env = simulation_settings(
+        flwr_home,
+        num_sites=num_sites,
+        cpus_per_site=cpus_per_site,
+        gpus_per_site=gpus_per_site,
+        ray_address=ray_address,
+    )
+    with simulation_superlink(flwr_home, env=env):
         cmd = [bin_path("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
         cmd += run_config_args(run_config)
         cmd += ["--federation-config", " ".join(fed)]

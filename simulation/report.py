@@ -16,8 +16,10 @@ Run directory (``rounds.jsonl``, ``config.json``, ``sites/`` or the run config's
   right and wrong predictions (``simulation.model_tools.report_explain``);
 * ``report.html``: the best model (which round, by which aggregated site validation
   metric), the plots, the per-round table (with each round's model-selection score),
-  failures and drops, the config and the per-site data summary (counts and label
-  balance from the site manifests).
+  failures and drops, the secure-aggregation faults (from ``secagg.jsonl``: which site
+  was late, failed, went away or was excluded at which SecAgg+ stage, and whether its
+  update is in the round's sum anyway), the config and the per-site data summary
+  (counts and label balance from the site manifests).
 
 Experiment directory (``results.json``) -> ``report.html`` with ``ratios.png`` (federated
 / pooled and federated / best-local accuracy), ``accuracy.png`` and the results table,
@@ -53,6 +55,14 @@ def _read_rounds(run_dir: Path) -> list[dict[str, Any]]:
         raise DataNotFoundError(
             f"{run_dir} has no rounds.jsonl: not a medfed run directory (or it never started)"
         )
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _read_secagg(run_dir: Path) -> list[dict[str, Any]]:
+    """Lines of ``secagg.jsonl`` (server/secagg.py), or [] for a run without SecAgg+."""
+    path = run_dir / "secagg.jsonl"
+    if not path.is_file():
+        return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -103,7 +113,8 @@ def plot_metrics(rounds: list[dict[str, Any]], path: Path, names: dict[str, str]
     if selection is not None and selection["best-round"] is not None:
         left.axvline(selection["best-round"], color="grey", ls=":", label="best_model.pt round")
     left.set(xlabel="round", ylabel="metric (fraction, 0-1)", title="Global model", ylim=(0, 1))
-    left.legend(loc="lower right", fontsize=8)
+    if left.lines:
+        left.legend(loc="lower right", fontsize=8)
     for node, name in names.items():
         pts = [
             (x, _num(p.get("sites", {}).get(node, {}).get("val-accuracy")))
@@ -254,6 +265,43 @@ def short_reason(reason: str, limit: int = 160) -> str:
     return reason[:limit]
 
 
+def secagg_fault(fault: dict[str, Any]) -> str:
+    """Say what happened to a site in a secure round (one ``faults`` entry of secagg.jsonl).
+
+    ``late`` (no reply before the stage deadline), ``failed`` (an error reply: a crash
+    while training, a refusal), ``dropped`` (the site went away) or ``excluded`` (a
+    malformed message); a site gone at ``unmask`` had sent its masked input, so its
+    update is in the sum.
+    """
+    kind, stage = str(fault.get("kind", "?")), str(fault.get("stage", "?"))
+    reason = short_reason(str(fault.get("reason", "")))
+    if fault.get("in-sum"):
+        verb = "gone" if kind == "dropped" else kind
+        return f"{verb} at {stage} after sending its masked input (in the sum): {reason}"
+    return f"{kind}: {reason}"
+
+
+def secagg_fault_rows(secagg: list[dict[str, Any]], names: dict[str, str]) -> list[list[Any]]:
+    """One row per site that left a secure round, and one per aborted round."""
+    rows: list[list[Any]] = []
+    for line in secagg:
+        rnd = line.get("round", "?")
+        for fault in line.get("faults", []):
+            site = str(fault.get("site"))
+            rows.append(
+                [
+                    rnd,
+                    names.get(site, site),
+                    fault.get("stage", "?"),
+                    secagg_fault(fault),
+                    "yes" if fault.get("in-sum") else "no",
+                ]
+            )
+        if line.get("status") == "failed":
+            rows.append([rnd, "-", "-", f"round aborted: {line.get('reason', '')}", "-"])
+    return rows
+
+
 def _f(v: Any, digits: int = 4) -> str:
     x = _num(v)
     return "-" if not math.isfinite(x) else f"{x:.{digits}f}"
@@ -332,6 +380,20 @@ def write_run_report(run_dir: Path) -> Path:
         for r in rounds
     ]
     not_private = any(r.get("dp-noise") == DP_NOISE_REPRODUCIBLE for r in rounds)
+    secagg = _read_secagg(run_dir)
+    secagg_rows = secagg_fault_rows(secagg, names)
+    secagg_section = (
+        [
+            "<h2>Secure aggregation faults</h2>",
+            _table(
+                ["round", "site", "SecAgg+ stage", "what happened", "update in sum"], secagg_rows
+            )
+            if secagg_rows
+            else "<p>Every sampled site took part in every secure round.</p>",
+        ]
+        if secagg
+        else []
+    )
     body = [
         f"<h1>medfed run report: {html.escape(run_dir.name)}</h1>",
         *(
@@ -370,6 +432,7 @@ def write_run_report(run_dir: Path) -> Path:
             ],
             per_round,
         ),
+        *secagg_section,
         "<h2>Site datasets</h2>",
         _table(
             ["site", "split", "count", "label balance"],

@@ -128,10 +128,28 @@ def best_model_line(rounds: list[dict[str, Any]]) -> str | None:
             f"no best model: no round's global model has an aggregated {selection['metric']} "
             "(no site validated it)"
         )
-    return (
+    line = (
         f"best model: round {selection['best-round']} ({selection['metric']} "
         f"{_fmt(selection['best-value'])}) -> {BEST_MODEL}"
     )
+    point = _operating_point(rounds, selection["best-round"])
+    if point is not None:
+        line += (
+            f"; operating point ({point.get('method')}, pooled site validation): threshold "
+            f"{_fmt(point.get('threshold'))}, sensitivity {_fmt(point.get('sensitivity'))}, "
+            f"specificity {_fmt(point.get('specificity'))}"
+        )
+    return line
+
+
+def _operating_point(rounds: list[dict[str, Any]], best_round: Any) -> dict[str, Any] | None:
+    """Return the operating point the round log recorded for round ``best_round``'s model."""
+    for r in rounds:
+        points = (r.get("model-selection") or {}).get("operating-point") or {}
+        point = points.get(str(best_round))
+        if isinstance(point, dict):
+            return point
+    return None
 
 
 def summary_table(rounds: list[dict[str, Any]]) -> Table:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import secrets
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -19,7 +20,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -41,13 +51,15 @@ from client.scaffold import SERVER_RECORD as SCAFFOLD_SERVER_RECORD
 from client.scaffold import ScaffoldRound, variate_path
 from client.site.policy import PolicyRefusal, SitePolicy
 from client.train import make_optimizer, make_train_loader, train_epochs
+from common import secure_sum
 from common.config import NodeConfig, RunConfig
 from common.device import resolve_device
 from common.errors import ConfigError, DataError, ModelError
-from common.evaluation import evaluate_task
+from common.evaluation import evaluate_task, metrics_from_proba, predict_proba
 from common.imbalance import balanced_class_weights, class_counts
 from common.models import get_model
-from common.records import load_record, state_to_record
+from common.operating_point import POSITIVE, score_histogram
+from common.records import load_record, record_to_state_dict, state_to_record
 from common.replies import ReplyCode, fixed_reason
 from common.site_dataset import SiteDataset
 from common.tasks import get_task
@@ -72,6 +84,11 @@ class Job:
     proximal_mu: float = 0.0
     #: SCAFFOLD's server control variate from the train message; None without SCAFFOLD.
     scaffold_c: dict[str, torch.Tensor] | None = None
+    #: ``class-weighting = "federation"``: the federation's summed label counts ``(K,)``
+    #: from the train message config; None before the census or in other modes.
+    federation_counts: np.ndarray | None = None
+    #: The message is the census before round 1 (:mod:`common.secure_sum`): no training.
+    census: bool = False
 
 
 def _check_dataset(run: RunConfig, data: SiteDataset) -> None:
@@ -106,18 +123,24 @@ def prepare(content: RecordDict, context: Context, *, policy: SitePolicy) -> Job
     _check_dataset(run, data)
     torch.manual_seed(run.seed)
     model = get_model(run.model, **run.model_kwargs())
+    if "arrays" not in content.array_records or "config" not in content.config_records:
+        raise DataError("a train or evaluate message needs records 'arrays' and 'config'")
     load_record(model, content.array_records["arrays"])
     device = resolve_device(node.device)
     model.to(device)
     server_round = content.config_records["config"].get("server-round", 0)
-    if not isinstance(server_round, int):
-        raise DataError(f"config 'server-round' must be an int, got {server_round!r}")
+    if isinstance(server_round, bool) or not isinstance(server_round, int):
+        raise DataError("config 'server-round' must be an int")
     mu = content.config_records["config"].get("proximal-mu", 0.0)
-    if not isinstance(mu, int | float):
-        raise DataError(f"config 'proximal-mu' must be a number, got {mu!r}")
+    if isinstance(mu, bool) or not isinstance(mu, int | float) or not 0.0 <= mu < math.inf:
+        raise DataError("config 'proximal-mu' must be a finite number >= 0")
     scaffold_c = None
     if SCAFFOLD_SERVER_RECORD in content.array_records:
-        scaffold_c = content.array_records[SCAFFOLD_SERVER_RECORD].to_torch_state_dict()
+        scaffold_c = record_to_state_dict(content.array_records[SCAFFOLD_SERVER_RECORD])
+    config = content.config_records["config"]
+    census = config.get(secure_sum.CENSUS_KEY, False)
+    if not isinstance(census, bool):
+        raise DataError(f"config {secure_sum.CENSUS_KEY!r} must be a bool")
     return Job(
         run,
         node,
@@ -129,7 +152,27 @@ def prepare(content: RecordDict, context: Context, *, policy: SitePolicy) -> Job
         policy,
         float(mu),
         scaffold_c,
+        federation_counts=_federation_counts(config.get(secure_sum.FEDERATION_COUNTS_KEY), run),
+        census=census,
     )
+
+
+def _federation_counts(raw: object, run: RunConfig) -> np.ndarray | None:
+    """Parse the train config's federation class counts: ``(K,)`` finite counts >= 0."""
+    if raw is None:
+        return None
+    if (
+        not isinstance(raw, list)
+        or len(raw) != run.num_classes
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in raw)
+    ):
+        raise DataError(
+            f"config {secure_sum.FEDERATION_COUNTS_KEY!r} must be {run.num_classes} numbers"
+        )
+    counts = np.asarray(raw, dtype=np.float64)
+    if not np.all(np.isfinite(counts)) or (counts < 0).any():
+        raise DataError(f"config {secure_sum.FEDERATION_COUNTS_KEY!r} must hold counts >= 0")
+    return counts
 
 
 def _round_seed(job: Job) -> int:
@@ -184,8 +227,11 @@ def site_class_weights(job: Job, labels: np.ndarray) -> torch.Tensor | None:
     of this site's own training-label counts, capped at ``class-weight-max``. The
     weights are a function of the site's label counts, which DP-SGD's accounting does
     not cover (as with the exact ``num-examples`` every reply carries); the weights
-    themselves never leave the site, and the planned ``"federation"`` mode (securely
-    summed counts) removes the per-site dependence.
+    themselves never leave the site. ``"federation"``: the same function of the
+    federation's label counts, which the coordinator learned only as a sum over sites
+    (the census, :mod:`common.secure_sum`) and sends in every train message; the site's
+    own counts are the fallback while those are missing (the census itself trains
+    nothing).
 
     Parameters
     ----------
@@ -202,41 +248,127 @@ def site_class_weights(job: Job, labels: np.ndarray) -> torch.Tensor | None:
     Raises
     ------
     ConfigError
-        For a mode other than ``"none"`` / ``"site"`` (RunConfig refuses ``"federation"``
-        until the secure sum of class counts exists).
+        For a mode other than ``"none"``, ``"site"`` or ``"federation"``.
     """
     mode = job.run.class_weight_source()
     if mode == "none":
         return None
-    if mode != "site":
+    if mode not in ("site", "federation"):
         raise ConfigError(f"config key 'class-weighting'={mode!r} is not available at sites")
-    counts = class_counts(labels, num_classes=job.run.num_classes)
+    if mode == "federation" and job.federation_counts is not None:
+        counts, source = job.federation_counts, "the federation's summed"
+    else:
+        if mode == "federation":
+            log.warning("no federation class counts in the train message: using this site's")
+        counts = class_counts(labels, num_classes=job.run.num_classes)
+        source = "this site's"
     weights = balanced_class_weights(counts, max_weight=job.run.class_weight_max)
-    log.info("class weights %s from this site's training label counts", weights.round(4))
+    log.info("class weights %s from %s training label counts", weights.round(4), source)
     return torch.as_tensor(weights, dtype=torch.float32, device=job.device)
 
 
-def local_validation(job: Job) -> dict[str, float]:
-    """Evaluate the job's model on the site's ``val`` split: ``{"val-<metric>": value}``.
+@dataclass(frozen=True)
+class Validation:
+    """The site's validation of the received model (:func:`local_validation`).
+
+    Attributes
+    ----------
+    metrics : dict[str, float]
+        ``{"val-<metric>": value}``, before rounding.
+    secure_sum : dict[str, numpy.ndarray] or None
+        The counts the coordinator may learn only summed over sites
+        (:func:`common.secure_sum.spec`: the per-class score histogram of a binary
+        classifier when the run picks an operating point); None when the run needs none.
+    """
+
+    metrics: dict[str, float]
+    secure_sum: dict[str, np.ndarray] | None = None
+
+
+def local_validation(job: Job) -> Validation:
+    """Evaluate the job's model on the site's ``val`` split.
 
     The metrics of the run's task (common/evaluation.py), before rounding; the count of
-    validation images is not among them (each reply names it in its own way).
+    validation images is not among them (each reply names it in its own way). For a run
+    whose :func:`common.secure_sum.spec` holds the score histogram, the same predictions
+    also give the ``(2, operating-point-bins)`` histogram of ``P(class 1)`` per true class
+    (:func:`common.operating_point.score_histogram`).
     """
     split = job.data.load("val")
-    metrics = evaluate_task(
-        job.run.task, job.model, split.images, split.labels, batch_size=64, device=job.device
+    wanted = secure_sum.spec(job.run)
+    if secure_sum.SCORE_HISTOGRAM in wanted:
+        probs = predict_proba(job.model, split.images, batch_size=64, device=job.device)
+        labels = np.asarray(split.labels)
+        metrics = metrics_from_proba(labels, probs)
+        hist = score_histogram(probs[:, POSITIVE], labels, bins=job.run.operating_point_bins)
+        sums: dict[str, np.ndarray] | None = {secure_sum.SCORE_HISTOGRAM: hist}
+    else:
+        metrics = evaluate_task(
+            job.run.task, job.model, split.images, split.labels, batch_size=64, device=job.device
+        )
+        sums = None
+    values = {f"val-{k}": float(v) for k, v in metrics.items() if k != "num-examples"}
+    return Validation(values, sums)
+
+
+def site_secure_sums(
+    job: Job, validation: Mapping[str, np.ndarray] | None, train_labels: np.ndarray
+) -> dict[str, np.ndarray] | None:
+    """Return the reply's secure-sum arrays: exactly the run's (``secure_sum.spec``).
+
+    The validation score histogram (zeros if the site did not validate) and, with
+    ``class-weighting = "federation"``, this site's training label counts; None when the
+    run sums nothing, or when the only array would be a histogram the site did not make.
+    """
+    wanted = secure_sum.spec(job.run)
+    part: dict[str, np.ndarray] = dict(validation or {})
+    if secure_sum.CLASS_COUNTS in wanted:
+        counts = class_counts(train_labels, num_classes=job.run.num_classes)
+        part[secure_sum.CLASS_COUNTS] = counts.astype(np.float64)
+    if not part:
+        return None
+    return secure_sum.complete(part, wanted)
+
+
+def census_content(job: Job) -> RecordDict:
+    """Answer the census before round 1: no training, the global model unchanged.
+
+    The reply's secure-sum record holds this site's training label counts (and zeros
+    for the rest of the run's layout); under SecAgg+ it reaches the coordinator only
+    inside the masked sum. Nothing is trained, so no privacy budget is spent.
+    """
+    split = job.data.load("train")
+    sums = site_secure_sums(job, None, split.labels)
+    values: dict[str, int | float] = {"num-examples": len(split)}
+    reply = RecordDict(
+        {
+            "arrays": state_to_record(job.model),
+            "metrics": MetricRecord(outgoing_metrics(values, job.policy)),
+        }
     )
-    return {f"val-{k}": float(v) for k, v in metrics.items() if k != "num-examples"}
+    if sums is not None:
+        reply[secure_sum.RECORD] = secure_sum_record(sums)
+    log.info("census: sent this site's label counts into the secure sum")
+    return reply
 
 
-def folded_validation(job: Job) -> dict[str, int | float]:
+def secure_sum_record(sums: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Return the reply record of :mod:`common.secure_sum` (float32 counts)."""
+    return ArrayRecord(
+        {k: Array(np.asarray(v, dtype=np.dtype(secure_sum.DTYPE))) for k, v in sums.items()}
+    )
+
+
+def folded_validation(job: Job) -> tuple[dict[str, int | float], dict[str, np.ndarray] | None]:
     """:func:`local_validation` for a train reply, with ``val-num-examples``.
 
     The coordinator weights the sites' ``val-*`` metrics by their validation sizes
     (server/strategy.py); in a train reply ``num-examples`` counts training images, so
-    the validation count travels as ``val-num-examples`` (an exact count).
+    the validation count travels as ``val-num-examples`` (an exact count). The second
+    item is the validation's secure-sum counts, if the run wants any.
     """
-    return {VAL_COUNT: job.data.count("val"), **local_validation(job)}
+    validation = local_validation(job)
+    return {VAL_COUNT: job.data.count("val"), **validation.metrics}, validation.secure_sum
 
 
 def train_content(job: Job, *, evaluate_first: bool = False) -> RecordDict:
@@ -251,7 +383,7 @@ def train_content(job: Job, *, evaluate_first: bool = False) -> RecordDict:
         ``val`` split and add its ``val-*`` metrics and ``val-num-examples`` to the
         reply, which saves the coordinator a separate evaluate exchange in this round.
     """
-    validation = folded_validation(job) if evaluate_first else {}
+    validation, sums = folded_validation(job) if evaluate_first else ({}, None)
     job.model.train()  # evaluation left it in eval mode; Opacus needs training mode
     split = job.data.load("train")
     # Non-DP shuffling only: under DP, private_training replaces this generator with the
@@ -331,6 +463,11 @@ def train_content(job: Job, *, evaluate_first: bool = False) -> RecordDict:
         )
     metrics = MetricRecord(outgoing_metrics(values, job.policy))
     reply = RecordDict({"arrays": state_to_record(job.model), "metrics": metrics})
+    sums = site_secure_sums(job, sums, split.labels)
+    if sums is not None:
+        # summed over sites by the coordinator, or inside SecAgg+'s masked vector
+        # (client/secagg_mod.py), never read one site at a time under SecAgg+
+        reply[secure_sum.RECORD] = secure_sum_record(sums)
     if scaffold is not None:
         reply[SCAFFOLD_DELTA_RECORD] = scaffold.finish(
             job.model, steps=stats.steps, learning_rate=job.run.learning_rate
@@ -369,9 +506,15 @@ def evaluate_content(job: Job) -> RecordDict:
     crafted models cannot read the validation images out bit by bit.
     """
     values: dict[str, int | float] = {"num-examples": job.data.count("val")}
-    values |= local_validation(job)
+    validation = local_validation(job)
+    values |= validation.metrics
     record = MetricRecord(outgoing_metrics(values, job.policy))
-    return RecordDict({"metrics": record})
+    content = RecordDict({"metrics": record})
+    if validation.secure_sum is not None and not job.run.secagg_enabled:
+        # Plain evaluate replies are not securely summed: under SecAgg+ the histogram
+        # travels only inside train replies' masked vectors.
+        content[secure_sum.RECORD] = secure_sum_record(validation.secure_sum)
+    return content
 
 
 @contextlib.contextmanager
@@ -492,6 +635,8 @@ def make_handler(
     def handle(msg: Message, context: Context) -> Message:
         try:
             job = prepare(msg.content, context, policy=policy)
+            if msg.metadata.message_type == MessageType.TRAIN and job.census:
+                return Message(content=census_content(job), reply_to=msg)
             if msg.metadata.message_type == MessageType.TRAIN:
                 evaluate_first = (
                     job.run.evaluate_in_train

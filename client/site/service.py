@@ -45,7 +45,7 @@ from flwr.app import (
 from flwr.common.constant import ErrorCode
 
 from client.egress import EgressRefused, check_reply
-from client.faults import InjectedFault, fault_injection
+from client.faults import InjectedFault, fault_injection, stage_fault_injection
 from client.secagg_mod import ERROR_CODE as SECAGG_ERROR_CODE
 from client.secagg_mod import secagg_mod
 from client.site.audit import AuditLog
@@ -173,6 +173,12 @@ class SiteService:
 
         def chain(msg: Message, context: Context) -> Message:
             return secagg_mod(msg, context, work)
+
+        if simulated:  # faults.drop-site: stops answering at a SecAgg+ stage
+            secure = chain
+
+            def chain(msg: Message, context: Context) -> Message:
+                return stage_fault_injection(msg, context, secure)
 
         self._chain: Handler = chain
 

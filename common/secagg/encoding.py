@@ -210,6 +210,33 @@ def decode_mean(
     return total.view(np.int32).astype(np.float64) * (step / float(total_weight))
 
 
+def mean_error_bound(
+    *, sites: int, step: float, total_weight: float, stochastic: bool = False
+) -> float:
+    """Largest per-coordinate error of :func:`decode_mean` against the exact weighted mean.
+
+    Parameters
+    ----------
+    sites : int
+        Number of sites whose input is in the sum (``n``).
+    step : float
+        The round's :func:`quantisation_step` (``s``, set by the *advertised* weight).
+    total_weight : float
+        The weight of the sites in the sum (``W``).
+    stochastic : bool
+        Stochastic instead of round-to-nearest quantisation.
+
+    Returns
+    -------
+    float
+        ``n * s / (2 W)`` (deterministic) or ``n * s / W`` (stochastic), from the module
+        docstring's error bound; units of the model's weights.
+
+    """
+    per_site = step if stochastic else step / 2.0
+    return float(sites) * per_site / float(total_weight)
+
+
 def apply_mean_delta(
     global_state: FloatState, mean_delta: NDArray[np.float64], *, layout: Layout
 ) -> dict[str, NDArray[np.generic]]:

@@ -10,7 +10,7 @@ communication graph.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from common.errors import ConfigError
@@ -69,6 +69,10 @@ class SecAggParams:
     quantisation : str
         ``secagg.quantisation``: ``"deterministic"`` (round to nearest) or
         ``"stochastic"`` (unbiased randomized rounding).
+    sum_spec : dict[str, tuple[int, ...]]
+        The run's secure-sum arrays (:func:`common.secure_sum.spec`, e.g. the validation
+        score histogram), appended to every site's masked delta so that only their sum
+        over the survivors is revealed; empty for none.
 
     Raises
     ------
@@ -81,6 +85,7 @@ class SecAggParams:
     threshold: float = 0.5
     clip_range: float = 4.0
     quantisation: str = "deterministic"
+    sum_spec: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.neighbours < 0:
@@ -106,12 +111,15 @@ class SecAggParams:
 
     @classmethod
     def from_run(cls, run: RunConfig) -> SecAggParams:
-        """Build from the parsed run config's ``secagg.*`` keys."""
+        """Build from the parsed run config's ``secagg.*`` keys (and its secure sums)."""
+        from common import secure_sum
+
         return cls(
             neighbours=run.secagg_neighbours,
             threshold=run.secagg_threshold,
             clip_range=run.secagg_clip_range,
             quantisation=run.secagg_quantisation,
+            sum_spec=secure_sum.spec(run),
         )
 
     def shares_needed(self, holders: int) -> int:

@@ -27,6 +27,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from numpy.typing import NDArray
 
+from common.errors import DataError
 from common.secagg.crypto import CIPHERTEXT_BYTES, KEY_BYTES, SHARE_BYTES
 from common.secagg.errors import SecAggProtocolError
 from common.secagg.params import (
@@ -39,6 +40,7 @@ from common.secagg.params import (
     STAGES,
     UNMASK,
 )
+from common.wire import decode_array
 
 T = TypeVar("T")
 SESSION_BYTES = 16
@@ -265,7 +267,12 @@ def parse_masked_input_reply(
         raise SecAggProtocolError(
             f"masked vector must be uint32 of shape ({length},), got {arr.dtype} {arr.shape}"
         )
-    vector = arr.numpy().astype(np.uint32, copy=False)
+    try:
+        # the payload's own header is checked before anything is allocated: Array.numpy()
+        # would allocate whatever it declares, and raise ValueError/EOFError on junk
+        vector = decode_array(arr, shape=(length,), dtype="uint32")
+    except DataError as exc:
+        raise SecAggProtocolError(f"masked vector: {exc}") from None
     return vector, _ids(rec, "active"), _ids(rec, "rejected")
 
 
@@ -387,7 +394,7 @@ def check_reply_record(record: Any, run_config: Mapping[str, Any]) -> str | None
     if not isinstance(record, ConfigRecord):
         return f"expected a ConfigRecord, got {type(record).__name__}"
     stage = record.get("stage")
-    if stage not in REPLY_FIELDS:
+    if not isinstance(stage, str) or stage not in REPLY_FIELDS:  # a list is unhashable
         return "field 'stage' is not a secure-aggregation stage"
     fields = REPLY_FIELDS[str(stage)]
     extra = sorted(set(record) - set(fields) - {"stage"})
@@ -410,10 +417,13 @@ def _masked_length(model: str, kwargs: tuple[tuple[str, Any], ...]) -> int:
 def masked_spec(run_config: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
     """``{vector: ((L,), "uint32")}``: the only array a site sends under secure aggregation.
 
-    ``L`` is the number of float entries of the run config's model ``state_dict``.
+    ``L`` is the number of float entries of the run config's model ``state_dict`` plus
+    the entries of the run's secure-sum record (:func:`common.secure_sum.spec`).
     """
+    from common import secure_sum
     from common.config import RunConfig
 
     run = RunConfig.from_run_config(run_config)
     length = _masked_length(run.model, tuple(sorted(run.model_kwargs().items())))
+    length += secure_sum.length(secure_sum.spec(run))
     return {MASKED_ARRAY: ((length,), "uint32")}

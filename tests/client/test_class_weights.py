@@ -7,6 +7,8 @@ from flwr.app import ConfigRecord, Context, RecordDict
 
 from client.site.handlers import prepare, site_class_weights, train_content
 from client.site.simulated import research_policy
+from common import secure_sum
+from common.errors import DataError
 from common.imbalance import balanced_class_weights
 from common.models import get_model
 from common.records import state_to_record
@@ -19,10 +21,13 @@ def site(tmp_path):
     return tiny_site(tmp_path / "sites" / "site-0", train=32, val=8, seed=3)
 
 
-def _job(site, **run):
+def _job(site, config=None, **run):
     torch.manual_seed(0)
     content = RecordDict(
-        {"arrays": state_to_record(get_model("cnn")), "config": ConfigRecord({"server-round": 1})}
+        {
+            "arrays": state_to_record(get_model("cnn")),
+            "config": ConfigRecord({"server-round": 1, **(config or {})}),
+        }
     )
     context = Context(
         run_id=7,
@@ -50,6 +55,25 @@ def test_site_weights_are_the_balanced_weights_of_the_sites_own_train_labels(sit
     assert got["none"] is None
     capped = site_class_weights(_job(site, **{"class-weight-max": 1.0}), labels)
     torch.testing.assert_close(capped, torch.ones(2))
+
+
+def test_federation_weights_come_from_the_summed_counts_in_the_train_config(site):
+    # Prepare: the federation's counts (from the census) differ from this site's
+    labels = SiteDataset(site).load("train").labels
+    federation = [900.0, 100.0]
+    key = secure_sum.FEDERATION_COUNTS_KEY
+    # Execute
+    weights = site_class_weights(
+        _job(site, {key: federation}, **{"class-weighting": "federation"}), labels
+    )
+    before_census = site_class_weights(_job(site, **{"class-weighting": "federation"}), labels)
+    # Assert: weights of the federation's counts; the site's own as the fallback
+    expected = balanced_class_weights(np.array(federation))
+    torch.testing.assert_close(weights, torch.as_tensor(expected, dtype=torch.float32))
+    own = balanced_class_weights(np.bincount(labels, minlength=2))
+    torch.testing.assert_close(before_census, torch.as_tensor(own, dtype=torch.float32))
+    with pytest.raises(DataError, match=key):
+        _job(site, {key: [1.0, -2.0]}, **{"class-weighting": "federation"})
 
 
 def _update(site, **run):

@@ -29,6 +29,8 @@ from flwr.app import (
 from flwr.common.constant import ErrorCode
 
 from client.egress import egress_guard
+from common import secure_sum
+from common.config import RunConfig
 from common.models import get_model
 from common.records import state_to_record
 from common.replies import ReplyCode, fixed_reason
@@ -110,8 +112,10 @@ def _plain_train(**extra) -> RecordDict:
 
 
 def _masked_length() -> int:
+    """The model's float entries plus the default run's secure sums (score histogram)."""
     state = get_model("cnn").state_dict()
-    return sum(v.numel() for v in state.values() if v.is_floating_point())
+    extra = secure_sum.length(secure_sum.spec(RunConfig()))
+    return sum(v.numel() for v in state.values() if v.is_floating_point()) + extra
 
 
 def _nan_with_payload(payload: int) -> float:
@@ -633,7 +637,10 @@ def test_the_sites_train_reply_passes(site, run):
     reply = egress_guard(request, _app_context(site, run), _site_handler())
     # Assert
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    assert set(reply.content) == {"arrays", "metrics"}
+    # the validation score histogram travels for the coordinator to sum (no SecAgg here)
+    assert set(reply.content) == {"arrays", "metrics", secure_sum.RECORD}
+    hist = reply.content[secure_sum.RECORD][secure_sum.SCORE_HISTOGRAM].numpy()
+    assert hist.shape == (2, 100) and hist.sum() == reply.content["metrics"]["val-num-examples"]
     assert ("epsilon" in reply.content["metrics"]) is (run is DP_RUN)
 
 

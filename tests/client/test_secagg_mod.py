@@ -7,6 +7,8 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
 from client.secagg_mod import STATE_RECORD, SiteSecAggState, secagg_mod
+from common import secure_sum
+from common.config import RunConfig
 from common.models import get_model
 from common.records import state_to_record
 from common.replies import ReplyCode, fixed_reason
@@ -34,7 +36,10 @@ def _msg(node: int, content: RecordDict, message_type: str = MessageType.TRAIN) 
 
 
 def _cnn_size() -> int:
-    return sum(v.numel() for v in get_model("cnn").state_dict().values() if v.is_floating_point())
+    """Masked entries: the CNN's float weights plus the default run's secure sums."""
+    extra = secure_sum.length(secure_sum.spec(RunConfig()))
+    floats = sum(v.numel() for v in get_model("cnn").state_dict().values() if v.is_floating_point())
+    return floats + extra
 
 
 def _context(node: int, **run_config) -> Context:

@@ -145,7 +145,8 @@ def test_honest_dp_round_returns_only_the_update_and_is_audited(worker):
     reply = _send(worker, "train", run_id=11)
     # Assert: the DP update and allow-listed metrics; the socket is owner-only
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    assert set(reply.content.keys()) == {"arrays", "metrics"}
+    # the model, metrics and the validation score histogram (summed by the coordinator)
+    assert set(reply.content.keys()) == {"arrays", "metrics", "medfed.secure-sum"}
     metrics = reply.content.metric_records["metrics"]
     assert 0 < float(metrics["epsilon"]) <= 3.0
     assert stat.S_IMODE(worker.socket.stat().st_mode) == 0o600

@@ -100,9 +100,13 @@ def test_auto_class_weighting_is_site_for_classification_and_none_for_segmentati
     assert RunConfig(class_weighting="none").class_weight_source() == "none"
 
 
-def test_federation_class_weighting_is_refused_until_it_exists():
-    with pytest.raises(ConfigError, match=r"'federation' is not yet available.*use 'site'"):
-        RunConfig.from_run_config({"class-weighting": "federation"})
+def test_federation_class_weighting_adds_the_class_counts_to_the_secure_sums():
+    from common import secure_sum
+
+    run = RunConfig.from_run_config({"class-weighting": "federation"})
+    assert run.class_weight_source() == "federation"
+    assert secure_sum.spec(run)[secure_sum.CLASS_COUNTS] == (2,)
+    assert secure_sum.CLASS_COUNTS not in secure_sum.spec(RunConfig())
 
 
 @pytest.mark.parametrize(

@@ -55,10 +55,14 @@ def test_simulation_with_secure_aggregation_learns_and_uploads_only_masked_uint3
     rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
 
     # Assert: both rounds were securely aggregated over all three sites
+    from common import secure_sum
+    from common.config import RunConfig
     from common.models import get_model
 
     state = get_model("cnn").state_dict()
+    # the model's float entries plus the secure sums (the validation score histogram)
     n_params = sum(v.numel() for v in state.values() if v.is_floating_point())
+    n_params += secure_sum.length(secure_sum.spec(RunConfig()))
     assert json.loads((run_dir / "config.json").read_text())["secagg.enabled"] is True
     assert [r["status"] for r in secagg] == ["ok", "ok"]
     assert all(len(r["survivors"]) == 3 and not r["excluded"] for r in secagg)

@@ -15,14 +15,17 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import (
+    Array,
     ArrayRecord,
     ConfigRecord,
     Context,
+    Error,
     Message,
     MessageType,
     MetricRecord,
     RecordDict,
 )
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -33,7 +36,15 @@ from common.models import get_model
 from common.records import state_to_record
 from common.secagg.errors import SecAggAbortedError
 from common.secagg.params import RECORD, SecAggParams
-from server.secagg import SecAggGrid, SecAggRound
+from server.secagg import (
+    ABORT_CODE,
+    FAULT_DROPPED,
+    FAULT_EXCLUDED,
+    FAULT_FAILED,
+    FAULT_LATE,
+    SecAggGrid,
+    SecAggRound,
+)
 from tests.server.messages import new_message
 
 Handler = Callable[[Message, Context], Message]
@@ -154,7 +165,7 @@ def run_round(nodes, *, drop=None, tamper=None, params=None, run_config=None):
         nodes, handler=train_handler(), drop=drop, tamper=tamper, run_config=run_config
     )
     rnd = SecAggRound(
-        params=params or SecAggParams(),
+        params=params or SecAggParams.from_run(RunConfig.from_run_config(run_config or {})),
         server_round=1,
         global_arrays=arrays,
         transport=_transport(grid),
@@ -209,7 +220,7 @@ def test_nothing_a_site_sends_contains_its_plaintext_update():
         trained = np.concatenate([a.numpy().ravel() for a in plain[node]["arrays"].values()])
         for ar in reply.content.array_records.values():
             assert list(ar) == ["vector"] and ar["vector"].dtype == "uint32"
-            vec = ar["vector"].numpy()
+            vec = ar["vector"].numpy()[: trained.size]  # the rest: secure-sum entries
             assert not np.array_equal(vec.view(np.float32), trained)
             # unrelated to the input (|r| < 6 sigma of independent data) ...
             r = np.corrcoef(vec.astype(np.float64), trained.astype(np.float64))[0, 1]
@@ -251,7 +262,7 @@ def test_dropout_beyond_threshold_fails_loudly(stage):
 def test_ring_graph_neighbourhoods_recover_dropouts():
     # Prepare: 7 sites, 4 neighbours each (5 holders, t = 3); one drops before masking
     nodes = [101, 102, 103, 104, 105, 106, 107]
-    params = SecAggParams(neighbours=4)
+    params = SecAggParams.from_run(RunConfig.from_run_config({"secagg.neighbours": 4}))
     run_config = {"secagg.neighbours": 4}
     grid, arrays, rnd, contents = run_round(
         nodes,
@@ -332,7 +343,9 @@ def test_grid_wrapper_drives_flower_fedavg_to_the_secure_mean(tmp_path, server_i
     nodes = [7, 8, 9]
     torch.manual_seed(0)
     initial = state_to_record(get_model("cnn"))
-    run = RunConfig(secagg_enabled=True)
+    # Flower's bare FedAvg takes one ArrayRecord per reply: no secure-sum record here
+    # (medfed's RecordingStrategy takes it out first; tests/server/test_operating_point.py)
+    run = RunConfig(secagg_enabled=True, operating_point="none")
     inner = InProcessGrid(nodes, handler=train_handler(), run_config=run.to_run_config())
     grid = SecAggGrid(inner, params=SecAggParams.from_run(run), run_dir=tmp_path)
     _, expected, _ = plaintext_fedavg(inner, nodes, initial)
@@ -371,7 +384,38 @@ def test_grid_wrapper_records_failed_round_as_site_errors(tmp_path):
     reasons = {r.metadata.src_node_id: r.error.reason for r in replies}
     assert "aborted at share-keys" in reasons[7]  # the survivor learns why
     assert all("share-keys: no reply" in reasons[n] for n in (8, 9))  # the others' own fault
+    # the late sites read as dropped in rounds.jsonl (as without SecAgg+), the survivor failed
+    codes = {r.metadata.src_node_id: r.error.code for r in replies}
+    assert codes == {7: ABORT_CODE, 8: ErrorCode.NODE_UNAVAILABLE, 9: ErrorCode.NODE_UNAVAILABLE}
     assert '"status": "failed"' in (tmp_path / "secagg.jsonl").read_text()
+
+
+def test_each_way_of_leaving_a_stage_is_recorded_with_its_kind():
+    # Prepare: four sites answer advertise-keys in four ways, none with keys
+    arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+    replies = {
+        1: Error(code=ErrorCode.NODE_UNAVAILABLE, reason="gone"),
+        2: Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="crash"),
+        3: RecordDict({"metrics": MetricRecord({"num-examples": 1})}),  # no secagg record
+    }  # site 4 does not answer before the deadline
+    rnd = SecAggRound(
+        params=SecAggParams(),
+        server_round=3,
+        global_arrays=arrays,
+        transport=lambda stage, contents: replies,
+    )
+    # Execute
+    with pytest.raises(SecAggAbortedError, match="aborted at advertise-keys"):
+        rnd.run({n: RecordDict({"arrays": arrays}) for n in (1, 2, 3, 4)})
+    # Assert
+    line = rnd.report.as_json()
+    assert [(f["site"], f["stage"], f["kind"], f["in-sum"]) for f in line["faults"]] == [
+        (1, "advertise-keys", FAULT_DROPPED, False),
+        (2, "advertise-keys", FAULT_FAILED, False),
+        (3, "advertise-keys", FAULT_EXCLUDED, False),
+        (4, "advertise-keys", FAULT_LATE, False),
+    ]
+    assert line["faults"][3]["reason"] == "no reply before the deadline"
 
 
 def test_threshold_formula_for_typical_federations():

@@ -64,6 +64,39 @@ def test_evaluate_prints_json_metrics(tmp_path, pneumonia_npz):
     )
 
 
+def test_evaluate_scores_at_the_checkpoints_operating_point(tmp_path, pneumonia_npz):
+    # Prepare: a checkpoint whose operating point (as a run stores it) is 0.3
+    from common.operating_point import choose_threshold
+
+    torch.manual_seed(0)
+    op = choose_threshold([[3.0, 1.0, 0.0, 0.0], [0.0, 1.0, 2.0, 2.0]])  # threshold 0.25
+    save_checkpoint(
+        tmp_path / "m.pt",
+        Checkpoint(
+            model="cnn",
+            model_kwargs={"num_classes": 2},
+            task="classification",
+            state_dict=get_model("cnn").state_dict(),
+            operating_point=op.as_dict() | {"threshold": 0.3},
+        ),
+    )
+    common = ["evaluate", "--checkpoint", str(tmp_path / "m.pt"), "--data", str(pneumonia_npz)]
+    # Execute
+    result = _run(*common, "--at-default")
+    balanced = _run(*common, "--balanced", "--threshold", "0.5")
+    # Assert: scored at 0.3 with its source and the confusion matrix; 0.5 beside it
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["threshold"] == 0.3 and "operating point" in out["threshold-source"]
+    assert out["tp"] + out["fp"] + out["tn"] + out["fn"] == out["num-images"] == 524
+    assert out["at-0.5"]["tp"] <= out["tp"]  # a lower threshold flags at least as many
+    # a class-balanced resample: as many normal as pneumonia X-rays (135 normal in val)
+    assert balanced.exit_code == 0, balanced.output
+    bal = json.loads(balanced.stdout)
+    assert bal["num-images"] == 2 * 135 and bal["threshold-source"] == "--threshold"
+    assert bal["tp"] + bal["fn"] == bal["tn"] + bal["fp"] == 135
+
+
 def test_evaluate_on_missing_split_fails_clearly(tmp_path, pneumonia_npz):
     save_checkpoint(
         tmp_path / "m.pt",

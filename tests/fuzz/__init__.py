@@ -1,0 +1,1 @@
+"""Property-based tests (hypothesis) of the parsers that read input from elsewhere."""
