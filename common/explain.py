@@ -117,7 +117,7 @@ def decision_threshold(checkpoint: Any, num_classes: int) -> Decision:
     if num_classes != 2:
         return Decision(None, "argmax")
     op = getattr(checkpoint, "operating_point", None)
-    raw = op.get("threshold") if isinstance(op, dict) else getattr(checkpoint, "threshold", None)
+    raw = op.get("threshold") if isinstance(op, dict) else None
     if raw is None:
         return Decision(DEFAULT_THRESHOLD, "default")
     try:

@@ -603,16 +603,23 @@ def balanced_indices(labels: np.ndarray, *, seed: int) -> np.ndarray:
 
 
 def _decision_threshold(ckpt: Any, override: float | None) -> tuple[float, str]:
-    """Return the threshold ``medfed evaluate`` scores a binary classifier at, and why."""
+    """Return the threshold ``medfed evaluate`` scores a binary classifier at, and why.
+
+    The checkpoint's rule is :func:`common.explain.decision_threshold`'s, so ``medfed
+    explain`` and ``medfed evaluate`` always decide alike.
+    """
+    from common.explain import decision_threshold
+
     if override is not None:
         return float(override), "--threshold"
-    op = getattr(ckpt, "operating_point", None)
-    if op:
-        return float(op["threshold"]), (
+    decision = decision_threshold(ckpt, 2)
+    op = ckpt.operating_point
+    if decision.source == "checkpoint" and op:
+        return float(decision.threshold), (
             f"checkpoint operating point ({op['method']}, pooled site validation of round "
             f"{op.get('round', '?')})"
         )
-    return 0.5, "default 0.5 (the checkpoint has no operating point)"
+    return float(decision.threshold), "default 0.5 (the checkpoint has no operating point)"
 
 
 def download(

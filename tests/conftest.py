@@ -38,3 +38,12 @@ def pneumonia_npz(shared_data_dir: Path) -> Path:
     if not path.is_file():
         pytest.fail(f"{path} missing from the shared data")
     return path
+
+
+@pytest.fixture
+def server_identity(monkeypatch):
+    """Flower's strategies build messages with the ServerApp's task identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1 if attr == "_run_id" else 0)

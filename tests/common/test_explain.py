@@ -12,7 +12,6 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from common.checkpoint import Checkpoint
 from common.errors import ConfigError
 from common.explain import (
     Decision,
@@ -34,13 +33,6 @@ def _no_conv() -> torch.nn.Module:
     """An image classifier without convolutions (like gru/lstm, without importing Opacus)."""
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 2))
-
-
-@dataclasses.dataclass(frozen=True)
-class _WithThreshold(Checkpoint):
-    """A checkpoint carrying the (upcoming) ``threshold`` field."""
-
-    threshold: float | None = None
 
 
 def test_select_cases_half_wrong_and_deterministic():
@@ -67,8 +59,7 @@ def test_select_cases_fills_from_the_other_kind_when_one_is_short():
 def test_decision_threshold_from_checkpoint_else_default(tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "c.pt")
     assert decision_threshold(ckpt, 2) == Decision(0.5, "default")
-    fields = {f.name: getattr(ckpt, f.name) for f in dataclasses.fields(Checkpoint)}
-    with_t = _WithThreshold(**fields, threshold=0.3)
+    with_t = dataclasses.replace(ckpt, operating_point={"threshold": 0.3, "method": "youden"})
     rule = decision_threshold(with_t, 2)
     assert rule == Decision(0.3, "checkpoint")
     probs = np.array([[0.75, 0.25], [0.65, 0.35], [0.2, 0.8]])
@@ -78,7 +69,7 @@ def test_decision_threshold_from_checkpoint_else_default(tmp_path):
     assert "from the checkpoint" in rule.describe(["normal", "pneumonia"])
     assert "p(pneumonia) >= 0.3" in rule.describe(["normal", "pneumonia"])
     with pytest.raises(ConfigError, match="threshold"):
-        decision_threshold(_WithThreshold(**fields, threshold=1.5), 2)
+        decision_threshold(dataclasses.replace(ckpt, operating_point={"threshold": 1.5}), 2)
 
 
 def test_method_by_model_and_unsupported_models_are_named():

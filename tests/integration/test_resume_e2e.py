@@ -27,13 +27,12 @@ from typing import Any
 import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
-from flwr.serverapp import Grid
 
 from client.app import dispatch
 from common.checkpoint import load_checkpoint
 from server.app import main
 from server.resume import RESUME_FILE, load_state
-from tests.server.messages import new_message
+from tests.server.messages import InMemoryGrid
 from tests.sites import tiny_site
 
 #: Virtual sites: (training images, validation images, signal).
@@ -46,7 +45,7 @@ class Killed(BaseException):
     """The coordinator dies here."""
 
 
-class Federation(Grid):
+class Federation(InMemoryGrid):
     """Deliver each message to a virtual site's ClientApp; replies in node order.
 
     ``kill_after_train`` names a round whose train messages the sites answer (they train
@@ -65,49 +64,22 @@ class Federation(Grid):
             for i in range(len(SITES))
         }
         self.kill_after_train = kill_after_train
-        self.replies: dict[str, Message] = {}
+        super().__init__(self.contexts)
 
-    def set_run(self, run_id: int) -> None:
-        pass
-
-    @property
-    def run(self):  # pragma: no cover - not used
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return new_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self):
-        return list(self.contexts)
+    def answer(self, msg: Message) -> Message:
+        return dispatch(msg, self.contexts[msg.metadata.dst_node_id])
 
     def push_messages(self, messages):
-        ids, rounds = [], set()
-        for msg in messages:
-            md = msg.metadata
-            sent = new_message(msg.content, md.message_type, md.dst_node_id, md.group_id, md.ttl)
-            self.replies[sent.metadata.message_id] = dispatch(sent, self.contexts[md.dst_node_id])
-            ids.append(sent.metadata.message_id)
-            if md.message_type == "train":
-                rounds.add(msg.content.config_records["config"]["server-round"])
+        messages = list(messages)
+        ids = super().push_messages(messages)  # the sites answer (and train) first
+        rounds = {
+            m.content.config_records["config"]["server-round"]
+            for m in messages
+            if m.metadata.message_type == "train"
+        }
         if self.kill_after_train in rounds:
             raise Killed(f"after the sites trained in round {self.kill_after_train}")
         return ids
-
-    def pull_messages(self, message_ids):
-        got = [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
-        return sorted(got, key=lambda m: m.metadata.src_node_id)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return self.pull_messages(self.push_messages(messages))
-
-
-@pytest.fixture
-def server_identity(monkeypatch):
-    """Flower's strategies build messages with the ServerApp's task identity."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1 if attr == "_run_id" else 0)
 
 
 def _config(root: Path, **changes: Any) -> dict[str, Any]:

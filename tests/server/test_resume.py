@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 
 from common.checkpoint import load_checkpoint
 from common.errors import ConfigError
@@ -34,7 +33,7 @@ from server.resume import (
     run_lock,
 )
 from server.scaffold import DELTA_RECORD, SERVER_RECORD
-from tests.server.messages import new_message
+from tests.server.messages import InMemoryGrid
 
 NODES = (100, 101)
 ROUNDS = 3
@@ -47,29 +46,16 @@ class Killed(BaseException):
     """The coordinator dies here (nothing in medfed catches a BaseException)."""
 
 
-class FakeSites(Grid):
+class FakeSites(InMemoryGrid):
     """Two sites that answer at once with a deterministic "trained" model.
 
     Replies come back in node order, so the aggregation sums in a fixed order.
     """
 
     def __init__(self) -> None:
-        self.replies: dict[str, Message] = {}
+        super().__init__(NODES)
 
-    def set_run(self, run_id: int) -> None:
-        pass
-
-    @property
-    def run(self):  # pragma: no cover - not used
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return new_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self):
-        return list(NODES)
-
-    def _reply(self, msg: Message) -> Message:
+    def answer(self, msg: Message) -> Message:
         node = msg.metadata.dst_node_id
         rnd = int(msg.content.config_records["config"]["server-round"])
         site = NODES.index(node) + 1
@@ -95,31 +81,6 @@ class FakeSites(Grid):
                 {k: Array(np.full_like(v.numpy(), 0.001 * site)) for k, v in c.items()}
             )
         return Message(content, reply_to=msg)
-
-    def push_messages(self, messages):
-        ids = []
-        for msg in messages:
-            md = msg.metadata
-            sent = new_message(msg.content, md.message_type, md.dst_node_id, md.group_id, md.ttl)
-            self.replies[sent.metadata.message_id] = self._reply(sent)
-            ids.append(sent.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids):
-        got = [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
-        return sorted(got, key=lambda m: m.metadata.src_node_id)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return self.pull_messages(self.push_messages(messages))
-
-
-@pytest.fixture
-def server_identity(monkeypatch):
-    """Flower's strategies build messages with the ServerApp's task identity."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1 if attr == "_run_id" else 0)
 
 
 def _config(run_dir: Path, **changes: Any) -> dict[str, Any]:

@@ -329,15 +329,6 @@ def test_wrong_unmask_share_is_detected_and_other_shares_used():
         np.testing.assert_allclose(result.arrays[k], expected[k], rtol=0, atol=1e-6)
 
 
-@pytest.fixture
-def server_identity(monkeypatch):
-    """Flower's strategies build messages with the ServerApp's task identity."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1 if attr == "_run_id" else 0)
-
-
 def test_grid_wrapper_drives_flower_fedavg_to_the_secure_mean(tmp_path, server_identity):
     # Prepare
     nodes = [7, 8, 9]

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
-from flwr.serverapp import Grid
 from typer.testing import CliRunner
 
 from client.app import dispatch
@@ -24,7 +23,7 @@ from common import cli
 from common.checkpoint import load_checkpoint
 from server.app import main
 from server.selection import BEST_MODEL
-from tests.server.messages import new_message
+from tests.server.messages import InMemoryGrid
 from tests.sites import tiny_site
 
 BAL = "val-balanced-accuracy"
@@ -33,8 +32,10 @@ BAL = "val-balanced-accuracy"
 SITES = ((24, 8, 0.5), (16, 20, 0.2))
 
 
-class InProcessFederation(Grid):
+class InProcessFederation(InMemoryGrid):
     """Deliver every pushed message to a virtual site's ClientApp; replies are pulled."""
+
+    sorted_replies = False
 
     def __init__(self, run_config: dict) -> None:
         self.contexts = {
@@ -47,44 +48,10 @@ class InProcessFederation(Grid):
             )
             for i in range(len(SITES))
         }
-        self.replies: dict[str, Message] = {}
+        super().__init__(self.contexts)
 
-    def set_run(self, run_id: int) -> None:
-        pass
-
-    @property
-    def run(self):  # pragma: no cover - not used
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return new_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def push_messages(self, messages):
-        ids = []
-        for msg in messages:
-            md = msg.metadata  # give it the id a SuperLink would, then deliver it
-            sent = new_message(msg.content, md.message_type, md.dst_node_id, md.group_id, md.ttl)
-            self.replies[sent.metadata.message_id] = dispatch(sent, self.contexts[md.dst_node_id])
-            ids.append(sent.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return self.pull_messages(self.push_messages(messages))
-
-
-@pytest.fixture
-def server_identity(monkeypatch):
-    """Flower's strategies build messages with the ServerApp's task identity."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1 if attr == "_run_id" else 0)
+    def answer(self, msg: Message) -> Message:
+        return dispatch(msg, self.contexts[msg.metadata.dst_node_id])
 
 
 def _federate(tmp_path: Path, **run) -> tuple[Path, list[dict]]:

@@ -362,15 +362,6 @@ def test_site_slower_than_the_deadline_is_left_out(sites):
 
 
 # ------------------------------------------------ all three, through the round log and report
-@pytest.fixture
-def server_identity(monkeypatch):
-    """Flower's strategies build messages with the ServerApp's task identity."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1 if attr == "_run_id" else 0)
-
-
 def test_all_three_faults_in_one_run_are_logged_reported_and_the_model_is_right(
     sites, tmp_path, server_identity
 ):
