@@ -14,6 +14,12 @@ global model unchanged, ``num-examples`` and the record), through SecAgg+ when i
 The coordinator then sends the federation's counts to every training round as the config
 list :data:`FEDERATION_COUNTS_KEY`.
 
+Under SecAgg+ the sites validate each global model inside the next ``train`` message, so
+the last round's model has no train message after it; its validation is a **validate-only**
+``train`` message (config :data:`VALIDATE_KEY` = true, sent by ``server/secagg.py`` in place
+of the final ``evaluate`` exchange), which a site answers like the census, without
+training, with its ``val-*`` metrics and the score histogram inside the masked sum.
+
 * **SecAgg+ off**: the record travels in the plain train reply and the coordinator adds
   the sites' records (``server/runlog.py``).
 * **SecAgg+ on**: the site appends ``counts / (w * SCALE)`` to its masked delta, with
@@ -52,6 +58,8 @@ SCORE_HISTOGRAM = "score-histogram"
 CLASS_COUNTS = "class-counts"
 #: Train-message config key (bool) of the census before round 1.
 CENSUS_KEY = "medfed-census"
+#: Train-message config key (bool): validate the received model, train nothing.
+VALIDATE_KEY = "medfed-validate-only"
 #: Train-message config key (list of float): the federation's summed class counts.
 FEDERATION_COUNTS_KEY = "federation-class-counts"
 #: Divides counts before masking (see the module docstring).

@@ -355,7 +355,14 @@ def _federate(grid: Grid, run: RunConfig, run_dir: Path, start: ResumeState | No
     if run.secagg_enabled:
         # SecAgg+: train messages run the four-stage protocol; the strategy sees only the
         # unmasked weighted mean (server/secagg.py).
-        grid = SecAggGrid(grid, params=SecAggParams.from_run(run), run_dir=run_dir, claims=claims)
+        grid = SecAggGrid(
+            grid,
+            params=SecAggParams.from_run(run),
+            run_dir=run_dir,
+            claims=claims,
+            # the final model's validation, too, sums the score histograms securely
+            secure_validation=secure_sum.SCORE_HISTOGRAM in secure_sum.spec(run),
+        )
         log.info("secure aggregation on: the coordinator sees only the sum of updates")
     if run.class_weight_source() == "federation":
         # The census before round 1: the federation's label counts, summed over the

@@ -11,8 +11,10 @@ surviving site, an ordinary-looking reply whose arrays are the *unmasked weighte
 (global model + mean delta) and whose metrics are the site's own train metrics. FedAvg's
 weighted mean of identical arrays is that array, so FedAvg-family strategies,
 :class:`~server.runlog.RecordingStrategy` and the per-site metric log keep working
-unchanged; ``evaluate`` messages pass straight through. The coordinator never holds a
-single site's update: only masked vectors and, after unmasking, their sum.
+unchanged. ``evaluate`` messages pass straight through, unless the run picks an operating
+point: then they become a validate-only secure round (:meth:`SecAggGrid._validate`), so
+the final model's score histogram too is learned only as a sum. The coordinator never
+holds a single site's update: only masked vectors and, after unmasking, their sum.
 
 Failure semantics
 -----------------
@@ -54,7 +56,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from numpy.typing import NDArray
@@ -89,6 +100,7 @@ from common.secagg.schema import (
     parse_masked_input_reply,
     parse_share_keys_reply,
 )
+from common.wire import VAL_COUNT
 from server.claims import ClaimRegistry
 from server.grid import DelegatingGrid
 
@@ -115,6 +127,11 @@ FAULT_EXCLUDED = "excluded"
 FAULT_KINDS = (FAULT_LATE, FAULT_DROPPED, FAULT_FAILED, FAULT_EXCLUDED)
 #: Reason recorded for a site without a reply before a stage's deadline.
 NO_REPLY = "no reply before the deadline"
+#: Purposes of a secure round (``purpose`` in ``secagg.jsonl``): a training round, the
+#: census before round 1, or the validate-only round of the final model.
+PURPOSE_TRAIN = "train"
+PURPOSE_CENSUS = "census"
+PURPOSE_VALIDATE = "validate"
 
 
 @dataclass
@@ -142,6 +159,9 @@ class RoundReport:
     faults: dict[int, dict[str, str]] = field(default_factory=dict)
     step: float = 0.0
     total_weight: float = 0.0
+    #: What the round was for: :data:`PURPOSE_TRAIN`, :data:`PURPOSE_CENSUS` or
+    #: :data:`PURPOSE_VALIDATE` (the final model's validation, no training).
+    purpose: str = "train"
 
     def note_fault(self, node: int, *, stage: str, kind: str, reason: str) -> None:
         """Record that ``node`` left the round at ``stage`` (its first fault only)."""
@@ -153,6 +173,7 @@ class RoundReport:
         survivors = set(self.survivors)
         return {
             "round": self.server_round,
+            "purpose": self.purpose,
             "status": self.status,
             "reason": self.reason,
             "sampled": sorted(self.sampled),
@@ -566,11 +587,27 @@ def _record(content: RecordDict) -> Any:
     return rec
 
 
+@dataclass
+class _Exchange:
+    """One secure round as :class:`SecAggGrid` ran it: what it sent and what came back."""
+
+    round: SecAggRound
+    #: The last message sent to each site (a reply answers it).
+    last_sent: dict[int, Message]
+    #: Sites that answered at least one stage.
+    answered: set[int]
+    #: The unmasked outcome, or None when the round aborted.
+    result: RoundResult | None = None
+    #: Why the round aborted.
+    aborted: SecAggAbortedError | None = None
+
+
 class SecAggGrid(DelegatingGrid):
     """A ``Grid`` that runs SecAgg+ for every batch of ``train`` messages.
 
-    All other calls (and ``evaluate``/``query`` messages) go to the wrapped grid. See the
-    module docstring for why the protocol sits here and what the strategy sees.
+    All other calls (and ``query`` messages) go to the wrapped grid; so do ``evaluate``
+    messages unless ``secure_validation`` is on. See the module docstring for why the
+    protocol sits here and what the strategy sees.
 
     Parameters
     ----------
@@ -582,6 +619,12 @@ class SecAggGrid(DelegatingGrid):
         Receives ``secagg.jsonl`` (one line per secure round).
     claims : server.claims.ClaimRegistry, optional
         Passed to every :class:`SecAggRound`.
+    secure_validation : bool
+        Run ``evaluate`` messages as validate-only secure rounds (config
+        :data:`common.secure_sum.VALIDATE_KEY`): the sites validate the model without
+        training and their score histograms reach the coordinator only as their sum.
+        With ``evaluate-in-train`` the only evaluate exchange is the final model's, which
+        otherwise would have no operating point (:mod:`common.secure_sum`).
 
     """
 
@@ -592,18 +635,20 @@ class SecAggGrid(DelegatingGrid):
         params: SecAggParams,
         run_dir: Path | None = None,
         claims: ClaimRegistry | None = None,
+        secure_validation: bool = False,
     ) -> None:
         super().__init__(grid)
         self.params = params
         self.claims = claims
         self.run_dir = run_dir
+        self.secure_validation = secure_validation
         self.reports: list[RoundReport] = []
 
     # ------------------------------------------------------------- the protocol
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        """Run SecAgg+ for ``train`` messages; pass anything else through.
+        """Run SecAgg+ for ``train`` messages (and ``evaluate`` ones, see above).
 
         Returns
         -------
@@ -612,32 +657,121 @@ class SecAggGrid(DelegatingGrid):
             mean model and the site's train metrics (plus ``secagg-bytes-up``, what it
             really uploaded), and one error reply per site that failed, dropped or was
             excluded after answering at least once. If the round aborts, error replies
-            for every site that answered, naming the reason.
+            for every site that answered, naming the reason. For ``evaluate`` under
+            ``secure_validation``: the same, as evaluate replies (:meth:`_validate`).
+            Anything else: the wrapped grid's replies.
 
         """
         messages = list(messages)
-        if not messages or any(m.metadata.message_type != MessageType.TRAIN for m in messages):
+        types = {m.metadata.message_type for m in messages}
+        if types == {MessageType.EVALUATE} and self.secure_validation:
+            return self._validate(messages, timeout)
+        if types != {MessageType.TRAIN}:
             return self._grid.send_and_receive(messages, timeout=timeout)
-        first = messages[0]
-        group_id = first.metadata.group_id
+        group_id = messages[0].metadata.group_id
+        contents = {m.metadata.dst_node_id: m.content for m in messages}
+        config = messages[0].content.config_records.get("config")
+        census = config is not None and config.get(secure_sum.CENSUS_KEY) is True
+        purpose = PURPOSE_CENSUS if census else PURPOSE_TRAIN
+        ex = self._exchange(contents, group_id, _common_arrays(messages), purpose, timeout)
+        if ex.result is None:
+            return self._aborted(ex, ex.last_sent)
+        result, rnd = ex.result, ex.round
+        replies: list[Message] = []
+        sums_attached = False
+        for node in sorted(ex.answered):
+            sent = ex.last_sent[node]
+            if node not in result.survivors:
+                error = _failure(rnd.report, node, "secagg: left the round")
+                replies.append(Message(error, reply_to=sent))
+                continue
+            metrics = MetricRecord(dict(result.metrics[node]))
+            metrics["secagg-bytes-up"] = rnd.report.bytes_up.get(node, 0)
+            arrays = ArrayRecord({k: Array(np.asarray(v)) for k, v in result.arrays.items()})
+            content = RecordDict({"arrays": arrays, "metrics": metrics})
+            if result.sums and not sums_attached:
+                # The round's secure sum rides on the first survivor's reply only:
+                # the strategy adds what replies carry, so it counts once.
+                content[secure_sum.RECORD] = _sum_record(result.sums)
+                sums_attached = True
+            replies.append(Message(content, reply_to=sent))
+        return replies
+
+    def _validate(self, messages: list[Message], timeout: float | None) -> list[Message]:
+        """Run ``evaluate`` messages as one validate-only secure round.
+
+        Each site gets a ``train`` message with the evaluate message's model and config
+        plus :data:`common.secure_sum.VALIDATE_KEY`; it validates without training, so
+        the unmasked mean is the model itself and the secure sum holds the pooled score
+        histogram. Each site that validated gets an evaluate reply with ``num-examples``
+        (its validation count) and its ``val-*`` metrics, as a plain evaluate reply has;
+        the first of them also carries the summed histogram. A site that left the round,
+        or whose policy refused the validation, gets an error reply.
+        """
+        group_id = messages[0].metadata.group_id
+        contents: dict[int, RecordDict] = {}
+        for m in messages:
+            content = RecordDict(dict(m.content.items()))
+            config = ConfigRecord(dict(m.content.config_records.get("config", {})))
+            config[secure_sum.VALIDATE_KEY] = True
+            content["config"] = config
+            contents[m.metadata.dst_node_id] = content
+        originals = {m.metadata.dst_node_id: m for m in messages}
+        ex = self._exchange(contents, group_id, _common_arrays(messages), PURPOSE_VALIDATE, timeout)
+        if ex.result is None:
+            return self._aborted(ex, originals)
+        result, report = ex.result, ex.round.report
+        histogram = {k: v for k, v in result.sums.items() if k == secure_sum.SCORE_HISTOGRAM}
+        replies: list[Message] = []
+        for node in sorted(ex.answered):
+            sent = originals[node]
+            site = result.metrics.get(node) if node in result.survivors else None
+            if site is None:
+                error = _failure(report, node, "secagg: left the round")
+                replies.append(Message(error, reply_to=sent))
+                continue
+            val_count = site.get(VAL_COUNT)
+            if not isinstance(val_count, int) or val_count <= 0:
+                error = Error(code=ABORT_CODE, reason="the site did not validate the model")
+                replies.append(Message(error, reply_to=sent))
+                continue
+            metrics = MetricRecord(
+                {"num-examples": val_count}
+                | {k: v for k, v in site.items() if k.startswith("val-") and k != VAL_COUNT}
+            )
+            content = RecordDict({"metrics": metrics})
+            if histogram:
+                content[secure_sum.RECORD] = _sum_record(histogram)
+                histogram = {}
+            replies.append(Message(content, reply_to=sent))
+        return replies
+
+    def _exchange(
+        self,
+        contents: dict[int, RecordDict],
+        group_id: str,
+        global_arrays: ArrayRecord,
+        purpose: str,
+        timeout: float | None,
+    ) -> _Exchange:
+        """Run one secure round over the real grid; record it in ``secagg.jsonl``."""
         server_round = int(group_id) if group_id.isdigit() else len(self.reports) + 1
-        global_arrays = _common_arrays(messages)
         last_sent: dict[int, Message] = {}
         answered: set[int] = set()
 
         def transport(
-            stage: str, contents: dict[int, RecordDict]
+            stage: str, stage_contents: dict[int, RecordDict]
         ) -> dict[int, RecordDict | Error | str]:
             out_msgs = [
                 self._grid.create_message(c, MessageType.TRAIN, node, group_id)
-                for node, c in contents.items()
+                for node, c in stage_contents.items()
             ]
             out: dict[int, RecordDict | Error | str] = {}
             for m in out_msgs:
                 last_sent[m.metadata.dst_node_id] = m
             for reply in self._grid.send_and_receive(out_msgs, timeout=timeout):
                 node = reply.metadata.src_node_id
-                if node not in contents:
+                if node not in stage_contents:
                     continue
                 answered.add(node)
                 out[node] = reply.error if reply.has_error() else reply.content
@@ -650,52 +784,44 @@ class SecAggGrid(DelegatingGrid):
             transport=transport,
             claims=self.claims,
         )
-        contents = {m.metadata.dst_node_id: m.content for m in messages}
+        rnd.report.purpose = purpose
+        ex = _Exchange(rnd, last_sent, answered)
         try:
-            result = rnd.run(contents)
+            ex.result = rnd.run(contents)
         except SecAggAbortedError as exc:
             log.error("%s", exc)
-            self._record(rnd.report)
-            # a site that failed on its own keeps its own reason; the others get the abort's
-            return [
-                Message(_failure(rnd.report, node, str(exc)), reply_to=last_sent[node])
-                for node in sorted(answered)
-            ]
+            ex.aborted = exc
         self._record(rnd.report)
-        log.info(
-            "secagg round %d: unmasked the sum of %d sites (%.2f bytes/parameter up)",
-            server_round,
-            len(result.survivors),
-            sum(rnd.report.bytes_up[v] for v in result.survivors)
-            / max(1, rnd.length * len(result.survivors)),
-        )
-        replies: list[Message] = []
-        sums_attached = False
-        for node in sorted(answered):
-            sent = last_sent[node]
-            if node in result.survivors:
-                metrics = MetricRecord(dict(result.metrics[node]))
-                metrics["secagg-bytes-up"] = rnd.report.bytes_up.get(node, 0)
-                arrays = ArrayRecord({k: Array(np.asarray(v)) for k, v in result.arrays.items()})
-                content = RecordDict({"arrays": arrays, "metrics": metrics})
-                if result.sums and not sums_attached:
-                    # The round's secure sum rides on the first survivor's reply only:
-                    # the strategy adds what replies carry, so it counts once.
-                    content[secure_sum.RECORD] = ArrayRecord(
-                        {k: Array(v.astype(np.float32)) for k, v in result.sums.items()}
-                    )
-                    sums_attached = True
-                replies.append(Message(content, reply_to=sent))
-            else:
-                error = _failure(rnd.report, node, "secagg: left the round")
-                replies.append(Message(error, reply_to=sent))
-        return replies
+        if ex.result is not None:
+            log.info(
+                "secagg round %d (%s): unmasked the sum of %d sites (%.2f bytes/parameter up)",
+                server_round,
+                purpose,
+                len(ex.result.survivors),
+                sum(rnd.report.bytes_up[v] for v in ex.result.survivors)
+                / max(1, rnd.length * len(ex.result.survivors)),
+            )
+        return ex
+
+    @staticmethod
+    def _aborted(ex: _Exchange, reply_to: Mapping[int, Message]) -> list[Message]:
+        """Error replies for every site that answered an aborted round."""
+        # a site that failed on its own keeps its own reason; the others get the abort's
+        return [
+            Message(_failure(ex.round.report, node, str(ex.aborted)), reply_to=reply_to[node])
+            for node in sorted(ex.answered)
+        ]
 
     def _record(self, report: RoundReport) -> None:
         self.reports.append(report)
         if self.run_dir is not None:
             with (self.run_dir / SECAGG_LOG).open("a") as fh:
                 fh.write(json.dumps(report.as_json(), sort_keys=True) + "\n")
+
+
+def _sum_record(sums: Mapping[str, NDArray[np.float64]]) -> ArrayRecord:
+    """Return the :mod:`common.secure_sum` reply record of already summed counts."""
+    return ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in sums.items()})
 
 
 def _failure(report: RoundReport, node: int, default: str) -> Error:

@@ -286,6 +286,8 @@ def secagg_fault_rows(secagg: list[dict[str, Any]], names: dict[str, str]) -> li
     rows: list[list[Any]] = []
     for line in secagg:
         rnd = line.get("round", "?")
+        if line.get("purpose", "train") != "train":  # the census, the final validation
+            rnd = f"{rnd} ({line['purpose']})"
         for fault in line.get("faults", []):
             site = str(fault.get("site"))
             rows.append(

@@ -89,6 +89,9 @@ class Job:
     federation_counts: np.ndarray | None = None
     #: The message is the census before round 1 (:mod:`common.secure_sum`): no training.
     census: bool = False
+    #: The message asks only for validation of the received model (the final model's
+    #: validation under SecAgg+, :mod:`common.secure_sum`): no training.
+    validate_only: bool = False
 
 
 def _check_dataset(run: RunConfig, data: SiteDataset) -> None:
@@ -138,9 +141,12 @@ def prepare(content: RecordDict, context: Context, *, policy: SitePolicy) -> Job
     if SCAFFOLD_SERVER_RECORD in content.array_records:
         scaffold_c = record_to_state_dict(content.array_records[SCAFFOLD_SERVER_RECORD])
     config = content.config_records["config"]
-    census = config.get(secure_sum.CENSUS_KEY, False)
-    if not isinstance(census, bool):
-        raise DataError(f"config {secure_sum.CENSUS_KEY!r} must be a bool")
+    census, validate_only = (
+        config.get(key, False) for key in (secure_sum.CENSUS_KEY, secure_sum.VALIDATE_KEY)
+    )
+    for key, value in ((secure_sum.CENSUS_KEY, census), (secure_sum.VALIDATE_KEY, validate_only)):
+        if not isinstance(value, bool):
+            raise DataError(f"config {key!r} must be a bool")
     return Job(
         run,
         node,
@@ -153,7 +159,8 @@ def prepare(content: RecordDict, context: Context, *, policy: SitePolicy) -> Job
         float(mu),
         scaffold_c,
         federation_counts=_federation_counts(config.get(secure_sum.FEDERATION_COUNTS_KEY), run),
-        census=census,
+        census=bool(census),
+        validate_only=bool(validate_only),
     )
 
 
@@ -330,16 +337,29 @@ def site_secure_sums(
     return secure_sum.complete(part, wanted)
 
 
-def census_content(job: Job) -> RecordDict:
-    """Answer the census before round 1: no training, the global model unchanged.
+def untrained_content(job: Job, *, validate: bool = False) -> RecordDict:
+    """Answer a train message that trains nothing: the census, or a validate-only message.
 
-    The reply's secure-sum record holds this site's training label counts (and zeros
-    for the rest of the run's layout); under SecAgg+ it reaches the coordinator only
-    inside the masked sum. Nothing is trained, so no privacy budget is spent.
+    The global model goes back unchanged (a zero delta under SecAgg+) with
+    ``num-examples``, the site's training count, as the weight. The reply's secure-sum
+    record holds this site's training label counts when the run sums them, and, with
+    ``validate``, the score histogram of the received model on the ``val`` split, whose
+    ``val-*`` metrics and ``val-num-examples`` the reply carries too (as a train reply
+    with ``evaluate-in-train`` does). Under SecAgg+ the record reaches the coordinator
+    only inside the masked sum. Nothing is trained, so no privacy budget is spent.
+
+    Parameters
+    ----------
+    job : Job
+        The prepared message (``job.census`` or ``job.validate_only``).
+    validate : bool
+        Validate the received model (the policy's evaluation limits allow it and the
+        site has a ``val`` split).
     """
+    validation, sums = folded_validation(job) if validate else ({}, None)
     split = job.data.load("train")
-    sums = site_secure_sums(job, None, split.labels)
-    values: dict[str, int | float] = {"num-examples": len(split)}
+    sums = site_secure_sums(job, sums, split.labels)
+    values: dict[str, int | float] = {"num-examples": len(split), **validation}
     reply = RecordDict(
         {
             "arrays": state_to_record(job.model),
@@ -348,7 +368,10 @@ def census_content(job: Job) -> RecordDict:
     )
     if sums is not None:
         reply[secure_sum.RECORD] = secure_sum_record(sums)
-    log.info("census: sent this site's label counts into the secure sum")
+    if job.census:
+        log.info("census: sent this site's label counts into the secure sum")
+    else:
+        log.info("round %d: validated the received model without training", job.server_round)
     return reply
 
 
@@ -636,16 +659,19 @@ def make_handler(
         try:
             job = prepare(msg.content, context, policy=policy)
             if msg.metadata.message_type == MessageType.TRAIN and job.census:
-                return Message(content=census_content(job), reply_to=msg)
+                return Message(content=untrained_content(job), reply_to=msg)
             if msg.metadata.message_type == MessageType.TRAIN:
-                evaluate_first = (
-                    job.run.evaluate_in_train
+                validate = (
+                    (job.run.evaluate_in_train or job.validate_only)
                     and "val" in job.data.splits
                     and (may_evaluate is None or may_evaluate(job))
                 )
-                return Message(
-                    content=train_content(job, evaluate_first=evaluate_first), reply_to=msg
+                content = (
+                    untrained_content(job, validate=validate)
+                    if job.validate_only
+                    else train_content(job, evaluate_first=validate)
                 )
+                return Message(content=content, reply_to=msg)
             return Message(content=evaluate_content(job), reply_to=msg)
         except Exception as exc:  # every failure becomes a fixed-reason reply
             return error_reply(msg, exc)

@@ -64,7 +64,10 @@ def test_simulation_with_secure_aggregation_learns_and_uploads_only_masked_uint3
     n_params = sum(v.numel() for v in state.values() if v.is_floating_point())
     n_params += secure_sum.length(secure_sum.spec(RunConfig()))
     assert json.loads((run_dir / "config.json").read_text())["secagg.enabled"] is True
-    assert [r["status"] for r in secagg] == ["ok", "ok"]
+    # two training rounds, then the final model's validate-only round (no training)
+    assert [(r["purpose"], r["status"]) for r in secagg] == [
+        ("train", "ok"), ("train", "ok"), ("validate", "ok"),
+    ]  # fmt: skip
     assert all(len(r["survivors"]) == 3 and not r["excluded"] for r in secagg)
     # each site uploaded ~4 bytes per parameter in all four stages together
     for r in secagg:
@@ -77,6 +80,14 @@ def test_simulation_with_secure_aggregation_learns_and_uploads_only_masked_uint3
         for r in rounds[1:]
         for s in r["train"]["sites"].values()
     )
+    # the final model has an operating point from the securely summed histograms
+    from common.checkpoint import load_checkpoint
+
+    final = load_checkpoint(run_dir / "final_model.pt")
+    assert final.operating_point is not None
+    assert final.operating_point["round"] == 2
+    assert final.operating_point["validation_examples"] > 0
+    assert len(rounds[-1]["evaluate"]["replied"]) == 3
     # and the securely aggregated model learned
     with np.load(pneumonia_npz) as npz:
         labels = npz["val_labels"]

@@ -70,3 +70,70 @@ def test_plain_census_sums_the_sites_records(tmp_path):
         grid, initial_arrays=state_to_record(get_model("cnn")), min_replies=3, timeout=60
     )
     np.testing.assert_array_equal(counts, pooled)
+
+
+def _evaluate_messages(grid, arrays, server_round: int):
+    from flwr.app import ConfigRecord, MessageType
+
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
+    return [grid.create_message(content, MessageType.EVALUATE, n, str(server_round)) for n in NODES]
+
+
+def test_final_validation_under_secagg_sums_the_histograms_and_trains_nothing(tmp_path):
+    # Prepare: the last round's model, validated by three real sites under SecAgg+
+    from client.site.handlers import local_validation, prepare
+
+    run = RunConfig(secagg_enabled=True, batch_size=8, operating_point_bins=20)
+    inner, _ = _sites(tmp_path, run)
+    grid = SecAggGrid(
+        inner, params=SecAggParams.from_run(run), run_dir=tmp_path, secure_validation=True
+    )
+    torch.manual_seed(0)
+    final = state_to_record(get_model("cnn"))
+    messages = _evaluate_messages(grid, final, server_round=3)
+    # what each site's histogram would be, by the site's own validation code
+    own = {}
+    for msg in messages:
+        node = msg.metadata.dst_node_id
+        job = prepare(msg.content, inner.contexts[node], policy=SitePolicy.default())
+        own[node] = local_validation(job).secure_sum[secure_sum.SCORE_HISTOGRAM]
+    # Execute
+    replies = list(grid.send_and_receive(messages, timeout=60))
+    # Assert: evaluate replies with each site's validation count and val-* metrics ...
+    assert sorted(r.metadata.src_node_id for r in replies) == NODES
+    assert all(not r.has_error() and r.metadata.message_type == "evaluate" for r in replies)
+    for r in replies:
+        metrics = r.content["metrics"]
+        assert metrics["num-examples"] == 6
+        assert 0.0 <= metrics["val-balanced-accuracy"] <= 1.0
+        assert "val-num-examples" not in metrics and "train-loss" not in metrics
+    # ... the pooled histogram exactly, on one reply only ...
+    carrying = [r for r in replies if secure_sum.RECORD in r.content]
+    assert len(carrying) == 1
+    got = carrying[0].content[secure_sum.RECORD][secure_sum.SCORE_HISTOGRAM].numpy()
+    np.testing.assert_array_equal(got, sum(own.values()))
+    assert got.sum() == 18  # every validation image counted once
+    # ... while only masked vectors left the sites, and nothing was trained
+    for reply in inner.replies:
+        assert secure_sum.RECORD not in reply.content
+        for ar in reply.content.array_records.values():
+            assert list(ar) == ["vector"] and ar["vector"].dtype == "uint32"
+    assert run.dp_enabled and not any(
+        (tmp_path / f"state-{n}").exists() and any((tmp_path / f"state-{n}").iterdir())
+        for n in NODES
+    ), "a validate-only round must not train (no privacy ledger written)"
+    lines = (tmp_path / "secagg.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and '"purpose": "validate"' in lines[0]
+
+
+def test_evaluate_passes_through_without_secure_validation(tmp_path):
+    # Prepare: SecAgg+ without an operating point: evaluate messages are plain
+    run = RunConfig(secagg_enabled=True, batch_size=8, operating_point="none")
+    inner, _ = _sites(tmp_path, run)
+    grid = SecAggGrid(inner, params=SecAggParams.from_run(run), run_dir=tmp_path)
+    messages = _evaluate_messages(grid, state_to_record(get_model("cnn")), server_round=1)
+    # Execute
+    replies = list(grid.send_and_receive(messages, timeout=60))
+    # Assert: one plain reply per site and no secure round
+    assert len(replies) == 3 and not (tmp_path / "secagg.jsonl").exists()
+    assert all(secure_sum.RECORD not in r.content for r in replies)
