@@ -24,9 +24,11 @@ $(VENV)/.installed: pyproject.toml
 ## The main job: 3 virtual hospitals, Dirichlet(0.5) label skew, federated CNN on
 ## PneumoniaMNIST, then the best global model (federated model selection on the sites'
 ## validation splits; final_model.pt is kept beside it) evaluated on the validation split.
+## Three local epochs per round: under DP (epsilon 8 over the run) they lifted the best
+## model's balanced accuracy from 0.909-0.930 (one epoch) to 0.920-0.931 (issue 13).
 demo: setup
 	$(MEDFED) simulate --sites 3 --partition dirichlet --alpha 0.5 --rounds 10 \
-		--data-dir $(DATA_DIR)
+		--set local-epochs=3 --data-dir $(DATA_DIR)
 	$(MEDFED) evaluate --checkpoint runs/latest/best_model.pt \
 		--data $(DATA_DIR)/pneumoniamnist/pneumoniamnist.npz --split val
 
@@ -40,10 +42,14 @@ test-slow: setup
 test-all: setup
 	$(PY) -m pytest -m "not gpu"
 
+## ruff (lint incl. McCabe complexity <= 15, format), mypy, the import contracts of
+## DESIGN s.2 (pyproject [tool.importlinter]) and the 100-line limit on functions.
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+	$(PY) .ci/function_length.py
 
 ## A real federation on this machine: SuperLink + 3 SuperNodes (+ SuperExecs) as
 ## processes from docker-compose.yml, TLS + node auth, DICOM export -> ingest site data.

@@ -50,16 +50,16 @@ from typing import Any
 import yaml
 
 from common.models import get_model
-from simulation.compose import COMPOSE_FILE, PROJECT_ROOT, load_compose
-from simulation.datasets import medmnist_path
-from simulation.deploy import (
+from simulation.data.datasets import medmnist_path
+from simulation.launch.compose import COMPOSE_FILE, PROJECT_ROOT, load_compose
+from simulation.launch.deploy import (
     default_run_config,
     local_federation,
     prepare_credentials,
     prepare_policies,
     prepare_site_datasets,
 )
-from simulation.summary import read_rounds
+from simulation.research.summary import read_rounds
 
 OUT = Path(__file__).resolve().parent / "results" / "round_overhead.json"
 

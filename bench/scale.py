@@ -220,7 +220,7 @@ def main() -> None:
     sizes = sorted({int(x) for x in args.sites.split(",") if x.strip()})
 
     sys.path.insert(0, str(ROOT))
-    from simulation.datasets import medmnist_path
+    from simulation.data.datasets import medmnist_path
 
     npz = medmnist_path("pneumoniamnist")
     runs = []

@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from client.secagg_mod import secagg_mod  # noqa: E402
-from common.secagg.params import SecAggParams  # noqa: E402
+from common.config import SecAggConfig  # noqa: E402
 from server.secagg import SecAggRound  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "secagg.json"
@@ -147,7 +147,7 @@ def medfed_round(
 
     clock = Clock()
     rnd = SecAggRound(
-        params=SecAggParams(), server_round=1, global_arrays=arrays, transport=transport
+        params=SecAggConfig(), server_round=1, global_arrays=arrays, transport=transport
     )
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
     result = rnd.run({n: content for n in nodes})

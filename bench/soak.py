@@ -7,7 +7,7 @@ Two phases in one invocation, 3 hospitals, the demo CNN on a tiny PneumoniaMNIST
    engine: a ``--simulation`` SuperLink, its ``flwr-simulation`` process, which runs the
    ServerApp and is the Ray driver, and the Ray processes: GCS, raylet, the workers that
    host the ClientApp actors), SecAgg+ on.
-2. ``deployment``: the real processes of ``medfed deploy-local`` (simulation/deploy.py:
+2. ``deployment``: the real processes of ``medfed deploy-local`` (simulation/launch/deploy.py:
    SuperLink with TLS and node authentication, the ServerApp SuperExec and its
    ``flwr-serverapp``, per hospital a site worker, a SuperNode and a ClientApp SuperExec)
    for ``--deploy-rounds`` rounds, SecAgg+ off (its four exchanges per round would each pay
@@ -491,7 +491,7 @@ def deployment_phase(
     root: Path, npz: Path, *, rounds: int, images_per_site: int, interval: float, baseline: int
 ) -> dict[str, Any]:
     """The processes of ``medfed deploy-local`` (TLS, node auth) for ``rounds`` rounds."""
-    from simulation.deploy import (
+    from simulation.launch.deploy import (
         default_run_config,
         local_federation,
         prepare_credentials,
@@ -566,7 +566,7 @@ def deployment_phase(
 
 def run_phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run one phase in this process (its processes are this process's descendants)."""
-    from simulation.datasets import medmnist_path
+    from simulation.data.datasets import medmnist_path
 
     npz = medmnist_path("pneumoniamnist")
     with tempfile.TemporaryDirectory(prefix=f"medfed-soak-{name}-") as tmp:

@@ -14,14 +14,18 @@ import logging
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from common.errors import DataError, MedfedError
+from common.cli import fail
+from common.errors import DataError, ExitCode, MedfedError
+
+if TYPE_CHECKING:
+    from client.data.ingest import IngestOptions, IngestReport
 
 log = logging.getLogger(__name__)
 out_console = Console()
@@ -120,133 +124,27 @@ def _counts_table(title: str, rows: Counter[str] | dict[str, int], *, key: str) 
     return table
 
 
-def ingest_cmd(
-    dicom_dir: Annotated[
-        Path, typer.Argument(help="Root of the DICOM export (searched recursively).")
-    ],
-    labels: Annotated[
-        Path, typer.Option("--labels", "-l", help="Labels CSV (key column + label column).")
-    ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Site dataset directory to write.")],
-    task: Annotated[str, typer.Option(help="Learning task; only 'classification' so far.")] = (
-        "classification"
-    ),
-    key: Annotated[
-        str | None,
-        typer.Option(
-            help="Labels CSV key column when several exist: sop_instance_uid, "
-            "study_instance_uid, accession_number or path (relative to DICOM_DIR)."
-        ),
-    ] = None,
-    label_column: Annotated[str, typer.Option(help="Labels CSV label column.")] = "label",
-    label_names: Annotated[
-        str | None,
-        typer.Option(help="Comma-separated class names by index, e.g. 'normal,pneumonia'."),
-    ] = None,
-    size: Annotated[int, typer.Option(help="Output height and width in pixels.")] = 28,
-    channels: Annotated[int, typer.Option(help="1 (grey) or 3 (RGB).")] = 1,
-    intensity: Annotated[
-        str,
-        typer.Option(
-            help="How greyscale values become [0, 1]: auto (file VOI/window; else stored "
-            "range for <= 8 bits; else per-image min-max), voi, stored-range, minmax."
-        ),
-    ] = "auto",
-    window: Annotated[
-        str | None,
-        typer.Option(
-            help="Window applied after the Modality LUT (HU for CT), overriding the file's: "
-            "lung, mediastinum, abdomen, liver, bone, brain, subdural, stroke, or CENTER,WIDTH."
-        ),
-    ] = None,
-    frames: Annotated[
-        str, typer.Option(help="Multi-frame files: 'all' frames or only the 'middle' one.")
-    ] = "all",
-    val_fraction: Annotated[
-        float, typer.Option(help="Fraction of PATIENTS in the validation split.")
-    ] = 0.2,
-    seed: Annotated[int, typer.Option(help="Seed of the patient split.")] = 0,
-    cache_dir: Annotated[
-        Path | None,
-        typer.Option(
-            help="Cache of preprocessed files keyed by content hash "
-            "[default: OUT's parent/.medfed-ingest-cache]."
-        ),
-    ] = None,
-    no_cache: Annotated[
-        bool, typer.Option("--no-cache", help="Do not read or write the cache.")
-    ] = (False),
-    salt_file: Annotated[
-        Path | None,
-        typer.Option(help="Site secret used to hash identifiers [default: CACHE_DIR/site-salt]."),
-    ] = None,
-    workers: Annotated[
-        int, typer.Option(help="Worker processes [default: min(4, CPUs)].")
-    ] = _default_workers(),
-    max_file_mib: Annotated[
-        int | None,
-        typer.Option(
-            help="Per-file memory budget in MiB: a file whose size, gunzipped or deflated "
-            "content, or declared decoded pixel data is larger is quarantined as too_large "
-            "before decoding [default: derived from --workers so that all workers fit in "
-            "a third of a 24 GB site, e.g. 762 MiB with 2 workers].",
-            min=1,
-        ),
-    ] = None,
-    force: Annotated[
-        bool,
-        typer.Option(
-            "--force",
-            help="Replace OUT if it is a site dataset medfed wrote (never any other folder); "
-            "the new one is written beside it and swapped in.",
-        ),
-    ] = False,
-    json_out: Annotated[
-        bool, typer.Option("--json", help="Print the manifest summary as JSON on stdout.")
-    ] = False,
-) -> None:
-    """Ingest a DICOM export into a site dataset (help text: ``_INGEST_HELP``)."""
-    from client.data.dicom_read import REASON_HELP, Preprocessing, Reason
-    from client.data.ingest import IngestOptions, ingest, summarise_outcomes
+def _ingest_with_progress(
+    dicom_dir: Path, labels: Path, out: Path, opts: IngestOptions
+) -> IngestReport:
+    """Run :func:`client.data.ingest.ingest` behind a progress bar."""
+    from client.data.ingest import ingest
 
-    try:
-        prep = Preprocessing.with_window(
-            window, size=size, channels=channels, intensity=intensity, frames=frames
-        )
-        cache = None if no_cache else (cache_dir or out.parent / ".medfed-ingest-cache")
-        opts = IngestOptions(
-            prep=prep,
-            task=task,
-            val_fraction=val_fraction,
-            seed=seed,
-            key=key,
-            label_column=label_column,
-            label_names=[n.strip() for n in label_names.split(",")] if label_names else None,
-            cache_dir=cache,
-            salt_file=salt_file,
-            workers=workers,
-            overwrite=force,
-            max_file_bytes=max_file_mib * 1024**2 if max_file_mib is not None else None,
-        )
-        with _progress() as bar:
-            task_id = bar.add_task("ingesting", total=None)
+    with _progress() as bar:
+        task_id = bar.add_task("ingesting", total=None)
 
-            def tick(done: int, total: int) -> None:
-                bar.update(task_id, completed=done, total=total)
+        def tick(done: int, total: int) -> None:
+            bar.update(task_id, completed=done, total=total)
 
-            report = ingest(dicom_dir, labels, out, options=opts, progress=tick)
-    except DataError as exc:
-        out_console.print(f"[red]error:[/red] {exc}")
-        nothing = str(exc).startswith("no usable image")
-        raise typer.Exit(1 if nothing else 2) from None
-    except MedfedError as exc:
-        out_console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        return ingest(dicom_dir, labels, out, options=opts, progress=tick)
+
+
+def _print_ingest_report(report: IngestReport) -> None:
+    """Print the outcome, modality and manufacturer tables and the one-line summary."""
+    from client.data.dicom_read import REASON_HELP, Reason
+    from client.data.ingest import summarise_outcomes
 
     summary = report.manifest["summary"]
-    if json_out:
-        typer.echo(json.dumps(summary, indent=2, sort_keys=True))
-        return
     counts = summarise_outcomes(report.outcomes)
     outcome = Table(title="Outcome")
     outcome.add_column("outcome")
@@ -284,6 +182,134 @@ def ingest_cmd(
     )
 
 
+# Long `medfed ingest` options, named here to keep the command readable.
+_IntensityOpt = Annotated[
+    str,
+    typer.Option(
+        help="How greyscale values become [0, 1]: auto (file VOI/window; else stored "
+        "range for <= 8 bits; else per-image min-max), voi, stored-range, minmax."
+    ),
+]
+_WindowOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Window applied after the Modality LUT (HU for CT), overriding the file's: "
+        "lung, mediastinum, abdomen, liver, bone, brain, subdural, stroke, or CENTER,WIDTH."
+    ),
+]
+_MaxFileMiBOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Per-file memory budget in MiB: a file whose size, gunzipped or deflated "
+        "content, or declared decoded pixel data is larger is quarantined as too_large "
+        "before decoding [default: derived from --workers so that all workers fit in "
+        "a third of a 24 GB site, e.g. 762 MiB with 2 workers].",
+        min=1,
+    ),
+]
+_ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Replace OUT if it is a site dataset medfed wrote (never any other folder); "
+        "the new one is written beside it and swapped in.",
+    ),
+]
+_CacheDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Cache of preprocessed files keyed by content hash "
+        "[default: OUT's parent/.medfed-ingest-cache]."
+    ),
+]
+
+
+def ingest_cmd(
+    dicom_dir: Annotated[
+        Path, typer.Argument(help="Root of the DICOM export (searched recursively).")
+    ],
+    labels: Annotated[
+        Path, typer.Option("--labels", "-l", help="Labels CSV (key column + label column).")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Site dataset directory to write.")],
+    task: Annotated[str, typer.Option(help="Learning task; only 'classification' so far.")] = (
+        "classification"
+    ),
+    key: Annotated[
+        str | None,
+        typer.Option(
+            help="Labels CSV key column when several exist: sop_instance_uid, "
+            "study_instance_uid, accession_number or path (relative to DICOM_DIR)."
+        ),
+    ] = None,
+    label_column: Annotated[str, typer.Option(help="Labels CSV label column.")] = "label",
+    label_names: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated class names by index, e.g. 'normal,pneumonia'."),
+    ] = None,
+    size: Annotated[int, typer.Option(help="Output height and width in pixels.")] = 28,
+    channels: Annotated[int, typer.Option(help="1 (grey) or 3 (RGB).")] = 1,
+    intensity: _IntensityOpt = "auto",
+    window: _WindowOpt = None,
+    frames: Annotated[
+        str, typer.Option(help="Multi-frame files: 'all' frames or only the 'middle' one.")
+    ] = "all",
+    val_fraction: Annotated[
+        float, typer.Option(help="Fraction of PATIENTS in the validation split.")
+    ] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of the patient split.")] = 0,
+    cache_dir: _CacheDirOpt = None,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Do not read or write the cache.")
+    ] = (False),
+    salt_file: Annotated[
+        Path | None,
+        typer.Option(help="Site secret used to hash identifiers [default: CACHE_DIR/site-salt]."),
+    ] = None,
+    workers: Annotated[
+        int, typer.Option(help="Worker processes [default: min(4, CPUs)].")
+    ] = _default_workers(),
+    max_file_mib: _MaxFileMiBOpt = None,
+    force: _ForceOpt = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the manifest summary as JSON on stdout.")
+    ] = False,
+) -> None:
+    """Ingest a DICOM export into a site dataset (help text: ``_INGEST_HELP``)."""
+    from client.data.dicom_read import Preprocessing
+    from client.data.ingest import IngestOptions
+
+    try:
+        prep = Preprocessing.with_window(
+            window, size=size, channels=channels, intensity=intensity, frames=frames
+        )
+        cache = None if no_cache else (cache_dir or out.parent / ".medfed-ingest-cache")
+        opts = IngestOptions(
+            prep=prep,
+            task=task,
+            val_fraction=val_fraction,
+            seed=seed,
+            key=key,
+            label_column=label_column,
+            label_names=[n.strip() for n in label_names.split(",")] if label_names else None,
+            cache_dir=cache,
+            salt_file=salt_file,
+            workers=workers,
+            overwrite=force,
+            max_file_bytes=max_file_mib * 1024**2 if max_file_mib is not None else None,
+        )
+        report = _ingest_with_progress(dicom_dir, labels, out, opts)
+    except MedfedError as exc:
+        nothing = isinstance(exc, DataError) and str(exc).startswith("no usable image")
+        raise fail(exc, code=ExitCode.FINDINGS if nothing else None) from None
+
+    summary = report.manifest["summary"]
+    if json_out:
+        typer.echo(json.dumps(summary, indent=2, sort_keys=True))
+        return
+    _print_ingest_report(report)
+
+
 def deid_check_cmd(
     directory: Annotated[Path, typer.Argument(help="Folder of DICOM files to check.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
@@ -292,8 +318,7 @@ def deid_check_cmd(
     from client.data.deid import check_directory
 
     if not directory.is_dir():
-        out_console.print(f"[red]error:[/red] {directory} is not a directory")
-        raise typer.Exit(2)
+        raise fail(f"{directory} is not a directory")
     report = check_directory(directory)
     d = report.to_dict()
     if json_out:
@@ -328,7 +353,7 @@ def deid_check_cmd(
             **{f"file name: {k}": v for k, v in d["filename_identifiers"].items()},
         }
         out_console.print(_counts_table("Other findings", other, key="finding"))
-    raise typer.Exit(1 if report.has_findings else 0)
+    raise typer.Exit(ExitCode.FINDINGS if report.has_findings else ExitCode.OK)
 
 
 def register(app: typer.Typer) -> None:

@@ -26,8 +26,14 @@ statistics, DP's ``epsilon``/``delta``/``dp-noise-multiplier`` when DP is on; ``
 + the run task's metric names for evaluate), each a finite numeric scalar in its range.
 A ``train`` reply without a stage in a run with ``secagg.enabled`` has no schema: the
 plaintext update never leaves such a run. The protocol records (``secagg``, ``masked``,
-``scaffold-dc``) are the explicit table :data:`PROTOCOL_RECORDS`; nothing registers
-records on import.
+``scaffold-dc``) are the explicit, fixed table :data:`PROTOCOL_RECORDS` in this module:
+nothing registers records, on import or otherwise (importing client/secagg_mod.py or
+client/scaffold.py changes nothing here).
+
+The run config and the model's array specs come from the message's job
+(client/site/job.py): the site service passes the one its handlers used (the model is
+built once per message, its specs taken as built); called with a run config alone, the
+guard resolves a job of its own.
 
 Two entry points:
 
@@ -45,7 +51,6 @@ Two entry points:
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -62,11 +67,10 @@ from flwr.app import (
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
+from client.site.job import MessageJob, job_of
 from common import secure_sum, wire
 from common.config import RunConfig
 from common.errors import DataError
-from common.models import get_model
-from common.records import expected_spec
 from common.replies import ReplyCode, fixed_reason, parse_reason
 from common.secagg.errors import SecAggError
 from common.secagg.params import ADVERTISE, MASKED_INPUT, MASKED_RECORD, RECORD, SHARE_KEYS, UNMASK
@@ -75,7 +79,6 @@ from common.secagg.schema import (
     ShareKeysRequest,
     UnmaskRequest,
     check_reply_record,
-    masked_spec,
     stage_of,
 )
 from common.wire import EgressRefused
@@ -141,21 +144,6 @@ class ReplySchema:
 
 
 # ------------------------------------------------------------------ record specs
-@functools.lru_cache(maxsize=8)
-def _model_spec(model: str, kwargs: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
-    return expected_spec(get_model(model, **dict(kwargs)))
-
-
-@functools.lru_cache(maxsize=8)
-def _parameter_spec(model: str, kwargs: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
-    net = get_model(model, **dict(kwargs))
-    return {n: (tuple(p.shape), "float32") for n, p in net.named_parameters()}
-
-
-def _model_key(run: RunConfig) -> tuple[str, tuple[tuple[str, Any], ...]]:
-    return run.model, tuple(sorted(run.model_kwargs().items()))
-
-
 def model_spec(run_config: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
     """``{name: (shape, dtype)}`` of the model the run config trains.
 
@@ -164,7 +152,7 @@ def model_spec(run_config: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...]
     ConfigError, ModelError
         For an invalid run config or unknown model.
     """
-    return dict(_model_spec(*_model_key(RunConfig.from_run_config(run_config))))
+    return dict(MessageJob(run_config=run_config, node_config={}).model_spec)
 
 
 def _arrays_check(spec: wire.ArraySpec, name: str) -> RecordCheck:
@@ -259,16 +247,14 @@ def _secagg_check(stage: str, request: ConfigRecord) -> RecordCheck:
 
 
 #: The protocol records a reply may carry, and the builder of each one's check from
-#: ``(run config, stage, the request's secagg record)``. :func:`reply_schema` puts them
-#: into a schema only for the stage or strategy that produces them.
-PROTOCOL_RECORDS: dict[str, Callable[[RunConfig, str | None, ConfigRecord | None], RecordCheck]]
+#: ``(the message's job, stage, the request's secagg record)``. :func:`reply_schema`
+#: puts them into a schema only for the stage or strategy that produces them.
+PROTOCOL_RECORDS: dict[str, Callable[[MessageJob, str | None, ConfigRecord | None], RecordCheck]]
 PROTOCOL_RECORDS = {
-    RECORD: lambda run, stage, req: _secagg_check(str(stage), req or ConfigRecord()),
-    MASKED_RECORD: lambda run, stage, req: _arrays_check(
-        masked_spec(run.to_run_config()), MASKED_RECORD
-    ),
-    SCAFFOLD_DELTA_RECORD: lambda run, stage, req: _arrays_check(
-        _parameter_spec(*_model_key(run)), SCAFFOLD_DELTA_RECORD
+    RECORD: lambda job, stage, req: _secagg_check(str(stage), req or ConfigRecord()),
+    MASKED_RECORD: lambda job, stage, req: _arrays_check(job.masked_spec, MASKED_RECORD),
+    SCAFFOLD_DELTA_RECORD: lambda job, stage, req: _arrays_check(
+        job.parameter_spec, SCAFFOLD_DELTA_RECORD
     ),
 }
 
@@ -283,14 +269,23 @@ _STAGE_RECORDS: dict[str, tuple[str, ...]] = {
 
 # ------------------------------------------------------------------------ schema
 def _faults_on(run: RunConfig) -> bool:
-    return run.faults_dropout > 0 or run.faults_slow_site >= 0 or run.faults_crash_site >= 0
+    return run.faults.dropout > 0 or run.faults.slow_site >= 0 or run.faults.crash_site >= 0
+
+
+def _job(run_config: Mapping[str, Any] | None, job: MessageJob | None) -> MessageJob:
+    if job is not None:
+        return job
+    if run_config is None:
+        raise TypeError("the egress check needs the message's job or its run config")
+    return MessageJob(run_config=run_config, node_config={})
 
 
 def reply_schema(
     *,
     message_type: str,
     request: RecordDict,
-    run_config: Mapping[str, Any],
+    run_config: Mapping[str, Any] | None = None,
+    job: MessageJob | None = None,
     allowed_metrics: frozenset[str] | None = None,
 ) -> ReplySchema:
     """Return the exact schema of a reply to ``request`` (see the module docstring).
@@ -301,8 +296,11 @@ def reply_schema(
         The request's ``metadata.message_type`` (``train`` or ``evaluate``).
     request : RecordDict
         The request's content; only its ``secagg`` ``ConfigRecord`` is read.
-    run_config : Mapping
-        The run config (model, task, classes, strategy, DP, SecAgg+, faults).
+    run_config : Mapping, optional
+        The run config (model, task, classes, strategy, DP, SecAgg+, faults); needed
+        only without ``job``.
+    job : MessageJob, optional
+        The message's job (client/site/job.py): its run config and model specs.
     allowed_metrics : frozenset[str] or None
         The site policy's further restriction of metric names; None for none.
 
@@ -315,45 +313,46 @@ def reply_schema(
     ConfigError, ModelError
         For an invalid run config.
     """
-    run = RunConfig.from_run_config(run_config)
+    job = _job(run_config, job)
+    run = job.run
     if message_type == MessageType.EVALUATE:
         rules = wire.evaluate_metric_rules(
             task=run.task, num_classes=run.num_classes, faults=_faults_on(run)
         )
         checks = {wire.METRICS_RECORD: _metrics_check(rules, allowed_metrics)}
-        if secure_sum.SCORE_HISTOGRAM in secure_sum.spec(run) and not run.secagg_enabled:
+        if secure_sum.SCORE_HISTOGRAM in secure_sum.spec(run) and not run.secagg.enabled:
             checks[secure_sum.RECORD] = _secure_sum_check(run, only=secure_sum.SCORE_HISTOGRAM)
         return ReplySchema(checks, frozenset({wire.METRICS_RECORD}))
     if message_type != MessageType.TRAIN:
         raise EgressRefused(wire.MESSAGE_TYPE, "no reply schema for this message type")
-    validation = (run.task, run.num_classes) if run.evaluate_in_train else None
+    validation = (run.task, run.num_classes) if run.evaluation.in_train else None
     train_metrics = _metrics_check(
-        wire.train_metric_rules(dp=run.dp_enabled, faults=_faults_on(run), validation=validation),
+        wire.train_metric_rules(dp=run.dp.enabled, faults=_faults_on(run), validation=validation),
         allowed_metrics,
     )
     try:
         stage = stage_of(request)
         secagg_request = request.config_records.get(RECORD)
         if stage is None:
-            if run.secagg_enabled:
+            if run.secagg.enabled:
                 raise EgressRefused(
                     wire.STAGE_RECORD,
                     "a train reply without a secure-aggregation stage in a run with "
                     "secagg.enabled: the plaintext update may not leave",
                 )
             checks = {
-                wire.MODEL_RECORD: _arrays_check(_model_spec(*_model_key(run)), wire.MODEL_RECORD),
+                wire.MODEL_RECORD: _arrays_check(job.model_spec, wire.MODEL_RECORD),
                 wire.METRICS_RECORD: train_metrics,
             }
-            if run.strategy == "scaffold":
+            if run.strategy.name == "scaffold":
                 checks[SCAFFOLD_DELTA_RECORD] = PROTOCOL_RECORDS[SCAFFOLD_DELTA_RECORD](
-                    run, None, None
+                    job, None, None
                 )
             if secure_sum.spec(run):
                 checks[secure_sum.RECORD] = _secure_sum_check(run)
             return ReplySchema(checks, frozenset({wire.MODEL_RECORD, wire.METRICS_RECORD}))
         checks = {
-            name: PROTOCOL_RECORDS[name](run, stage, secagg_request)
+            name: PROTOCOL_RECORDS[name](job, stage, secagg_request)
             for name in _STAGE_RECORDS[stage]
         }
     except SecAggError as exc:
@@ -372,7 +371,8 @@ def check_reply(
     message_type: str,
     request: RecordDict,
     reply: RecordDict,
-    run_config: Mapping[str, Any],
+    run_config: Mapping[str, Any] | None = None,
+    job: MessageJob | None = None,
     allowed_metrics: frozenset[str] | None = None,
 ) -> None:
     """Check that ``reply`` is exactly what may leave the site in answer to ``request``.
@@ -386,8 +386,10 @@ def check_reply(
         the stage). Pass a copy taken before any handler could change it.
     reply : RecordDict
         The reply's content.
-    run_config : Mapping
-        The run config.
+    run_config : Mapping, optional
+        The run config; needed only without ``job``.
+    job : MessageJob, optional
+        The message's job (client/site/job.py), as the site service passes it.
     allowed_metrics : frozenset[str] or None
         The site policy's allowed metric names (a further restriction); None for none.
 
@@ -405,6 +407,7 @@ def check_reply(
         message_type=message_type,
         request=request,
         run_config=run_config,
+        job=job,
         allowed_metrics=allowed_metrics,
     )
     schema.check(reply)
@@ -508,7 +511,7 @@ def egress_guard(msg: Message, context: Context, call_next: ClientAppCallable) -
             message_type=message_type,
             request=request,
             reply=reply.content,
-            run_config=context.run_config,
+            job=job_of(context),
         )
     except EgressRefused as exc:
         log.error("%s to a %s message (%s): %s", REASON_PREFIX, message_type, exc.detail, exc)

@@ -1,10 +1,12 @@
 """Fault injection for simulation: site dropout, a slow site, a site that crashes.
 
-A Flower client mod (``(Message, Context, ClientAppCallable) -> Message``, Flower 1.41
-``flwr/clientapp/typing.py``) installed innermost in client/app.py. It acts only on
-``train`` messages and only when the node config has a ``partition-id``, which only
-Flower's simulation engine sets: a production SuperNode (``dataset-dir`` in its node
-config) can not be made to fail by a run config. Run-config keys (``faults.*``,
+Flower client mods (``(Message, Context, ClientAppCallable) -> Message``, Flower 1.41
+``flwr/clientapp/typing.py``) that only the simulation mounts in the site service
+(client/site/simulated.py ``FAULT_MODS``; a site worker never has them in its chain).
+They act only on ``train`` messages and only when the node config has a
+``partition-id``, which only Flower's simulation engine sets, and no ``dataset-dir``: a
+production site can not be made to fail by a run config. They read the message's run
+config from its job (client/site/job.py), parsed once per message. Run-config keys (``faults.*``,
 common/config.py):
 
 ``faults.dropout`` = p
@@ -48,7 +50,8 @@ from flwr.app import Context, Error, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
-from common.config import NodeConfig, RunConfig
+from client.site.job import job_of
+from common.config import RunConfig
 from common.errors import ConfigError, MedfedError
 from common.secagg.params import RECORD as SECAGG_RECORD
 
@@ -89,9 +92,10 @@ def _virtual_site(context: Context) -> tuple[int, RunConfig] | None:
     pid = context.node_config.get("partition-id")
     if not isinstance(pid, int) or isinstance(pid, bool):
         return None
-    if NodeConfig.from_node_config(context.node_config).dataset_dir is not None:
+    job = job_of(context)
+    if job.node.dataset_dir is not None:
         return None  # a real site's data: never inject
-    return pid, RunConfig.from_run_config(context.run_config)
+    return pid, job.run
 
 
 def stage_fault_injection(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -120,7 +124,7 @@ def stage_fault_injection(msg: Message, context: Context, call_next: ClientAppCa
     if site is None:
         return call_next(msg, context)
     pid, run = site
-    if pid != run.faults_drop_site or record.get("stage") != run.faults_drop_stage:
+    if pid != run.faults.drop_site or record.get("stage") != run.faults.drop_stage:
         return call_next(msg, context)
     from client.secagg_mod import SiteSecAggState  # the mod this one wraps
 
@@ -129,7 +133,7 @@ def stage_fault_injection(msg: Message, context: Context, call_next: ClientAppCa
         "round %s: %s at secagg stage %s (site %d)",
         record.get("round"),
         REASON_DROPOUT,
-        run.faults_drop_stage,
+        run.faults.drop_stage,
         pid,
     )
     return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=REASON_DROPOUT), reply_to=msg)
@@ -157,20 +161,20 @@ def fault_injection(msg: Message, context: Context, call_next: ClientAppCallable
     pid, run = site
     server_round = int(str(msg.content.config_records["config"].get("server-round", 0)))
     if drops_out(
-        probability=run.faults_dropout, seed=run.seed, server_round=server_round, partition_id=pid
+        probability=run.faults.dropout, seed=run.seed, server_round=server_round, partition_id=pid
     ):
         log.warning("round %d: %s (site %d)", server_round, REASON_DROPOUT, pid)
         return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=REASON_DROPOUT), reply_to=msg)
-    slow = pid == run.faults_slow_site and server_round >= run.faults_slow_round
-    delay = run.faults_slow_seconds if slow else 0.0
+    slow = pid == run.faults.slow_site and server_round >= run.faults.slow_round
+    delay = run.faults.slow_seconds if slow else 0.0
     if delay > 0:
         log.warning("round %d: injected fault: slow site %d (+%.1f s)", server_round, pid, delay)
         time.sleep(delay)
     reply = call_next(msg, context)
-    if pid == run.faults_crash_site and server_round >= run.faults_crash_round:
+    if pid == run.faults.crash_site and server_round >= run.faults.crash_round:
         log.error("round %d: %s (site %d)", server_round, REASON_CRASH, pid)
         raise InjectedFault(f"{REASON_CRASH} (site {pid}, round {server_round}, mid-round)")
-    faults_on = run.faults_dropout > 0 or run.faults_slow_site >= 0 or run.faults_crash_site >= 0
+    faults_on = run.faults.dropout > 0 or run.faults.slow_site >= 0 or run.faults.crash_site >= 0
     if faults_on and not reply.has_error():
         # Every site of a faulty run reports the metric (0 when not delayed): Flower's
         # FedAvg refuses to aggregate replies whose MetricRecords have different keys.

@@ -60,7 +60,7 @@ import os
 import secrets
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -721,6 +721,86 @@ class PrivateTraining:
     epsilon: float = 0.0
 
 
+def _make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader[Any],
+    *,
+    plan: DPPlan,
+    history: History,
+    randomness: DPRandomness,
+) -> tuple[Any, nn.Module, Any, DataLoader[Any]]:
+    """Return Opacus's engine (its accountant holding ``history``) and the private objects."""
+    from opacus import PrivacyEngine  # lazy Opacus import
+
+    with warnings.catch_warnings():
+        # PrivacyEngine(secure_mode=False) warns "Secure RNG turned off ... turn it on
+        # before production". Here the generators are not Opacus's default: they are
+        # seeded per round from os.urandom (DPRandomness.secret) and the optimizer is put
+        # into secure mode's noise algorithm below; torchcsprng, the only thing missing,
+        # cannot be installed for torch 2.x. A reproducible (not private) run is logged
+        # loudly by DPRandomness.seeded instead.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+        engine = PrivacyEngine(accountant=plan.accountant)
+    engine.accountant.load_state_dict({"history": list(history), "mechanism": plan.accountant})
+    # Opacus's Poisson sampler takes the generator of the loader it wraps
+    # (DPDataLoader.from_data_loader): give it the round's secret one.
+    sampled = DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        shuffle=True,
+        generator=randomness.sampling,
+        num_workers=0,
+        pin_memory=loader.pin_memory,
+    )
+    dp_model, dp_optimizer, dp_loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=sampled,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=plan.max_grad_norm,
+        poisson_sampling=True,
+        grad_sample_mode="hooks",
+        noise_generator=randomness.noise,  # DPRandomness: secrets-seeded every round
+    )
+    return engine, dp_model, dp_optimizer, dp_loader
+
+
+def _record_spent(
+    ledger: PrivacyLedger,
+    key: str,
+    entry: Mapping[str, Any],
+    engine: Any,
+    *,
+    history: History,
+    plan: DPPlan,
+    run_id: int,
+) -> float:
+    """Write the accountant's history to the ledger; return the cumulative epsilon."""
+    new_history = [list(h) for h in engine.accountant.history]
+    plans = dict(entry.get("plans", {}))
+    plans[str(run_id)] = plan.noise_multiplier
+    epsilon = epsilon_of(
+        [tuple(h) for h in new_history],
+        delta=plan.delta,
+        accountant=plan.accountant,
+    )
+    ledger.update(
+        key,
+        {
+            "history": new_history,
+            "plans": plans,
+            "accountant": plan.accountant,
+            "delta": plan.delta,
+        },
+        run_id=run_id,
+        steps=int(sum(h[2] for h in new_history) - sum(h[2] for h in history)),
+        epsilon=round(epsilon, 6),
+        delta=plan.delta,
+    )
+    return epsilon
+
+
 @contextlib.contextmanager
 def private_training(
     *,
@@ -763,38 +843,11 @@ def private_training(
         history: History = [tuple(h) for h in entry.get("history", [])]
         check_budget(history, plan, max_epsilon=max_epsilon)
 
-        from opacus import GradSampleModule, PrivacyEngine  # lazy Opacus import
+        from opacus import GradSampleModule  # lazy Opacus import
         from opacus.utils.batch_memory_manager import BatchMemoryManager
 
-        with warnings.catch_warnings():
-            # PrivacyEngine(secure_mode=False) warns "Secure RNG turned off ... turn it on
-            # before production". Here the generators are not Opacus's default: they are
-            # seeded per round from os.urandom (DPRandomness.secret) and the optimizer is put
-            # into secure mode's noise algorithm below; torchcsprng, the only thing missing,
-            # cannot be installed for torch 2.x. A reproducible (not private) run is logged
-            # loudly by DPRandomness.seeded instead.
-            warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
-            engine = PrivacyEngine(accountant=plan.accountant)
-        engine.accountant.load_state_dict({"history": list(history), "mechanism": plan.accountant})
-        # Opacus's Poisson sampler takes the generator of the loader it wraps
-        # (DPDataLoader.from_data_loader): give it the round's secret one.
-        sampled = DataLoader(
-            loader.dataset,
-            batch_size=loader.batch_size,
-            shuffle=True,
-            generator=randomness.sampling,
-            num_workers=0,
-            pin_memory=loader.pin_memory,
-        )
-        dp_model, dp_optimizer, dp_loader = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=sampled,
-            noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=plan.max_grad_norm,
-            poisson_sampling=True,
-            grad_sample_mode="hooks",
-            noise_generator=randomness.noise,  # DPRandomness: secrets-seeded every round
+        engine, dp_model, dp_optimizer, dp_loader = _make_private(
+            model, optimizer, loader, plan=plan, history=history, randomness=randomness
         )
         # Secure mode's noise: four draws summed and halved (opacus.optimizers.optimizer.
         # _generate_noise), on the OS-seeded generator.
@@ -814,26 +867,8 @@ def private_training(
                 session.loader = physical_loader
                 yield session
         finally:
-            new_history = [list(h) for h in engine.accountant.history]
-            plans = dict(entry.get("plans", {}))
-            plans[str(run_id)] = plan.noise_multiplier
-            session.epsilon = epsilon_of(
-                [tuple(h) for h in new_history],
-                delta=plan.delta,
-                accountant=plan.accountant,
-            )
-            ledger.update(
-                key,
-                {
-                    "history": new_history,
-                    "plans": plans,
-                    "accountant": plan.accountant,
-                    "delta": plan.delta,
-                },
-                run_id=run_id,
-                steps=int(sum(h[2] for h in new_history) - sum(h[2] for h in history)),
-                epsilon=round(session.epsilon, 6),
-                delta=plan.delta,
+            session.epsilon = _record_spent(
+                ledger, key, entry, engine, history=history, plan=plan, run_id=run_id
             )
             if isinstance(dp_model, GradSampleModule):
                 dp_model.remove_hooks()

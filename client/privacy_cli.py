@@ -13,10 +13,10 @@ from rich.console import Console
 from rich.table import Table
 
 from client.privacy import PrivacyError, PrivacyLedger, epsilon_of, ledger_key, plan_round
+from common.cli import fail
 from common.config import ACCOUNTANTS
 
 console = Console()
-err = Console(stderr=True)
 
 #: Limits of ``medfed budget forecast`` (documented in its help): a plan outside them is
 #: refused before any accounting, which for a billion rounds would never finish.
@@ -48,8 +48,7 @@ def show(
     try:
         entries = PrivacyLedger(state_dir).read()
     except PrivacyError as exc:
-        err.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(code=2) from None
+        raise fail(exc) from None
     rows = []
     for key, e in sorted(entries.items()):
         history = [tuple(h) for h in e.get("history", [])]
@@ -186,8 +185,7 @@ def forecast(
         accountant=accountant,
     )
     if problem is not None:
-        err.print(f"[bold red]error:[/] {problem}")
-        raise typer.Exit(code=2)
+        raise fail(problem)
     d = delta or 0.1 / examples
     try:
         plan = plan_round(
@@ -202,12 +200,10 @@ def forecast(
             target_epsilon=target_epsilon,
         )
     except (ValueError, ArithmeticError) as exc:  # Opacus: e.g. an unreachable target
-        err.print(
-            f"[bold red]error:[/] no noise multiplier reaches epsilon {target_epsilon:g} "
-            f"after {rounds} rounds at delta {d:.2e} ({exc}); raise --target-epsilon or "
-            "plan fewer rounds or epochs"
-        )
-        raise typer.Exit(code=2) from None
+        raise fail(
+            f"no noise multiplier reaches epsilon {target_epsilon:g} after {rounds} rounds "
+            f"at delta {d:.2e} ({exc}); raise --target-epsilon or plan fewer rounds or epochs"
+        ) from None
     shown = forecast_rows(rounds)
     table = Table(
         title=f"epsilon forecast: N={examples}, batch {batch_size}, {epochs} epoch(s)/round, "
@@ -261,19 +257,16 @@ def reset(
     Example: medfed budget reset /var/lib/medfed --dataset 3f2a... --yes-i-understand
     """
     if not yes:
-        err.print(
-            "[bold red]error:[/] resetting restarts this dataset's privacy budget at zero; "
+        raise fail(
+            "resetting restarts this dataset's privacy budget at zero; "
             "pass --yes-i-understand to confirm"
         )
-        raise typer.Exit(code=2)
     if not state_dir.is_dir():
-        err.print(f"[bold red]error:[/] no state dir at {state_dir}")
-        raise typer.Exit(code=2)
+        raise fail(f"no state dir at {state_dir}")
     try:
         steps = PrivacyLedger(state_dir).reset(ledger_key(dataset))
     except PrivacyError as exc:
-        err.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(code=2) from None
+        raise fail(exc) from None
     console.print(
         f"privacy budget of dataset {dataset[:16]} reset ({steps} recorded steps dropped); "
         "recorded in the site's audit log"

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 from torch import nn
 
-from common import wire
-from common.config import RunConfig
 from common.fsutil import atomic_write
-from common.models import get_model
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +39,9 @@ DELTA_RECORD = "scaffold-dc"
 Variate = dict[str, torch.Tensor]
 
 
-def parameter_spec(run_config: Mapping[str, object]) -> wire.ArraySpec:
-    """``{name: (shape, dtype)}`` of the trainable parameters of the run's model."""
-    run = RunConfig.from_run_config(run_config)  # type: ignore[arg-type]
-    model = get_model(run.model, **run.model_kwargs())
-    return {n: (tuple(p.shape), "float32") for n, p in model.named_parameters()}
-
-
 # The reply's delta is checked by the egress guard's explicit schema (client/egress.py
-# PROTOCOL_RECORDS, only with strategy = scaffold): nothing is registered on import.
+# PROTOCOL_RECORDS, only with strategy = scaffold, against the trainable parameters of
+# the message's model, client/site/job.py): nothing is registered on import.
 
 
 def zeros_like_params(model: nn.Module) -> Variate:

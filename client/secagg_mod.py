@@ -50,9 +50,11 @@ from flwr.app import (
 from flwr.clientapp.typing import ClientAppCallable
 from numpy.typing import NDArray
 
+from client.site.job import job_of
 from common import secure_sum
-from common.config import RunConfig
+from common.config import SecAggConfig
 from common.errors import ConfigError, DataError
+from common.replies import ReplyCode
 from common.secagg import crypto
 from common.secagg.encoding import (
     Layout,
@@ -69,7 +71,6 @@ from common.secagg.params import (
     SHARE_KEYS,
     UNMASK,
     WEIGHT_KEY,
-    SecAggParams,
 )
 from common.secagg.schema import (
     AdvertiseReply,
@@ -90,8 +91,9 @@ log = logging.getLogger(__name__)
 
 STATE_RECORD = "medfed.secagg"
 STATE_DELTA = "medfed.secagg.delta"
-#: Flower error code of a refused secagg message (``ErrorCode.CLIENT_APP_RAISED_EXCEPTION``).
-ERROR_CODE = 2
+#: Error code of a refused secagg message: the one code of a SecAgg+ refusal
+#: (common.errors.CODES); the site service replaces the reason by the fixed one.
+ERROR_CODE = int(ReplyCode.SECAGG)
 
 
 @dataclass
@@ -188,7 +190,7 @@ def advertise_keys(
     header: Header,
     train_reply: RecordDict,
     global_arrays: ArrayRecord,
-    params: SecAggParams,
+    params: SecAggConfig,
 ) -> tuple[SiteSecAggState, RecordDict]:
     """Stage 0: keep the trained delta, create the round's keys, advertise public keys.
 
@@ -203,7 +205,7 @@ def advertise_keys(
         ``MetricRecord`` with ``num-examples``.
     global_arrays : ArrayRecord
         The global model the site received.
-    params : SecAggParams
+    params : SecAggConfig
         The run's secure-aggregation settings (clip range, secure sums). The train
         reply's :data:`common.secure_sum.RECORD` (zeros if it has none this round) is
         appended to the delta as ``counts / (num-examples * SCALE)``, so the unmasked
@@ -271,7 +273,7 @@ def advertise_keys(
 
 
 def share_keys(
-    state: SiteSecAggState, *, header: Header, request: ShareKeysRequest, params: SecAggParams
+    state: SiteSecAggState, *, header: Header, request: ShareKeysRequest, params: SecAggConfig
 ) -> RecordDict:
     """Stage 1: Shamir-share ``mask_sk`` and ``seed``; encrypt each neighbour's shares.
 
@@ -307,14 +309,7 @@ def share_keys(
         if peer == state.node_id:
             state.own_key_share, state.own_seed_share = key_shares[j], seed_shares[j]
             continue
-        key = crypto.agree(
-            private_key=state.enc_sk,
-            peer_public_key=request.enc_pks[j],
-            purpose=b"share-encryption",
-            session=state.session,
-            node_a=state.node_id,
-            node_b=peer,
-        )
+        key = _share_key(state, peer, request.enc_pks[j])
         dst.append(peer)
         cts.append(
             crypto.encrypt_shares(
@@ -335,12 +330,24 @@ def share_keys(
     return RecordDict({RECORD: share_keys_reply(Ciphertexts(dst, cts))})
 
 
+def _share_key(state: SiteSecAggState, peer: int, peer_enc_pk: bytes) -> bytes:
+    """Return the AES-256-GCM key of the share bundles between this site and ``peer``."""
+    return crypto.agree(
+        private_key=state.enc_sk,
+        peer_public_key=peer_enc_pk,
+        purpose=b"share-encryption",
+        session=state.session,
+        node_a=state.node_id,
+        node_b=peer,
+    )
+
+
 def masked_input(
     state: SiteSecAggState,
     *,
     header: Header,
     request: Ciphertexts,
-    params: SecAggParams,
+    params: SecAggConfig,
     rng: np.random.Generator | None = None,
 ) -> RecordDict:
     """Stage 2: keep received shares, reply with the masked ``uint32`` vector.
@@ -366,14 +373,7 @@ def masked_input(
         if src == state.node_id or src not in state.nodes:
             raise SecAggProtocolError(f"shares from node {src}, which is not a neighbour")
         j = state.nodes.index(src)
-        key = crypto.agree(
-            private_key=state.enc_sk,
-            peer_public_key=state.enc_pks[j],
-            purpose=b"share-encryption",
-            session=state.session,
-            node_a=state.node_id,
-            node_b=src,
-        )
+        key = _share_key(state, src, state.enc_pks[j])
         try:
             _, key_share, seed_share = crypto.decrypt_shares(
                 key=key,
@@ -404,19 +404,14 @@ def masked_input(
     )
     vector += crypto.expand_mask(state.seed, length=vector.size)
     for peer in active:
-        pair_key = crypto.agree(
+        vector += crypto.pairwise_mask(
             private_key=state.mask_sk,
             peer_public_key=state.mask_pks[state.nodes.index(peer)],
-            purpose=b"pairwise-mask",
             session=state.session,
-            node_a=state.node_id,
-            node_b=peer,
+            node=state.node_id,
+            peer=peer,
+            length=vector.size,
         )
-        mask = crypto.expand_mask(pair_key, length=vector.size)
-        if state.node_id < peer:
-            vector += mask
-        else:
-            vector -= mask
     state.delta = None  # the plaintext update is no longer needed
     state.stage = MASKED_INPUT
     return masked_input_reply(vector, active=sorted(active), rejected=sorted(rejected))
@@ -464,7 +459,7 @@ def _without_secagg(content: RecordDict) -> RecordDict:
 def _handle(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     stage = stage_of(msg.content)
     header = Header.parse(msg.content.config_records[RECORD])
-    params = SecAggParams.from_run(RunConfig.from_run_config(context.run_config))
+    params = job_of(context).run.secagg
     if stage == ADVERTISE:
         arrays = msg.content.array_records
         if len(arrays) != 1:
@@ -504,7 +499,7 @@ def _handle(msg: Message, context: Context, call_next: ClientAppCallable) -> Mes
 
 def _secagg_required(context: Context) -> bool:
     try:
-        return RunConfig.from_run_config(context.run_config).secagg_enabled
+        return job_of(context).run.secagg.enabled
     except ConfigError:
         return False  # the train handler reports the bad config itself
 
@@ -520,7 +515,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     Returns
     -------
     flwr.app.Message
-        The stage reply, or an error reply (code 2) naming the refused message; on error
+        The stage reply, or an error reply (:data:`ERROR_CODE`) naming the refused message; on error
         the round state is wiped, so the site takes no further part in that round.
 
     """

@@ -11,6 +11,7 @@ from rich.console import Console
 from client.site.audit_cli import audit_app
 from client.site.policy_cli import policy_app
 from client.site.serve_cli import register_serve
+from common.cli import fail
 from common.errors import MedfedError
 from common.tls import check_node_key_pair, write_node_keys
 
@@ -41,8 +42,7 @@ def keys(
         paths = write_node_keys(out_dir, force=force)
         check_node_key_pair(paths.private_key, paths.public_key)
     except MedfedError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        raise fail(exc) from None
     console.print(f"private key: {paths.private_key}  (stays at the hospital)")
     console.print(f"public key:  {paths.public_key}  (send to the coordinator)")
 

@@ -47,6 +47,7 @@ from torch import nn
 
 from common.config import MAX_NUM_CLASSES, TASKS
 from common.errors import DataError, DataNotFoundError, MedfedError, ModelError
+from common.fsutil import atomic_write
 from common.models import check_model_name, get_model, get_spec
 from common.operating_point import OperatingPoint
 from common.records import check_state, expected_spec
@@ -136,7 +137,7 @@ class Checkpoint:
 
 
 def save_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> Path:
-    """Write ``ckpt`` atomically (temporary file + ``os.replace``).
+    """Write ``ckpt`` atomically and durably (:func:`common.fsutil.atomic_write`).
 
     Returns
     -------
@@ -145,7 +146,6 @@ def save_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> Path:
 
     """
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     payload: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
@@ -161,9 +161,7 @@ def save_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> Path:
         "selection-metric": ckpt.selection_metric,
         "operating-point": None if ckpt.operating_point is None else dict(ckpt.operating_point),
     }
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    torch.save(payload, tmp)
-    tmp.replace(out)
+    atomic_write(out, lambda fh: torch.save(payload, fh), mode=None)
     return out
 
 

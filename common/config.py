@@ -18,7 +18,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from common.errors import ConfigError, did_you_mean
 
@@ -122,7 +122,7 @@ NONLINEAR_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")
 ACCOUNTANTS = ("rdp", "prv")
 #: Where class weights come from (common/imbalance.py): ``auto`` (``site`` for the
 #: classification tasks, ``none`` for segmentation), none, the site's own training
-#: labels, or (planned, issue 13) the federation's securely summed class counts.
+#: labels, or the federation's securely summed class counts.
 CLASS_WEIGHTINGS = ("auto", "none", "site", "federation")
 #: Training-time augmentation presets (client/augment.py ``PRESETS``, checked by tests).
 AUGMENTATIONS = ("none", "light", "medium")
@@ -152,39 +152,42 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
     return value
 
 
+#: Images (or rows) per forward pass whenever a model is only evaluated (site validation,
+#: the server's held-out evaluation, baselines, ``medfed evaluate``): run config
+#: ``eval-batch-size``. It sets memory use only, never a metric.
+EVAL_BATCH_SIZE = 64
+
+#: SecAgg+ fixed-point rounding (``secagg.quantisation``; common/secagg/encoding.py).
+QUANTISATIONS = ("deterministic", "stochastic")
+
+
+def _check_keyed_fields(obj: Any) -> None:
+    """Coerce and check every field of ``obj`` that carries a config key."""
+    for f in dataclasses.fields(obj):
+        if "key" not in f.metadata:
+            continue
+        value = _coerce(f.metadata["key"], getattr(obj, f.name), _field_type(f))
+        object.__setattr__(obj, f.name, value)
+        check = f.metadata["check"]
+        if check is not None and (problem := check(value)) is not None:
+            raise ConfigError(f"config key {f.metadata['key']!r}={value!r} {problem}")
+
+
+class _Group:
+    """A frozen group of run-config keys: validated on construction, copied by ``replace``."""
+
+    def __post_init__(self) -> None:
+        _check_keyed_fields(self)
+
+    def replace(self, **changes: Any) -> Self:
+        """Return a copy with fields (snake_case names) replaced and re-validated."""
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
 @dataclass(frozen=True, kw_only=True)
-class RunConfig:
-    """Federation-wide settings chosen by the coordinator or researcher.
+class TrainConfig(_Group):
+    """Local training at every site (``run.train``; top-level keys)."""
 
-    Construct with :meth:`from_run_config`; direct construction also validates.
-
-    Raises
-    ------
-    ConfigError
-        On unknown keys (with a "did you mean"), wrong types or out-of-range values.
-
-    """
-
-    task: str = field(
-        default="classification",
-        metadata=_key("task", "learning task of the site datasets", _one_of(*TASKS)),
-    )
-    model: str = field(default="cnn", metadata=_key("model", "registered model name"))
-    num_classes: int = field(
-        default=2,
-        metadata=_key(
-            "num-classes",
-            "classes the model predicts (segmentation: incl. background; 2 = background/vessel)",
-            _num_classes,
-        ),
-    )
-    strategy: str = field(
-        default="fedavg",
-        metadata=_key("strategy", "aggregation strategy", _one_of(*STRATEGIES)),
-    )
-    num_server_rounds: int = field(
-        default=10, metadata=_key("num-server-rounds", "federated rounds", _positive)
-    )
     local_epochs: int = field(
         default=1, metadata=_key("local-epochs", "local epochs per round", _positive)
     )
@@ -199,10 +202,6 @@ class RunConfig:
     )
     weight_decay: float = field(
         default=0.0, metadata=_key("weight-decay", "local SGD L2 penalty", _non_negative)
-    )
-    seed: int = field(
-        default=42,
-        metadata=_key("seed", f"seed for model init and sampling, 0..{MAX_SEED}", _seed),
     )
     amp: bool = field(
         default=False,
@@ -237,7 +236,13 @@ class RunConfig:
             _one_of(*AUGMENTATIONS),
         ),
     )
-    evaluate_in_train: bool = field(
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluationConfig(_Group):
+    """How global models are evaluated and the best one picked (``run.evaluation``)."""
+
+    in_train: bool = field(
         default=True,
         metadata=_key(
             "evaluate-in-train",
@@ -246,7 +251,7 @@ class RunConfig:
             "then runs only for the final model",
         ),
     )
-    model_selection_metric: str = field(
+    selection_metric: str = field(
         default=AUTO_SELECTION,
         metadata=_key(
             "model-selection-metric",
@@ -256,17 +261,22 @@ class RunConfig:
             "minimised, any other maximised",
         ),
     )
-    max_site_examples: int = field(
-        default=1_000_000,
+    batch_size: int = field(
+        default=EVAL_BATCH_SIZE,
         metadata=_key(
-            "max-site-examples",
-            "largest num-examples a site may claim (its FedAvg weight); a site's first "
-            "accepted claim is its registered count for the run and later claims may not "
-            "exceed it (server/claims.py)",
+            "eval-batch-size",
+            "images per forward pass when a model is only evaluated (site validation, "
+            "server-side and baseline evaluation); memory only, never a metric",
             _positive,
         ),
     )
-    operating_point: str = field(
+
+
+@dataclass(frozen=True, kw_only=True)
+class OperatingPointConfig(_Group):
+    """Decision threshold of a binary classifier (``run.operating_point``)."""
+
+    method: str = field(
         default="youden",
         metadata=_key(
             "operating-point",
@@ -277,7 +287,7 @@ class RunConfig:
             _one_of("youden", "sensitivity", "none"),
         ),
     )
-    operating_point_sensitivity: float = field(
+    sensitivity: float = field(
         default=0.9,
         metadata=_key(
             "operating-point-sensitivity",
@@ -285,7 +295,7 @@ class RunConfig:
             lambda v: None if 0.0 < v <= 1.0 else "must be in (0, 1]",
         ),
     )
-    operating_point_bins: int = field(
+    bins: int = field(
         default=100,
         metadata=_key(
             "operating-point-bins",
@@ -293,6 +303,12 @@ class RunConfig:
             lambda v: None if 2 <= v <= 1000 else "must be in 2..1000",
         ),
     )
+
+
+@dataclass(frozen=True, kw_only=True)
+class FederationConfig(_Group):
+    """Who takes part in a round and how long the coordinator waits (``run.federation``)."""
+
     min_sites: int = field(
         default=3, metadata=_key("min-sites", "sites that must connect before round 1", _positive)
     )
@@ -319,94 +335,53 @@ class RunConfig:
             _positive,
         ),
     )
-    project: str = field(
-        default="medfed-demo",
+    max_site_examples: int = field(
+        default=1_000_000,
         metadata=_key(
-            "project",
-            "study name (letters, digits, '.', '_', '-'); sites allow-list it in their policy",
-            _project,
+            "max-site-examples",
+            "largest num-examples a site may claim (its FedAvg weight); a site's first "
+            "accepted claim is its registered count for the run and later claims may not "
+            "exceed it (server/claims.py)",
+            _positive,
         ),
     )
-    dp_enabled: bool = field(
-        default=True, metadata=_key("dp.enabled", "DP-SGD (Opacus) at every site")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.fraction_train == 0.0:
+            raise ConfigError("config key 'fraction-train' must be > 0: no site would train.")
+        if self.min_replies > self.min_sites:
+            raise ConfigError(
+                f"config key 'min-replies'={self.min_replies} exceeds 'min-sites'="
+                f"{self.min_sites}: no round could reach the quorum; lower 'min-replies'."
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class StrategyConfig(_Group):
+    """The aggregation strategy and its hyper-parameters (``run.strategy``).
+
+    ``name`` is the key ``strategy``; the others are the ``strategy-args.`` table (TOML
+    cannot make ``strategy`` a value and a table).
+    """
+
+    name: str = field(
+        default="fedavg",
+        metadata=_key("strategy", "aggregation strategy", _one_of(*STRATEGIES)),
     )
-    dp_target_epsilon: float = field(
-        default=8.0,
-        metadata=_key(
-            "dp.target-epsilon", "epsilon each site reaches after all planned rounds", _positive
-        ),
-    )
-    dp_noise_multiplier: float = field(
-        default=0.0,
-        metadata=_key(
-            "dp.noise-multiplier", "fixed noise multiplier; 0 = derive from target", _non_negative
-        ),
-    )
-    dp_max_grad_norm: float = field(
-        default=1.0,
-        metadata=_key("dp.max-grad-norm", "per-sample gradient clipping norm C", _positive),
-    )
-    dp_accountant: str = field(
-        default="rdp",
-        metadata=_key("dp.accountant", "Opacus accountant", _one_of(*ACCOUNTANTS)),
-    )
-    dp_reproducible_noise: bool = field(
-        default=False,
-        metadata=_key(
-            "dp.reproducible-noise",
-            "simulation only, NOT PRIVATE: seed DP noise and sampling from 'seed' so a run "
-            "repeats exactly; refused by every site outside simulation",
-        ),
-    )
-    dp_max_physical_batch_size: int = field(
-        default=128,
-        metadata=_key(
-            "dp.max-physical-batch-size", "memory cap per forward/backward pass", _positive
-        ),
-    )
-    secagg_enabled: bool = field(
-        default=True,
-        metadata=_key("secagg.enabled", "secure aggregation: the server sees only the sum"),
-    )
-    secagg_neighbours: int = field(
-        default=0,
-        metadata=_key(
-            "secagg.neighbours", "neighbours per site in SecAgg+; 0 = all", _non_negative
-        ),
-    )
-    secagg_threshold: float = field(
-        default=0.5,
-        metadata=_key(
-            "secagg.threshold",
-            "fraction of a neighbourhood (> it) needed to unmask",
-            lambda v: None if 0.5 <= v < 1.0 else "must be in [0.5, 1)",
-        ),
-    )
-    secagg_clip_range: float = field(
-        default=4.0,
-        metadata=_key("secagg.clip-range", "largest |weight change| per round", _positive),
-    )
-    secagg_quantisation: str = field(
-        default="deterministic",
-        metadata=_key(
-            "secagg.quantisation",
-            "fixed-point rounding",
-            _one_of("deterministic", "stochastic"),
-        ),
-    )
-    strategy_proximal_mu: float = field(
+    proximal_mu: float = field(
         default=0.01,
         metadata=_key(
             "strategy-args.proximal-mu", "FedProx: weight mu of the proximal term", _non_negative
         ),
     )
-    strategy_server_lr: float = field(
+    server_lr: float = field(
         default=0.1,
         metadata=_key(
             "strategy-args.server-lr", "FedAdam/FedYogi: server learning rate", _positive
         ),
     )
-    strategy_trim_beta: float = field(
+    trim_beta: float = field(
         default=0.2,
         metadata=_key(
             "strategy-args.trim-beta",
@@ -414,7 +389,7 @@ class RunConfig:
             lambda v: None if 0.0 <= v < 0.5 else "must be in [0, 0.5)",
         ),
     )
-    strategy_krum_byzantine: int = field(
+    krum_byzantine: int = field(
         default=0,
         metadata=_key(
             "strategy-args.krum-byzantine",
@@ -422,7 +397,143 @@ class RunConfig:
             _non_negative,
         ),
     )
-    faults_dropout: float = field(
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPConfig(_Group):
+    """Differential privacy at every site, Opacus DP-SGD (``run.dp``; keys ``dp.*``)."""
+
+    enabled: bool = field(
+        default=True, metadata=_key("dp.enabled", "DP-SGD (Opacus) at every site")
+    )
+    target_epsilon: float = field(
+        default=8.0,
+        metadata=_key(
+            "dp.target-epsilon", "epsilon each site reaches after all planned rounds", _positive
+        ),
+    )
+    noise_multiplier: float = field(
+        default=0.0,
+        metadata=_key(
+            "dp.noise-multiplier", "fixed noise multiplier; 0 = derive from target", _non_negative
+        ),
+    )
+    max_grad_norm: float = field(
+        default=1.0,
+        metadata=_key("dp.max-grad-norm", "per-sample gradient clipping norm C", _positive),
+    )
+    accountant: str = field(
+        default="rdp",
+        metadata=_key("dp.accountant", "Opacus accountant", _one_of(*ACCOUNTANTS)),
+    )
+    reproducible_noise: bool = field(
+        default=False,
+        metadata=_key(
+            "dp.reproducible-noise",
+            "simulation only, NOT PRIVATE: seed DP noise and sampling from 'seed' so a run "
+            "repeats exactly; refused by every site outside simulation",
+        ),
+    )
+    max_physical_batch_size: int = field(
+        default=128,
+        metadata=_key(
+            "dp.max-physical-batch-size", "memory cap per forward/backward pass", _positive
+        ),
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecAggConfig(_Group):
+    """Secure aggregation, SecAgg+ (``run.secagg``; keys ``secagg.*``).
+
+    The protocol is SecAgg+ (Bell et al., CCS 2020, Algorithm 2; see
+    :mod:`common.secagg.params`), run by ``server/secagg.py`` and ``client/secagg_mod.py``.
+
+    Attributes
+    ----------
+    enabled : bool
+        ``secagg.enabled``: the coordinator sees only the weighted sum of the updates.
+    neighbours : int
+        ``secagg.neighbours``: size ``k`` of each site's neighbourhood in the k-regular
+        communication graph (Bell et al. 2020, section 3.1). ``0`` means every other
+        sampled site (the complete graph of Bonawitz et al. 2017). A ``k`` smaller than
+        ``n - 1`` is rounded up to even (Harary-style ring graph).
+    threshold : float
+        ``secagg.threshold``: fraction in ``[0.5, 1)``. A secret shared among ``m``
+        holders (the ``k`` neighbours and the site itself) needs
+        ``t = floor(threshold * m) + 1`` shares to be rebuilt (:meth:`shares_needed`), a
+        strict majority at 0.5, so ``m - t`` holders may drop after sending their masked
+        input.
+    clip_range : float
+        ``secagg.clip-range``: bound ``c`` on ``|delta|`` per coordinate, where ``delta``
+        is the site's trained float weights minus the received global weights. A site
+        whose delta leaves ``[-c, c]`` refuses to send (``ClipRangeError``); nothing is
+        clipped silently.
+    quantisation : str
+        ``secagg.quantisation``: ``"deterministic"`` (round to nearest) or
+        ``"stochastic"`` (unbiased randomized rounding).
+    sum_spec : dict[str, tuple[int, ...]]
+        Derived, not a key: the run's secure-sum arrays (:func:`common.secure_sum.spec`,
+        e.g. the validation score histogram), appended to every site's masked delta so
+        that only their sum over the survivors is revealed. :class:`RunConfig` fills it
+        from the whole run; empty for none (and in a group built on its own).
+
+    """
+
+    enabled: bool = field(
+        default=True,
+        metadata=_key("secagg.enabled", "secure aggregation: the server sees only the sum"),
+    )
+    neighbours: int = field(
+        default=0,
+        metadata=_key(
+            "secagg.neighbours", "neighbours per site in SecAgg+; 0 = all", _non_negative
+        ),
+    )
+    threshold: float = field(
+        default=0.5,
+        metadata=_key(
+            "secagg.threshold",
+            "fraction of a neighbourhood (> it) needed to unmask",
+            lambda v: None if 0.5 <= v < 1.0 else "must be in [0.5, 1)",
+        ),
+    )
+    clip_range: float = field(
+        default=4.0,
+        metadata=_key("secagg.clip-range", "largest |weight change| per round", _positive),
+    )
+    quantisation: str = field(
+        default="deterministic",
+        metadata=_key("secagg.quantisation", "fixed-point rounding", _one_of(*QUANTISATIONS)),
+    )
+    sum_spec: dict[str, tuple[int, ...]] = field(default_factory=dict, compare=False)
+
+    def shares_needed(self, holders: int) -> int:
+        """Reconstruction threshold ``t`` for a secret with ``holders`` share holders.
+
+        ``t = floor(threshold * holders) + 1`` (capped at ``holders``), at least 2 so no
+        single holder ever learns a secret.
+
+        Raises
+        ------
+        SecAggAbortedError
+            If ``holders < 2``: one site alone cannot hide its update.
+
+        """
+        from common.secagg.errors import SecAggAbortedError
+
+        if holders < 2:
+            raise SecAggAbortedError(
+                f"secure aggregation needs at least 2 sites per neighbourhood, got {holders}"
+            )
+        return max(2, min(holders, math.floor(self.threshold * holders) + 1))
+
+
+@dataclass(frozen=True, kw_only=True)
+class FaultsConfig(_Group):
+    """Injected faults, honoured in simulation only (``run.faults``; keys ``faults.*``)."""
+
+    dropout: float = field(
         default=0.0,
         metadata=_key(
             "faults.dropout",
@@ -430,17 +541,17 @@ class RunConfig:
             _unit_interval_open,
         ),
     )
-    faults_slow_site: int = field(
+    slow_site: int = field(
         default=-1,
         metadata=_key("faults.slow-site", "simulation only: partition-id of a slow site; -1 none"),
     )
-    faults_slow_seconds: float = field(
+    slow_seconds: float = field(
         default=0.0,
         metadata=_key(
             "faults.slow-seconds", "simulation only: extra seconds per round", _non_negative
         ),
     )
-    faults_slow_round: int = field(
+    slow_round: int = field(
         default=1,
         metadata=_key(
             "faults.slow-round",
@@ -448,19 +559,19 @@ class RunConfig:
             _positive,
         ),
     )
-    faults_crash_site: int = field(
+    crash_site: int = field(
         default=-1,
         metadata=_key(
             "faults.crash-site", "simulation only: partition-id of a site that crashes; -1 none"
         ),
     )
-    faults_crash_round: int = field(
+    crash_round: int = field(
         default=1,
         metadata=_key(
             "faults.crash-round", "simulation only: round from which it crashes", _positive
         ),
     )
-    faults_drop_site: int = field(
+    drop_site: int = field(
         default=-1,
         metadata=_key(
             "faults.drop-site",
@@ -468,7 +579,7 @@ class RunConfig:
             "-1 none",
         ),
     )
-    faults_drop_stage: str = field(
+    drop_stage: str = field(
         default="unmask",
         metadata=_key(
             "faults.drop-stage",
@@ -476,6 +587,12 @@ class RunConfig:
             _one_of("advertise-keys", "share-keys", "masked-input", "unmask"),
         ),
     )
+
+
+@dataclass(frozen=True, kw_only=True)
+class PathsConfig(_Group):
+    """Where the run reads and writes (``run.paths``; top-level keys)."""
+
     run_dir: str = field(
         default="", metadata=_key("run-dir", "where the server writes logs and checkpoints")
     )
@@ -504,68 +621,172 @@ class RunConfig:
         ),
     )
 
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Federation-wide settings chosen by the coordinator or researcher, in frozen groups.
+
+    Flower's run config is one flat dictionary of kebab-case keys; here the keys are
+    grouped by concern. Every key keeps its flat name (:meth:`from_run_config` /
+    :meth:`to_run_config` round-trip it); ``python -c "from common.config import
+    RunConfig; print(RunConfig.keys())"`` lists them with their help.
+
+    Attributes
+    ----------
+    task, model, num_classes, num_server_rounds, seed, project
+        Keys ``task``, ``model``, ``num-classes``, ``num-server-rounds``, ``seed`` and
+        ``project``.
+    train : TrainConfig
+        Local training: ``local-epochs``, ``batch-size``, ``learning-rate``,
+        ``momentum``, ``weight-decay``, ``amp``, ``class-weighting``,
+        ``class-weight-max``, ``augment``.
+    evaluation : EvaluationConfig
+        ``evaluate-in-train`` (``in_train``), ``model-selection-metric``
+        (``selection_metric``) and ``eval-batch-size`` (``batch_size``, default
+        :data:`EVAL_BATCH_SIZE` = 64: the images per forward pass of every evaluation,
+        at the sites, on the server and in the baselines).
+    operating_point : OperatingPointConfig
+        ``operating-point`` (``method``), ``operating-point-sensitivity``,
+        ``operating-point-bins``.
+    federation : FederationConfig
+        ``min-sites``, ``min-replies``, ``fraction-train``, ``fraction-evaluate``,
+        ``connect-timeout``, ``round-timeout``, ``max-site-examples``.
+    strategy : StrategyConfig
+        ``strategy`` (``name``) and the ``strategy-args.*`` table.
+    dp : DPConfig
+        The ``dp.*`` table.
+    secagg : SecAggConfig
+        The ``secagg.*`` table, plus the derived ``sum_spec``.
+    faults : FaultsConfig
+        The ``faults.*`` table (simulation only).
+    paths : PathsConfig
+        ``run-dir``, ``sites-dir``, ``eval-dataset-dir``, ``site-policy``,
+        ``resume-from``.
+
+    Construct with :meth:`from_run_config` (flat keys); direct construction, with group
+    objects (``RunConfig(dp=DPConfig(enabled=False))``), also validates. :meth:`override`
+    returns a copy with some flat keys changed.
+
+    Raises
+    ------
+    ConfigError
+        On unknown keys (with a "did you mean"), wrong types or out-of-range values.
+
+    """
+
+    task: str = field(
+        default="classification",
+        metadata=_key("task", "learning task of the site datasets", _one_of(*TASKS)),
+    )
+    model: str = field(default="cnn", metadata=_key("model", "registered model name"))
+    num_classes: int = field(
+        default=2,
+        metadata=_key(
+            "num-classes",
+            "classes the model predicts (segmentation: incl. background; 2 = background/vessel)",
+            _num_classes,
+        ),
+    )
+    num_server_rounds: int = field(
+        default=10, metadata=_key("num-server-rounds", "federated rounds", _positive)
+    )
+    seed: int = field(
+        default=42,
+        metadata=_key("seed", f"seed for model init and sampling, 0..{MAX_SEED}", _seed),
+    )
+    project: str = field(
+        default="medfed-demo",
+        metadata=_key(
+            "project",
+            "study name (letters, digits, '.', '_', '-'); sites allow-list it in their policy",
+            _project,
+        ),
+    )
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"group": TrainConfig})
+    evaluation: EvaluationConfig = field(
+        default_factory=EvaluationConfig, metadata={"group": EvaluationConfig}
+    )
+    operating_point: OperatingPointConfig = field(
+        default_factory=OperatingPointConfig, metadata={"group": OperatingPointConfig}
+    )
+    federation: FederationConfig = field(
+        default_factory=FederationConfig, metadata={"group": FederationConfig}
+    )
+    strategy: StrategyConfig = field(
+        default_factory=StrategyConfig, metadata={"group": StrategyConfig}
+    )
+    dp: DPConfig = field(default_factory=DPConfig, metadata={"group": DPConfig})
+    secagg: SecAggConfig = field(default_factory=SecAggConfig, metadata={"group": SecAggConfig})
+    faults: FaultsConfig = field(default_factory=FaultsConfig, metadata={"group": FaultsConfig})
+    paths: PathsConfig = field(default_factory=PathsConfig, metadata={"group": PathsConfig})
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            value = _coerce(f.metadata["key"], getattr(self, f.name), _field_type(f))
-            object.__setattr__(self, f.name, value)
-            check = f.metadata["check"]
-            if check is not None and (problem := check(value)) is not None:
-                raise ConfigError(f"config key {f.metadata['key']!r}={value!r} {problem}")
-        if self.fraction_train == 0.0:
-            raise ConfigError("config key 'fraction-train' must be > 0: no site would train.")
-        if self.amp and self.dp_enabled:
-            raise ConfigError(
-                "config key 'amp'=true needs 'dp.enabled'=false: per-sample gradient clipping "
-                "under reduced precision is not validated in medfed; turn one of them off."
-            )
-        if self.class_weighting in ("site", "federation") and self.task == "segmentation":
-            raise ConfigError(
-                f"config key 'class-weighting'={self.class_weighting!r} needs an image-level "
-                "classification task; the segmentation loss takes no class weights: set "
-                "class-weighting='none'."
-            )
-        if self.augment != "none" and self.task != "classification":
-            raise ConfigError(
-                f"config key 'augment'={self.augment!r} needs task='classification': the "
-                "presets warp images only (segmentation masks would need the same warp; "
-                "tabular features are not images); set augment='none'."
-            )
-        if self.min_replies > self.min_sites:
-            raise ConfigError(
-                f"config key 'min-replies'={self.min_replies} exceeds 'min-sites'="
-                f"{self.min_sites}: no round could reach the quorum; lower 'min-replies'."
-            )
-        if self.strategy == "scaffold" and (self.dp_enabled or self.secagg_enabled):
-            raise ConfigError(
-                "config key 'strategy'='scaffold' needs 'dp.enabled'=false and "
-                "'secagg.enabled'=false: Opacus overwrites the gradient the drift correction "
-                "is added to, and each site's control-variate delta would leave unmasked."
-            )
-        if self.strategy == "scaffold" and self.momentum != 0.0:
-            raise ConfigError(
-                "config key 'strategy'='scaffold' needs plain local SGD ('momentum'=0): its "
-                "control-variate update (x - y) / (K * learning-rate) assumes it "
-                "(Karimireddy et al. 2020, option II); set momentum=0."
-            )
-        if self.strategy == "fedprox" and self.dp_enabled:
-            raise ConfigError(
-                "config key 'strategy'='fedprox' with 'dp.enabled'=true is not supported: "
-                "Opacus privatises only the per-sample gradients, so the proximal term's "
-                "gradient would be silently dropped; set dp.enabled=false for FedProx."
-            )
-        if self.secagg_enabled and self.strategy in NONLINEAR_STRATEGIES:
-            raise ConfigError(
-                f"config key 'strategy'={self.strategy!r} aggregates each site's update "
-                "non-linearly (median / trimmed mean / Krum), but 'secagg.enabled'=true lets "
-                "the server see only the sum of updates; set secagg.enabled=false for this "
-                "strategy (the sites' updates are then visible to the coordinator) or use a "
-                "weighted-mean strategy (fedavg, fedprox, fedadam, fedyogi)."
-            )
+            if "group" in f.metadata and not isinstance(getattr(self, f.name), f.metadata["group"]):
+                raise ConfigError(
+                    f"RunConfig({f.name}=...) takes a {f.metadata['group'].__name__}, got "
+                    f"{getattr(self, f.name)!r}; build a RunConfig from flat keys with "
+                    "RunConfig.from_run_config."
+                )
+        _check_keyed_fields(self)
+        self._check_combinations()
         # Validate the model name here so a typo fails before any round starts.
         from common.models import check_model_name
 
         check_model_name(self.model)
         self._check_selection_metric()
+        from common import secure_sum
+
+        object.__setattr__(
+            self, "secagg", dataclasses.replace(self.secagg, sum_spec=secure_sum.spec(self))
+        )
+
+    def _check_combinations(self) -> None:
+        """Refuse settings that are valid alone but not together (across groups)."""
+        train, strategy = self.train, self.strategy.name
+        if train.amp and self.dp.enabled:
+            raise ConfigError(
+                "config key 'amp'=true needs 'dp.enabled'=false: per-sample gradient clipping "
+                "under reduced precision is not validated in medfed; turn one of them off."
+            )
+        if train.class_weighting in ("site", "federation") and self.task == "segmentation":
+            raise ConfigError(
+                f"config key 'class-weighting'={train.class_weighting!r} needs an image-level "
+                "classification task; the segmentation loss takes no class weights: set "
+                "class-weighting='none'."
+            )
+        if train.augment != "none" and self.task != "classification":
+            raise ConfigError(
+                f"config key 'augment'={train.augment!r} needs task='classification': the "
+                "presets warp images only (segmentation masks would need the same warp; "
+                "tabular features are not images); set augment='none'."
+            )
+        if strategy == "scaffold" and (self.dp.enabled or self.secagg.enabled):
+            raise ConfigError(
+                "config key 'strategy'='scaffold' needs 'dp.enabled'=false and "
+                "'secagg.enabled'=false: Opacus overwrites the gradient the drift correction "
+                "is added to, and each site's control-variate delta would leave unmasked."
+            )
+        if strategy == "scaffold" and train.momentum != 0.0:
+            raise ConfigError(
+                "config key 'strategy'='scaffold' needs plain local SGD ('momentum'=0): its "
+                "control-variate update (x - y) / (K * learning-rate) assumes it "
+                "(Karimireddy et al. 2020, option II); set momentum=0."
+            )
+        if strategy == "fedprox" and self.dp.enabled:
+            raise ConfigError(
+                "config key 'strategy'='fedprox' with 'dp.enabled'=true is not supported: "
+                "Opacus privatises only the per-sample gradients, so the proximal term's "
+                "gradient would be silently dropped; set dp.enabled=false for FedProx."
+            )
+        if self.secagg.enabled and strategy in NONLINEAR_STRATEGIES:
+            raise ConfigError(
+                f"config key 'strategy'={strategy!r} aggregates each site's update "
+                "non-linearly (median / trimmed mean / Krum), but 'secagg.enabled'=true lets "
+                "the server see only the sum of updates; set secagg.enabled=false for this "
+                "strategy (the sites' updates are then visible to the coordinator) or use a "
+                "weighted-mean strategy (fedavg, fedprox, fedadam, fedyogi)."
+            )
 
     def _check_selection_metric(self) -> None:
         """Refuse a ``model-selection-metric`` the run's sites would never report.
@@ -578,7 +799,7 @@ class RunConfig:
         ConfigError
             Naming the valid metrics, with a "did you mean".
         """
-        metric = self.model_selection_metric
+        metric = self.evaluation.selection_metric
         if metric == AUTO_SELECTION:
             return
         from common.wire import VAL_PREFIX, task_metric_names
@@ -592,9 +813,22 @@ class RunConfig:
             )
 
     @classmethod
+    def _key_fields(cls) -> dict[str, tuple[str | None, dataclasses.Field[Any]]]:
+        """Map every config key to its group attribute (``None``: top level) and field."""
+        out: dict[str, tuple[str | None, dataclasses.Field[Any]]] = {}
+        for f in dataclasses.fields(cls):
+            if "group" in f.metadata:
+                for g in dataclasses.fields(f.metadata["group"]):
+                    if "key" in g.metadata:
+                        out[g.metadata["key"]] = (f.name, g)
+            else:
+                out[f.metadata["key"]] = (None, f)
+        return out
+
+    @classmethod
     def keys(cls) -> dict[str, str]:
         """Map every config key to its one-line help."""
-        return {f.metadata["key"]: f.metadata["help"] for f in dataclasses.fields(cls)}
+        return {key: f.metadata["help"] for key, (_, f) in cls._key_fields().items()}
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, ConfigScalar]) -> RunConfig:
@@ -615,16 +849,39 @@ class RunConfig:
             Unknown key (names the closest valid key), wrong type or invalid value.
 
         """
-        by_key = {f.metadata["key"]: f.name for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
+        by_key = cls._key_fields()
+        top: dict[str, Any] = {}
+        groups: dict[str, dict[str, Any]] = {}
         for key, value in run_config.items():
             if key not in by_key:
                 raise ConfigError(
                     f"unknown config key {key!r}.{did_you_mean(key, by_key)} "
                     f"Valid keys: {sorted(by_key)}."
                 )
-            kwargs[by_key[key]] = value
-        return cls(**kwargs)
+            group, f = by_key[key]
+            (top if group is None else groups.setdefault(group, {}))[f.name] = value
+        types = {
+            f.name: f.metadata["group"] for f in dataclasses.fields(cls) if "group" in f.metadata
+        }
+        return cls(**top, **{name: types[name](**values) for name, values in groups.items()})
+
+    def to_run_config(self) -> dict[str, ConfigScalar]:
+        """Return the flat kebab-case dictionary (inverse of :meth:`from_run_config`)."""
+        return {
+            key: getattr(self if group is None else getattr(self, group), f.name)
+            for key, (group, f) in self._key_fields().items()
+        }
+
+    def override(self, changes: Mapping[str, ConfigScalar]) -> RunConfig:
+        """Return a copy with the flat kebab-case keys in ``changes`` replaced, re-validated.
+
+        Example: ``run.override({"dp.enabled": False, "amp": True})``.
+        """
+        return RunConfig.from_run_config({**self.to_run_config(), **changes})
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """Return a copy with top-level fields or whole groups replaced and re-validated."""
+        return dataclasses.replace(self, **changes)
 
     def class_weight_source(self) -> str:
         """``class-weighting`` with ``auto`` resolved: ``"none"`` or ``"site"``.
@@ -633,21 +890,13 @@ class RunConfig:
         ``tabular``) and ``"none"`` for ``segmentation``, whose Dice + cross-entropy
         loss takes no class weights.
         """
-        if self.class_weighting == "auto":
+        if self.train.class_weighting == "auto":
             return "none" if self.task == "segmentation" else "site"
-        return self.class_weighting
+        return self.train.class_weighting
 
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`common.models.get_model` derived from this config."""
         return {"num_classes": self.num_classes}
-
-    def to_run_config(self) -> dict[str, ConfigScalar]:
-        """Return the flat kebab-case dictionary (inverse of :meth:`from_run_config`)."""
-        return {f.metadata["key"]: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    def replace(self, **changes: Any) -> RunConfig:
-        """Return a copy with fields (snake_case names) replaced and re-validated."""
-        return dataclasses.replace(self, **changes)
 
 
 def _field_type(f: dataclasses.Field[Any]) -> type:
@@ -734,8 +983,8 @@ class NodeConfig:
         """
         if self.state_dir is not None:
             return self.state_dir
-        if run.sites_dir and self.partition_id is not None:
-            return Path(run.sites_dir).parent / "state" / f"site-{self.partition_id}"
+        if run.paths.sites_dir and self.partition_id is not None:
+            return Path(run.paths.sites_dir).parent / "state" / f"site-{self.partition_id}"
         raise ConfigError(
             "this node has no state directory: set node config 'state-dir' (e.g. "
             "flower-supernode --node-config \"state-dir='/var/lib/medfed'\")."
@@ -753,8 +1002,8 @@ class NodeConfig:
         """
         if self.dataset_dir is not None:
             return self.dataset_dir
-        if run.sites_dir and self.partition_id is not None:
-            return Path(run.sites_dir) / f"site-{self.partition_id}"
+        if run.paths.sites_dir and self.partition_id is not None:
+            return Path(run.paths.sites_dir) / f"site-{self.partition_id}"
         raise ConfigError(
             "this node has no data: set node config 'dataset-dir' (deployment, e.g. "
             "flower-supernode --node-config \"dataset-dir='/data/site'\") or run config "

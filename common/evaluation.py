@@ -1,7 +1,10 @@
 """Batched inference and metrics for a model on in-memory or memory-mapped arrays.
 
 Shared by the ClientApp (local validation), the ServerApp (optional held-out evaluation)
-and ``medfed evaluate``, so every number in a report comes from the same code.
+and ``medfed evaluate``, so every number in a report comes from the same code. The metric
+definitions are in :mod:`common.metrics`; the per-task dispatch
+(:func:`common.tasks.evaluate_task`) is in :mod:`common.tasks`, which imports this module
+(never the other way round).
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.metrics import classification_metrics
+from common.config import EVAL_BATCH_SIZE
+from common.metrics import classification_metrics, dice_counts, metrics_from_counts
 
 
 @torch.no_grad()
@@ -18,7 +22,7 @@ def predict_proba(
     model: nn.Module,
     images: np.ndarray,
     *,
-    batch_size: int = 256,
+    batch_size: int = EVAL_BATCH_SIZE,
     device: torch.device,
 ) -> np.ndarray:
     """Class probabilities of ``model`` for ``images``.
@@ -30,7 +34,7 @@ def predict_proba(
     images : numpy.ndarray
         float32 ``(N, C, H, W)`` in ``[0, 1]`` (may be memory-mapped).
     batch_size : int
-        Images per forward pass.
+        Images per forward pass (run config ``eval-batch-size``).
     device : torch.device
         Where to run the model.
 
@@ -56,7 +60,7 @@ def evaluate_arrays(
     images: np.ndarray,
     labels: np.ndarray,
     *,
-    batch_size: int = 256,
+    batch_size: int = EVAL_BATCH_SIZE,
     device: torch.device,
 ) -> dict[str, float]:
     """Evaluate a classifier: cross-entropy ``loss`` plus :func:`classification_metrics`.
@@ -70,7 +74,7 @@ def evaluate_arrays(
     labels : numpy.ndarray
         int ``(N,)``.
     batch_size : int
-        Images per forward pass.
+        Images per forward pass (run config ``eval-batch-size``).
     device : torch.device
         Where to run the model.
 
@@ -117,7 +121,7 @@ def evaluate_segmentation(
     images: np.ndarray,
     masks: np.ndarray,
     *,
-    batch_size: int = 64,
+    batch_size: int = EVAL_BATCH_SIZE,
     device: torch.device,
     loss: nn.Module,
 ) -> dict[str, float]:
@@ -132,7 +136,7 @@ def evaluate_segmentation(
     masks : numpy.ndarray
         int ``(N, H, W)`` class indices.
     batch_size : int
-        Images per forward pass.
+        Images per forward pass (run config ``eval-batch-size``).
     device : torch.device
         Where to run the model.
     loss : torch.nn.Module
@@ -141,12 +145,10 @@ def evaluate_segmentation(
     Returns
     -------
     dict[str, float]
-        ``loss`` and the metrics of :func:`common.tasks.segmentation_metrics`, whose
+        ``loss`` and the metrics of :func:`common.metrics.segmentation_metrics`, whose
         pixel counts are accumulated batch by batch (same result as one pass).
 
     """
-    from common.tasks import dice_counts, metrics_from_counts
-
     model.eval()
     model.to(device)
     counts: np.ndarray | None = None
@@ -172,35 +174,13 @@ def evaluate_segmentation(
     return metrics
 
 
-def evaluate_task(
-    task: str,
-    model: nn.Module,
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    batch_size: int = 256,
-    device: torch.device,
-) -> dict[str, float]:
-    """Evaluate ``model`` with the metrics of ``task`` (``common.tasks.get_task(task)``).
-
-    Raises
-    ------
-    ConfigError
-        If ``task`` is not registered.
-
-    """
-    from common.tasks import get_task
-
-    return get_task(task).evaluate(model, images, labels, batch_size=batch_size, device=device)
-
-
 def evaluate_binary_at(
     model: nn.Module,
     images: np.ndarray,
     labels: np.ndarray,
     *,
     thresholds: dict[str, float],
-    batch_size: int = 256,
+    batch_size: int = EVAL_BATCH_SIZE,
     device: torch.device,
 ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Evaluate a binary classifier once, at one or more decision thresholds.
@@ -216,7 +196,7 @@ def evaluate_binary_at(
     thresholds : dict[str, float]
         ``{name: t}``: predict class 1 when ``P(class 1) >= t``.
     batch_size : int
-        Images per forward pass.
+        Images per forward pass (run config ``eval-batch-size``).
     device : torch.device
         Where to run the model.
 

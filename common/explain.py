@@ -412,6 +412,103 @@ def plot_grid(
     return path
 
 
+def _checked_labels(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Return ``labels`` as int64 ``(N,)``; raise DataError unless they match ``images``."""
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if images.ndim != 4 or images.shape[0] != labels.shape[0]:
+        raise DataError(
+            f"images {tuple(images.shape)} and labels {tuple(labels.shape)} must be "
+            "(N, C, H, W) and (N,)"
+        )
+    if labels.size == 0:
+        raise DataError("the split is empty: nothing to explain")
+    return labels
+
+
+def _describe_cases(
+    picked: np.ndarray,
+    pred: np.ndarray,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    correct: np.ndarray,
+    label_names: Sequence[str],
+) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    """Return the JSON item, the figure title and the title colour of each picked case."""
+    items: list[dict[str, Any]] = []
+    titles, colors = [], []
+    for idx in picked.tolist():
+        p, t = int(pred[idx]), int(labels[idx])
+        items.append(
+            {
+                "index": idx,
+                "true": t,
+                "true-name": _name(label_names, t),
+                "predicted": p,
+                "predicted-name": _name(label_names, p),
+                "probability": round(float(probs[idx, p]), 6),
+                "probabilities": [round(float(v), 6) for v in probs[idx]],
+                "correct": bool(correct[idx]),
+            }
+        )
+        titles.append(
+            f"#{idx} {'right' if correct[idx] else 'WRONG'}\n"
+            f"true: {_name(label_names, t)}\n"
+            f"pred: {_name(label_names, p)} (p={probs[idx, p]:.2f})"
+        )
+        colors.append("darkgreen" if correct[idx] else "crimson")
+    return items, titles, colors
+
+
+def _write_outputs(
+    shown: np.ndarray,
+    maps: np.ndarray,
+    titles: list[str],
+    colors: list[str],
+    *,
+    out_dir: Path,
+    stem: str,
+    title: str,
+    method: str,
+    layer: str | None,
+    decision: Decision,
+    label_names: Sequence[str],
+    meta: Mapping[str, Any] | None,
+    seed: int,
+    split: tuple[int, int],
+    items: list[dict[str, Any]],
+) -> tuple[Path, Path]:
+    """Write the figure ``<stem>.png`` and its record ``<stem>.json``; return both paths."""
+    how = f"Grad-CAM at {layer}" if method == "grad-cam" else "occlusion sensitivity"
+    suptitle = "\n".join(
+        s
+        for s in (
+            title,
+            f"{how} of the predicted class (red = more important); "
+            f"{decision.describe(label_names)}",
+        )
+        if s
+    )
+    png = plot_grid(shown, maps, titles, colors, suptitle=suptitle, path=out_dir / f"{stem}.png")
+    record = {
+        "format": EXPLAIN_FORMAT,
+        "version": EXPLAIN_VERSION,
+        **dict(meta or {}),
+        "method": method,
+        "target-layer": layer,
+        "threshold": decision.threshold,
+        "threshold-source": decision.source,
+        "seed": seed,
+        "label-names": list(label_names),
+        "split-size": split[0],
+        "split-correct": split[1],
+        "png": png.name,
+        "items": items,
+    }
+    js = out_dir / f"{stem}.json"
+    js.write_text(json.dumps(record, indent=2) + "\n")
+    return png, js
+
+
 def explain_arrays(
     model: nn.Module,
     images: np.ndarray,
@@ -474,83 +571,40 @@ def explain_arrays(
     """
     from common.evaluation import predict_proba
 
-    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-    if images.ndim != 4 or images.shape[0] != labels.shape[0]:
-        raise DataError(
-            f"images {tuple(images.shape)} and labels {tuple(labels.shape)} must be "
-            "(N, C, H, W) and (N,)"
-        )
-    if labels.size == 0:
-        raise DataError("the split is empty: nothing to explain")
+    labels = _checked_labels(images, labels)
     method, layer = choose_method(model, task=task, input_shape=images.shape[1:])
     probs = predict_proba(model, images, device=device)
     pred = decision.predict(probs)
     correct = pred == labels
     picked = select_cases(correct, n=n, seed=seed)
+    n_right, n_shown = int(correct.sum()), int(correct[picked].sum())
+    at = f" at {layer}" if layer else ""
     log.info(
         "explain: %d of %d images right; showing %d right, %d wrong (%s%s)",
-        int(correct.sum()),
-        labels.size,
-        int(correct[picked].sum()),
-        int((~correct[picked]).sum()),
-        method,
-        f" at {layer}" if layer else "",
+        *(n_right, labels.size, n_shown, picked.size - n_shown, method, at),
     )
     shown = np.asarray(images[picked], dtype=np.float32)
     maps = saliency_maps(
         model, shown, pred[picked], method=method, target_layer=layer, device=device
     )
-    items: list[dict[str, Any]] = []
-    titles, colors = [], []
-    for idx in picked.tolist():
-        p, t = int(pred[idx]), int(labels[idx])
-        items.append(
-            {
-                "index": idx,
-                "true": t,
-                "true-name": _name(label_names, t),
-                "predicted": p,
-                "predicted-name": _name(label_names, p),
-                "probability": round(float(probs[idx, p]), 6),
-                "probabilities": [round(float(v), 6) for v in probs[idx]],
-                "correct": bool(correct[idx]),
-            }
-        )
-        titles.append(
-            f"#{idx} {'right' if correct[idx] else 'WRONG'}\n"
-            f"true: {_name(label_names, t)}\n"
-            f"pred: {_name(label_names, p)} (p={probs[idx, p]:.2f})"
-        )
-        colors.append("darkgreen" if correct[idx] else "crimson")
-    how = f"Grad-CAM at {layer}" if method == "grad-cam" else "occlusion sensitivity"
-    suptitle = "\n".join(
-        s
-        for s in (
-            title,
-            f"{how} of the predicted class (red = more important); "
-            f"{decision.describe(label_names)}",
-        )
-        if s
+    items, titles, colors = _describe_cases(picked, pred, labels, probs, correct, label_names)
+    png, js = _write_outputs(
+        shown,
+        maps,
+        titles,
+        colors,
+        out_dir=Path(out_dir),
+        stem=stem,
+        title=title,
+        method=method,
+        layer=layer,
+        decision=decision,
+        label_names=label_names,
+        meta=meta,
+        seed=seed,
+        split=(int(labels.size), int(correct.sum())),
+        items=items,
     )
-    out_dir = Path(out_dir)
-    png = plot_grid(shown, maps, titles, colors, suptitle=suptitle, path=out_dir / f"{stem}.png")
-    record = {
-        "format": EXPLAIN_FORMAT,
-        "version": EXPLAIN_VERSION,
-        **dict(meta or {}),
-        "method": method,
-        "target-layer": layer,
-        "threshold": decision.threshold,
-        "threshold-source": decision.source,
-        "seed": seed,
-        "label-names": list(label_names),
-        "split-size": int(labels.size),
-        "split-correct": int(correct.sum()),
-        "png": png.name,
-        "items": items,
-    }
-    js = out_dir / f"{stem}.json"
-    js.write_text(json.dumps(record, indent=2) + "\n")
     return ExplainResult(
         png, js, method, layer, decision, picked, correct[picked], tuple(label_names)
     )

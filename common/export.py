@@ -6,7 +6,7 @@ feeds it images as they are stored and gets class probabilities back:
 ``uint8`` input
     ``(N, H, W)`` grey or ``(N, H, W, C)`` colour, values 0-255: the layout of a
     MedMNIST ``.npz`` file. Converted to float32 ``(N, C, H, W)`` by ``x / 255`` --
-    bit for bit what ``simulation.datasets.to_model_images`` does before training and
+    bit for bit what ``simulation.data.datasets.to_model_images`` does before training and
     evaluation (IEEE float32 division in both).
 floating input
     ``(N, C, H, W)`` in ``[0, 1]``: the layout of a site dataset's
@@ -54,6 +54,7 @@ from torch import nn
 
 from common.checkpoint import Checkpoint, load_checkpoint
 from common.errors import ConfigError, DataError, MedfedError
+from common.fsutil import atomic_write, atomic_write_bytes
 from common.operating_point import OperatingPoint
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,7 @@ class CheckBatch:
         Fed to the exported module: uint8 ``(N, H, W[, C])`` or float32 ``(N, C, H, W)``.
     model_input : numpy.ndarray
         float32 ``(N, C, H, W)`` fed to the PyTorch model: ``raw`` through the training
-        pipeline's own preprocessing (``simulation.datasets.to_model_images`` for uint8).
+        pipeline's own preprocessing (``simulation.data.datasets.to_model_images`` for uint8).
 
     """
 
@@ -432,10 +433,76 @@ def _onnx_probs(path: Path, raw: np.ndarray) -> np.ndarray:
 
 
 def _save_torchscript(module: torch.jit.ScriptModule, path: Path, card: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    extra = {CARD_FILE: json.dumps(card, indent=2)}
     with _quiet_exporters():
-        torch.jit.save(module, str(tmp), _extra_files={CARD_FILE: json.dumps(card, indent=2)})
-    tmp.replace(path)
+        atomic_write(path, lambda fh: torch.jit.save(module, fh, _extra_files=extra), mode=None)
+
+
+def _export_onnx(
+    ckpt: Checkpoint,
+    onnx_path: Path,
+    onnx_input: str,
+    checks: Sequence[CheckBatch],
+    refs: Sequence[np.ndarray],
+    *,
+    diffs: dict[str, float | None],
+    notes: list[str],
+) -> None:
+    """Write ``onnx_path`` and record its differences from ``refs`` in ``diffs``."""
+    to_onnx(ckpt, onnx_path, input_dtype=onnx_input)
+    matching = [(b, ref) for b, ref in zip(checks, refs, strict=True) if b.raw.dtype == onnx_input]
+    if importlib.util.find_spec("onnxruntime") is None:
+        notes.append("ONNX not checked: onnxruntime is not installed (medfed[export])")
+        diffs["onnx"] = None
+    elif not matching:
+        notes.append(f"ONNX not checked: no {onnx_input} check batch")
+        diffs["onnx"] = None
+    else:
+        for b, ref in matching:
+            diffs[f"onnx / {b.name}"] = _max_abs_diff(_onnx_probs(onnx_path, b.raw), ref)
+
+
+def _stage_torchscript(
+    ckpt: Checkpoint,
+    staged: Path,
+    card: Mapping[str, Any],
+    checks: Sequence[CheckBatch],
+    refs: Sequence[np.ndarray],
+    *,
+    diffs: dict[str, float | None],
+) -> Any:
+    """Write the TorchScript module to ``staged``; return it loaded back and checked."""
+    _save_torchscript(to_torchscript(ckpt), staged, card)
+    try:
+        with _quiet_exporters():
+            loaded = torch.jit.load(str(staged), map_location="cpu")  # type: ignore[no-untyped-call]
+        for b, ref in zip(checks, refs, strict=True):
+            diffs[f"torchscript / {b.name}"] = _max_abs_diff(_torchscript_probs(loaded, b.raw), ref)
+    except MedfedError:
+        staged.unlink(missing_ok=True)
+        raise
+    except Exception as exc:  # a runtime error of the compiled module
+        staged.unlink(missing_ok=True)
+        raise ExportError(f"the TorchScript module failed on the check inputs: {exc}") from exc
+    return loaded
+
+
+def _equivalence(
+    tolerance: float,
+    checks: Sequence[CheckBatch],
+    diffs: dict[str, float | None],
+    notes: list[str],
+) -> dict[str, Any]:
+    """Return the model card's ``equivalence`` entry."""
+    return {
+        "tolerance": tolerance,
+        "metric": "max absolute difference of probabilities, exported(raw) vs PyTorch model "
+        "(preprocessed input, common.evaluation.predict_proba)",
+        "batches": {b.name: [int(s) for s in b.raw.shape] for b in checks},
+        "max-abs-diff": diffs,
+        "max": max((v for v in diffs.values() if v is not None), default=None),
+        "notes": notes,
+    }
 
 
 def export_model(
@@ -491,8 +558,7 @@ def export_model(
         raise ConfigError(f"tolerance={tolerance} must be > 0")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cpu = resolve_device("cpu")
-    reference = ckpt.build_model()
+    reference, cpu = ckpt.build_model(), resolve_device("cpu")
     refs = [predict_proba(reference, b.model_input, device=cpu) for b in checks]
     diffs: dict[str, float | None] = {}
     notes: list[str] = []
@@ -509,35 +575,12 @@ def export_model(
 
     ts_path = out_dir / TORCHSCRIPT_NAME
     staged = out_dir / f".{TORCHSCRIPT_NAME}.check"
-    _save_torchscript(to_torchscript(ckpt), staged, full)
-    try:
-        with _quiet_exporters():
-            loaded = torch.jit.load(str(staged), map_location="cpu")  # type: ignore[no-untyped-call]
-        for b, ref in zip(checks, refs, strict=True):
-            diffs[f"torchscript / {b.name}"] = _max_abs_diff(_torchscript_probs(loaded, b.raw), ref)
-    except MedfedError:
-        staged.unlink(missing_ok=True)
-        raise
-    except Exception as exc:  # a runtime error of the compiled module
-        staged.unlink(missing_ok=True)
-        raise ExportError(f"the TorchScript module failed on the check inputs: {exc}") from exc
+    loaded = _stage_torchscript(ckpt, staged, full, checks, refs, diffs=diffs)
 
     onnx_path: Path | None = None
     if onnx_input is not None:
         onnx_path = out_dir / ONNX_NAME
-        to_onnx(ckpt, onnx_path, input_dtype=onnx_input)
-        matching = [
-            (b, ref) for b, ref in zip(checks, refs, strict=True) if b.raw.dtype == onnx_input
-        ]
-        if importlib.util.find_spec("onnxruntime") is None:
-            notes.append("ONNX not checked: onnxruntime is not installed (medfed[export])")
-            diffs["onnx"] = None
-        elif not matching:
-            notes.append(f"ONNX not checked: no {onnx_input} check batch")
-            diffs["onnx"] = None
-        else:
-            for b, ref in matching:
-                diffs[f"onnx / {b.name}"] = _max_abs_diff(_onnx_probs(onnx_path, b.raw), ref)
+        _export_onnx(ckpt, onnx_path, onnx_input, checks, refs, diffs=diffs, notes=notes)
 
     worst = {k: v for k, v in diffs.items() if v is not None and not v <= tolerance}
     if worst:
@@ -555,19 +598,11 @@ def export_model(
         "onnx": ONNX_NAME if onnx_path else None,
         "onnx-input": onnx_input,
     }
-    full["equivalence"] = {
-        "tolerance": tolerance,
-        "metric": "max absolute difference of probabilities, exported(raw) vs PyTorch model "
-        "(preprocessed input, common.evaluation.predict_proba)",
-        "batches": {b.name: [int(s) for s in b.raw.shape] for b in checks},
-        "max-abs-diff": diffs,
-        "max": max((v for v in diffs.values() if v is not None), default=None),
-        "notes": notes,
-    }
-    _save_torchscript(loaded, staged, full)  # the checked module, now with the full card
-    staged.replace(ts_path)
+    full["equivalence"] = _equivalence(tolerance, checks, diffs, notes)
+    _save_torchscript(loaded, ts_path, full)  # the checked module, now with the full card
+    staged.unlink(missing_ok=True)
     card_path = out_dir / CARD_NAME
-    card_path.write_text(json.dumps(full, indent=2) + "\n")
+    atomic_write_bytes(card_path, (json.dumps(full, indent=2) + "\n").encode(), mode=None)
     log.info("exported %s to %s (max abs diff %s)", ckpt.model, ts_path, full["equivalence"]["max"])
     return ExportResult(ts_path, card_path, onnx_path, diffs, full)
 
@@ -622,7 +657,7 @@ class ExportedLogits(nn.Module):
     """Adapter: an exported module as a model of the training pipeline.
 
     ``forward(x)`` with float32 ``(N, C, H, W)`` in ``[0, 1]`` returns the exported
-    module's ``logits(x)``, so :func:`common.evaluation.evaluate_task` (which applies the
+    module's ``logits(x)``, so :func:`common.tasks.evaluate_task` (which applies the
     softmax and the task's loss itself) scores the exported graph, preprocessing
     included.
     """

@@ -27,6 +27,7 @@ This module imports the standard library only (plus :mod:`common.errors`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -186,21 +187,35 @@ def atomic_write(
     write: Callable[[BinaryIO], object],
     *,
     durable: bool = True,
+    mode: int | None = PRIVATE_FILE,
+    dir_fd: int | None = None,
 ) -> None:
-    """Replace ``path`` atomically with what ``write(fh)`` writes; the file is ``0600``.
+    """Replace ``path`` atomically with what ``write(fh)`` writes: medfed's one file writer.
 
-    The content goes to a new private temporary file in the same directory, which is
-    flushed, ``fsync``-ed (``durable``) and renamed over ``path``; a reader sees the old
-    file or the new one, never a part. Missing parent directories are created ``0700``.
+    The content goes to a new temporary file ``.NAME.tmp-HEX`` in the same directory,
+    created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` (a planted file or link is never
+    opened), flushed, ``fsync``-ed and renamed over ``path`` with ``os.replace`` (a rename
+    replaces a link, it does not follow it); then the directory is ``fsync``-ed, so the
+    rename survives a crash. A reader sees the old file or the new one, never a part; on
+    any error the temporary file is removed and the target is unchanged.
 
     Parameters
     ----------
     path : path
-        The target file.
+        The target file; with ``dir_fd``, its name inside that directory.
     write : callable
         Called once with the temporary file open for binary writing.
     durable : bool
-        ``fsync`` the file and its directory.
+        ``fsync`` the file and its directory (``False`` only for caches that can be
+        rebuilt).
+    mode : int or None
+        Permission bits of the new file, set with ``fchmod`` whatever the umask
+        (default ``0600``; a missing parent directory is then created ``0700``). ``None``:
+        ``0666`` less the umask, as ``open()`` would (missing parents are created with
+        the umask too).
+    dir_fd : int or None
+        An open directory descriptor to write in (e.g. a key directory opened with
+        ``O_NOFOLLOW``); the directory must exist and ``path`` is a plain name.
 
     Raises
     ------
@@ -209,22 +224,53 @@ def atomic_write(
 
     """
     target = Path(path)
-    private_mkdir(target.parent)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
+    if dir_fd is None:
+        if mode is not None and not mode & 0o077:
+            private_mkdir(target.parent)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        dfd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    else:
+        dfd = dir_fd
+    tmp = f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        with create_private(tmp, durable=durable) as fh:
-            write(fh)
-        tmp.replace(target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if durable:
-        fsync_dir(target.parent)
+        fd = os.open(tmp, flags, 0o666 if mode is None else mode, dir_fd=dfd)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                if mode is not None:
+                    os.fchmod(fh.fileno(), mode)  # the umask may have cleared bits
+                write(fh)
+                fh.flush()
+                if durable:
+                    os.fsync(fh.fileno())
+            os.replace(tmp, target.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
+            raise
+        if durable:
+            os.fsync(dfd)
+    finally:
+        if dir_fd is None:
+            os.close(dfd)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bool = True) -> None:
+def atomic_write_bytes(
+    path: str | os.PathLike[str],
+    data: bytes,
+    *,
+    durable: bool = True,
+    mode: int | None = PRIVATE_FILE,
+) -> None:
     """Replace ``path`` atomically with ``data`` (see :func:`atomic_write`)."""
-    atomic_write(path, lambda fh: fh.write(data), durable=durable)
+    atomic_write(path, lambda fh: fh.write(data), durable=durable, mode=mode)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks (``hashlib.file_digest``)."""
+    with Path(path).open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 # ----------------------------------------------------------------- ownership

@@ -6,7 +6,7 @@ category, a protocol stage). Never exception text, values, file names or paths: 
 go to the site's own log and audit log (issue 12, item 4).
 
 The coordinator reads the code to record why a site did not take part in a round.
-Codes start at 1000 to stay clear of Flower's own ``flwr.common.constant.ErrorCode``.
+Codes start at 1001 to stay clear of Flower's own ``flwr.common.constant.ErrorCode``.
 """
 
 from __future__ import annotations

@@ -80,12 +80,12 @@ def spec(run: RunConfig) -> Spec:
     """
     out: Spec = {}
     if (
-        run.operating_point != "none"
-        and run.evaluate_in_train
+        run.operating_point.method != "none"
+        and run.evaluation.in_train
         and run.task in ("classification", "tabular")
         and run.num_classes == 2
     ):
-        out[SCORE_HISTOGRAM] = (2, run.operating_point_bins)
+        out[SCORE_HISTOGRAM] = (2, run.operating_point.bins)
     if run.class_weight_source() == "federation":
         out[CLASS_COUNTS] = (run.num_classes,)
     return out

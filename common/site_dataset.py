@@ -37,7 +37,13 @@ from typing import Any
 import numpy as np
 
 from common.errors import DataError, DataNotFoundError
-from common.fsutil import check_disjoint, check_replaceable, create_private, write_dir_atomically
+from common.fsutil import (
+    check_disjoint,
+    check_replaceable,
+    create_private,
+    sha256_file,
+    write_dir_atomically,
+)
 
 FORMAT = "medfed-site-dataset"
 VERSION = 1
@@ -126,14 +132,6 @@ class SplitArrays:
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _save_array(path: Path, arr: np.ndarray) -> None:
@@ -232,6 +230,51 @@ def check_output_dir(
     check_replaceable(out_dir, overwrite=overwrite, why_not_ours=why_not_site_dataset, what=_WHAT)
 
 
+def _check_splits(
+    splits: Mapping[str, SplitArrays], label_names: Sequence[str]
+) -> set[tuple[int, ...]]:
+    """Return the image shapes of the non-empty splits; raise DataError on a bad split."""
+    if not splits:
+        raise DataError("a site dataset needs at least one split")
+    unknown = set(splits) - set(SPLITS)
+    if unknown:
+        raise DataError(f"unknown split(s) {sorted(unknown)}; use {list(SPLITS)}")
+    shapes = {tuple(s.images.shape[1:]) for s in splits.values() if len(s)}
+    if len(shapes) > 1:
+        raise DataError(f"all splits must share one image shape, got {sorted(shapes)}")
+    n_classes = len(label_names)
+    for name, s in splits.items():
+        if len(s) and int(s.labels.max()) >= n_classes:
+            raise DataError(f"split {name!r} has label {int(s.labels.max())} >= {n_classes}")
+    return shapes
+
+
+def _save_split(tmp: Path, name: str, s: SplitArrays) -> dict[str, str]:
+    """Save a split's arrays under ``tmp``; return ``{file name: sha256}``."""
+    hashes: dict[str, str] = {}
+    for kind, arr in (("images", s.images), ("labels", s.labels), ("groups", s.groups)):
+        fname = f"{name}_{kind}.npy"
+        _save_array(tmp / fname, arr)
+        hashes[fname] = sha256_file(tmp / fname)
+    return hashes
+
+
+def _split_info(s: SplitArrays, label_names: Sequence[str]) -> dict[str, Any]:
+    """Return a split's manifest entry: counts of images, groups and each label."""
+    n_classes = len(label_names)
+    counts = (
+        np.bincount(s.labels.reshape(-1), minlength=n_classes) if len(s) else np.zeros(n_classes)
+    )
+    info: dict[str, Any] = {
+        "count": len(s),
+        "groups": int(np.unique(s.groups).size),
+        "label_counts": {label_names[i]: int(c) for i, c in enumerate(counts)},
+    }
+    if s.labels.ndim == 3:
+        info["label_unit"] = "pixels"
+    return info
+
+
 def write_site_dataset(
     out_dir: str | os.PathLike[str],
     *,
@@ -291,40 +334,15 @@ def write_site_dataset(
 
     """
     out = Path(out_dir)
-    if not splits:
-        raise DataError("a site dataset needs at least one split")
-    unknown = set(splits) - set(SPLITS)
-    if unknown:
-        raise DataError(f"unknown split(s) {sorted(unknown)}; use {list(SPLITS)}")
+    shapes = _check_splits(splits, label_names)
     check_output_dir(out, overwrite=overwrite, inputs=inputs)
-    shapes = {tuple(s.images.shape[1:]) for s in splits.values() if len(s)}
-    if len(shapes) > 1:
-        raise DataError(f"all splits must share one image shape, got {sorted(shapes)}")
-    n_classes = len(label_names)
-    for name, s in splits.items():
-        if len(s) and int(s.labels.max()) >= n_classes:
-            raise DataError(f"split {name!r} has label {int(s.labels.max())} >= {n_classes}")
 
     def fill(tmp: Path) -> dict[str, Any]:
         hashes: dict[str, str] = {}
         split_info: dict[str, Any] = {}
         for name, s in splits.items():
-            for kind, arr in (("images", s.images), ("labels", s.labels), ("groups", s.groups)):
-                fname = f"{name}_{kind}.npy"
-                _save_array(tmp / fname, arr)
-                hashes[fname] = _sha256_file(tmp / fname)
-            counts = (
-                np.bincount(s.labels.reshape(-1), minlength=n_classes)
-                if len(s)
-                else np.zeros(n_classes)
-            )
-            split_info[name] = {
-                "count": len(s),
-                "groups": int(np.unique(s.groups).size),
-                "label_counts": {label_names[i]: int(c) for i, c in enumerate(counts)},
-            }
-            if s.labels.ndim == 3:
-                split_info[name]["label_unit"] = "pixels"
+            hashes.update(_save_split(tmp, name, s))
+            split_info[name] = _split_info(s, label_names)
         fingerprint = hashlib.sha256(
             json.dumps(
                 {"task": task, "labels": list(label_names), "arrays": hashes}, sort_keys=True
@@ -392,7 +410,7 @@ class SiteDataset:
         self.manifest: dict[str, Any] = manifest
         if verify:
             for fname, digest in manifest["arrays"].items():
-                if _sha256_file(self.path / fname) != digest:
+                if sha256_file(self.path / fname) != digest:
                     raise DataError(f"{self.path / fname} does not match its manifest hash")
 
     @property

@@ -21,7 +21,7 @@ model registry. Registered tasks:
     labels int64 masks ``(N, H, W)`` with values in ``[0, K)`` (``num-classes`` counts the
     background: ``2`` = background / foreground, e.g. background / vessel); model output
     logits ``(N, K, H, W)``; Dice + cross-entropy loss (MONAI ``DiceCELoss``, per image);
-    metrics from :func:`segmentation_metrics` (Dice, pixel accuracy).
+    metrics from :func:`common.metrics.segmentation_metrics` (Dice, pixel accuracy).
 
 Adding a task: subclass :class:`Task`, call :func:`register_task` with an instance in
 this module (or in a module imported here) and add its name to ``common.config.TASKS``.
@@ -32,7 +32,6 @@ Imports torch and MONAI; ``common.config`` keeps its own list of task names
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
@@ -41,7 +40,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.config import EVAL_BATCH_SIZE
 from common.errors import ConfigError, DataError, did_you_mean
+from common.evaluation import evaluate_arrays, evaluate_segmentation
 
 if TYPE_CHECKING:
     from common.site_dataset import SiteDataset
@@ -172,8 +173,6 @@ class ClassificationTask(Task):
         device: torch.device,
     ) -> dict[str, float]:
         """:func:`common.evaluation.evaluate_arrays`."""
-        from common.evaluation import evaluate_arrays
-
         return evaluate_arrays(model, images, labels, batch_size=batch_size, device=device)
 
 
@@ -233,8 +232,6 @@ class SegmentationTask(Task):
         device: torch.device,
     ) -> dict[str, float]:
         """:func:`common.evaluation.evaluate_segmentation`."""
-        from common.evaluation import evaluate_segmentation
-
         return evaluate_segmentation(
             model, images, labels, batch_size=batch_size, device=device, loss=self.make_loss()
         )
@@ -265,85 +262,6 @@ class DiceCELoss(nn.Module):
         return out
 
 
-def segmentation_metrics(
-    true: np.ndarray, pred: np.ndarray, *, num_classes: int
-) -> dict[str, float]:
-    """Dice and pixel accuracy of predicted label maps, pooled over all pixels.
-
-    Parameters
-    ----------
-    true, pred : numpy.ndarray
-        int ``(N, H, W)`` class indices in ``[0, num_classes)``.
-    num_classes : int
-        ``K`` >= 2; class 0 is the background.
-
-    Returns
-    -------
-    dict[str, float]
-        ``dice``: mean over foreground classes ``c >= 1`` of
-        ``2 TP_c / (2 TP_c + FP_c + FN_c)`` with the counts summed over every pixel of
-        every image (micro / "global" Dice, Dice 1945; Sorensen 1948) -- NaN for a class
-        absent from both ``true`` and ``pred``; ``dice-<c>`` per foreground class when
-        ``K > 2``; ``pixel-accuracy``: share of pixels with ``pred == true``;
-        ``num-examples``: ``N``.
-
-    Raises
-    ------
-    DataError
-        If the shapes differ.
-
-    """
-    true = np.asarray(true)
-    pred = np.asarray(pred)
-    if true.shape != pred.shape:
-        raise DataError(f"masks {true.shape} and predictions {pred.shape} differ in shape")
-    counts = dice_counts(true, pred, num_classes=num_classes)
-    return metrics_from_counts(
-        counts,
-        correct=int(np.sum(true == pred)),
-        total=true.size,
-        images=int(true.shape[0]) if true.ndim else 0,
-    )
-
-
-def dice_counts(true: np.ndarray, pred: np.ndarray, *, num_classes: int) -> np.ndarray:
-    """Pixel counts per class: int64 ``(K, 3)`` with columns TP, FP, FN."""
-    out = np.zeros((num_classes, 3), dtype=np.int64)
-    for c in range(num_classes):
-        t, p = true == c, pred == c
-        out[c] = (np.sum(t & p), np.sum(~t & p), np.sum(t & ~p))
-    return out
-
-
-def metrics_from_counts(
-    counts: np.ndarray, *, correct: int, total: int, images: int
-) -> dict[str, float]:
-    """Metrics of :func:`segmentation_metrics` from :func:`dice_counts` (summable per batch).
-
-    Parameters
-    ----------
-    counts : numpy.ndarray
-        int ``(K, 3)`` TP, FP, FN per class.
-    correct, total : int
-        Pixels predicted right, and all pixels.
-    images : int
-        Images the counts cover.
-
-    """
-    dice = []
-    for tp, fp, fn in counts[1:]:
-        denom = 2 * tp + fp + fn
-        dice.append(2.0 * tp / denom if denom else math.nan)
-    out = {
-        "dice": float(np.nanmean(dice)) if any(not math.isnan(d) for d in dice) else math.nan,
-        "pixel-accuracy": correct / total if total else math.nan,
-        "num-examples": float(images),
-    }
-    if len(dice) > 1:
-        out |= {f"dice-{c + 1}": d for c, d in enumerate(dice)}
-    return out
-
-
 _TASKS: dict[str, Task] = {}
 
 
@@ -362,7 +280,7 @@ def register_task(task: Task) -> None:
 
 
 class TabularTask(ClassificationTask):
-    """Classification of tabular records (e.g. UCI Heart Disease, simulation/heart.py).
+    """Classification of tabular records (e.g. UCI Heart Disease, simulation/data/heart.py).
 
     Site-dataset contract: features stored as float32 ``(N, F, 1, 1)`` "images" (already
     standardised, so not limited to ``[0, 1]``: ``SplitArrays.create(unit_range=False)``),
@@ -400,3 +318,23 @@ def get_task(name: str) -> Task:
             f"unknown task {name!r}.{did_you_mean(name, _TASKS)} Registered tasks: {list_tasks()}."
         )
     return _TASKS[name]
+
+
+def evaluate_task(
+    task: str,
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    batch_size: int = EVAL_BATCH_SIZE,
+    device: torch.device,
+) -> dict[str, float]:
+    """Evaluate ``model`` with the metrics of ``task`` (:meth:`Task.evaluate` of :func:`get_task`).
+
+    Raises
+    ------
+    ConfigError
+        If ``task`` is not registered.
+
+    """
+    return get_task(task).evaluate(model, images, labels, batch_size=batch_size, device=device)

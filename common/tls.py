@@ -28,14 +28,12 @@ link. File names derived from user input (``--site``) must match :data:`SITE_NAM
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import errno
 import ipaddress
 import logging
 import os
 import re
-import secrets
 import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -48,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.errors import MedfedError
+from common.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +233,7 @@ def _refuse_existing(
 
 
 def _write_file(out_dir: Path, dir_fd: int, name: str, data: bytes, *, mode: int) -> Path:
-    """Write ``data`` as ``name`` in the directory ``dir_fd``: exclusive temp + replace.
+    """Write ``data`` as ``name`` in the directory ``dir_fd`` (:func:`~common.fsutil.atomic_write`).
 
     The temporary file gets a random name and is created with ``O_CREAT | O_EXCL |
     O_NOFOLLOW`` and ``mode``, so a planted file or link is never opened; it is fsynced
@@ -249,25 +248,9 @@ def _write_file(out_dir: Path, dir_fd: int, name: str, data: bytes, *, mode: int
     st = _existing(dir_fd, name)
     if st is not None and stat.S_ISLNK(st.st_mode):
         raise TLSError(f"{out_dir / name} is a symbolic link; refusing to write key material.")
-    tmp = f".{name}.{secrets.token_hex(8)}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(tmp, flags, mode, dir_fd=dir_fd)
+        atomic_write(name, lambda fh: fh.write(data), mode=mode, dir_fd=dir_fd)
     except OSError as exc:
-        raise TLSError(f"cannot create a file in {out_dir} ({exc.strerror}).") from None
-    try:
-        try:
-            os.fchmod(fd, mode)  # the umask may have cleared bits of a public file
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=dir_fd)
         raise TLSError(f"cannot write {out_dir / name} ({exc.strerror}).") from None
     return out_dir / name
 
@@ -290,8 +273,7 @@ def _write_all(
     try:
         _refuse_existing(out_dir, dir_fd, [n for n, _, _ in files], force=force, hint=hint)
         for name, data, mode in files:
-            _write_file(out_dir, dir_fd, name, data, mode=mode)
-        os.fsync(dir_fd)
+            _write_file(out_dir, dir_fd, name, data, mode=mode)  # fsyncs file and directory
     finally:
         os.close(dir_fd)
 
@@ -321,6 +303,33 @@ def _san_list(hosts: Iterable[str], ips: Iterable[str]) -> list[x509.GeneralName
                     f"--ip {a!r} is not an IP address ({exc}); use --host for names"
                 ) from exc
     return names
+
+
+def _builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    key: ec.EllipticCurvePrivateKey,
+    *,
+    valid_days: int,
+    latest: dt.datetime | None = None,
+) -> x509.CertificateBuilder:
+    """Return a certificate builder with names, key, serial and the validity window.
+
+    The window starts 5 minutes ago (clock skew between machines) and lasts
+    ``valid_days`` (checked), ending no later than ``latest`` (the issuer's own expiry).
+    """
+    _check_days(valid_days)
+    start = _now() - dt.timedelta(minutes=5)
+    until = start + dt.timedelta(days=valid_days)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(until if latest is None else min(until, latest))
+    )
 
 
 def generate_dev_certificates(
@@ -353,23 +362,13 @@ def generate_dev_certificates(
     Raises
     ------
     TLSError
-        If ``valid_days`` is not in ``[1, MAX_VALID_DAYS]`` or an ``ips`` entry is not an
-        IP address.
+        As :func:`issue_server_certificate` (``valid_days``, ``ips``).
 
     """
-    _check_days(valid_days)
-    now = _now() - dt.timedelta(minutes=5)
-    until = now + dt.timedelta(days=valid_days)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "medfed development CA")])
     ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(until)
+        _builder(ca_name, ca_name, ca_key, valid_days=valid_days)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -414,19 +413,16 @@ def issue_server_certificate(
         IP address.
 
     """
-    _check_days(valid_days)
-    now = _now() - dt.timedelta(minutes=5)
-    until = min(now + dt.timedelta(days=valid_days), ca_cert.not_valid_after_utc)
     server_key = ec.generate_private_key(ec.SECP384R1())
     first = next(iter(hosts), "localhost") or "localhost"
     server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, first)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(until)
+        _builder(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, first)]),
+            ca_cert.subject,
+            server_key,
+            valid_days=valid_days,
+            latest=ca_cert.not_valid_after_utc,
+        )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName(_san_list(hosts, ips)), critical=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)

@@ -278,8 +278,8 @@ def task_metric_names(task: str, num_classes: int) -> frozenset[str]:
     """
     import numpy as np
 
-    from common.metrics import classification_metrics
-    from common.tasks import ClassificationTask, SegmentationTask, get_task, metrics_from_counts
+    from common.metrics import classification_metrics, metrics_from_counts
+    from common.tasks import ClassificationTask, SegmentationTask, get_task
 
     kind = get_task(task)
     names: Iterable[str]

@@ -16,7 +16,7 @@ COPY common ./common
 COPY client ./client
 COPY server ./server
 COPY simulation ./simulation
-RUN python -m pip install --no-cache-dir . \
+RUN python -m pip install --no-cache-dir ".[fl]" \
     && useradd --uid 49999 --user-group --no-create-home app
 USER app
 

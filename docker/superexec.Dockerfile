@@ -2,7 +2,7 @@
 # so the ServerApp (coordinator) and the ClientApp (hospitals) run without installing
 # anything at run time (FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1: sites are offline).
 # Keep the tag equal to the flwr version pinned in pyproject.toml (tests check it).
-FROM flwr/superexec:1.41.0
+FROM flwr/superexec:1.42.0
 
 WORKDIR /app
 ENV FLWR_TELEMETRY_ENABLED=0 \
@@ -17,6 +17,6 @@ COPY --chown=app:app common ./common
 COPY --chown=app:app client ./client
 COPY --chown=app:app server ./server
 COPY --chown=app:app simulation ./simulation
-RUN python -m pip install --no-cache-dir .
+RUN python -m pip install --no-cache-dir ".[fl]"
 
 ENTRYPOINT ["flower-superexec"]

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,13 +39,12 @@ from common.checkpoint import Checkpoint, save_checkpoint
 from common.config import RunConfig
 from common.device import resolve_device
 from common.errors import ConfigError, FederationError
-from common.evaluation import evaluate_task
 from common.fsutil import marker_kind, write_marker
 from common.models import get_model
 from common.records import state_to_record
-from common.secagg.params import SecAggParams
 from common.site_dataset import SiteDataset
-from common.tasks import get_task
+from common.tasks import evaluate_task, get_task
+from common.waiting import wait_for_nodes
 from server.census import run_census
 from server.claims import ClaimRegistry
 from server.grid import PromptGrid
@@ -96,29 +94,30 @@ def wait_for_sites(grid: Grid, *, min_sites: int, timeout: float, poll: float = 
         If fewer than ``min_sites`` connected within ``timeout`` seconds.
 
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        connected = len(list(grid.get_node_ids()))
-        if connected >= min_sites:
-            return connected
-        if time.monotonic() >= deadline:
-            raise FederationError(
-                f"only {connected} of the required {min_sites} sites connected within "
-                f"{timeout:.0f} s (run config 'connect-timeout'); check the SuperNodes' "
-                "logs and their connection to the SuperLink, or lower 'min-sites'."
-            )
-        log.info("waiting for sites: %d of %d connected", connected, min_sites)
-        time.sleep(poll)
+    connected = wait_for_nodes(
+        lambda: len(list(grid.get_node_ids())),
+        at_least=min_sites,
+        timeout=timeout,
+        poll=poll,
+        what="sites",
+    )
+    if connected < min_sites:
+        raise FederationError(
+            f"only {connected} of the required {min_sites} sites connected within "
+            f"{timeout:.0f} s (run config 'connect-timeout'); check the SuperNodes' "
+            "logs and their connection to the SuperLink, or lower 'min-sites'."
+        )
+    return connected
 
 
 def _central_evaluation(run: RunConfig) -> EvaluateFn | None:
     """Server-side evaluation on a held-out site dataset, if ``eval-dataset-dir`` is set."""
-    if not run.eval_dataset_dir:
+    if not run.paths.eval_dataset_dir:
         return None
-    data = SiteDataset(run.eval_dataset_dir)
+    data = SiteDataset(run.paths.eval_dataset_dir)
     split_name = next((s for s in ("val", "test", "train") if s in data.splits), None)
     if split_name is None:
-        raise FederationError(f"eval dataset {run.eval_dataset_dir} has no split")
+        raise FederationError(f"eval dataset {run.paths.eval_dataset_dir} has no split")
     get_task(run.task).check_dataset(data, model=run.model, num_classes=run.num_classes)
     split = data.load(split_name)
     device = resolve_device("auto")
@@ -127,7 +126,12 @@ def _central_evaluation(run: RunConfig) -> EvaluateFn | None:
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
         metrics = evaluate_task(
-            run.task, model, split.images, split.labels, batch_size=64, device=device
+            run.task,
+            model,
+            split.images,
+            split.labels,
+            batch_size=run.evaluation.batch_size,
+            device=device,
         )
         log.info(
             "round %d global %s: %s",
@@ -142,7 +146,7 @@ def _central_evaluation(run: RunConfig) -> EvaluateFn | None:
 
 def resolve_run_dir(run: RunConfig, run_id: int) -> Path:
     """``run-dir`` from the run config, or ``./runs/run-<run_id>``."""
-    return Path(run.run_dir) if run.run_dir else Path.cwd() / "runs" / f"run-{run_id}"
+    return Path(run.paths.run_dir) if run.paths.run_dir else Path.cwd() / "runs" / f"run-{run_id}"
 
 
 def why_not_run_dir(path: Path) -> str | None:
@@ -250,21 +254,23 @@ def open_run(
         is still running, has a corrupt resume state or another model or strategy.
 
     """
-    if not run.resume_from:
+    if not run.paths.resume_from:
         run_dir = resolve_run_dir(run, run_id)
         prepare_run_dir(run_dir, run.to_run_config())
         stack.enter_context(run_lock(run_dir))
         return run, run_dir, None
-    run_dir = Path(run.resume_from).resolve()
-    if run.run_dir and Path(run.run_dir).resolve() != run_dir:
+    run_dir = Path(run.paths.resume_from).resolve()
+    if run.paths.run_dir and Path(run.paths.run_dir).resolve() != run_dir:
         raise ConfigError(
-            f"run config 'resume-from'={run.resume_from!r} and 'run-dir'={run.run_dir!r} name "
-            "different directories; a resumed run goes on in its own directory: drop 'run-dir'."
+            f"run config 'resume-from'={run.paths.resume_from!r} and "
+            f"'run-dir'={run.paths.run_dir!r} name different directories; a resumed run goes "
+            "on in its own directory: drop 'run-dir'."
         )
     if (why := why_not_run_dir(run_dir)) is not None:
         raise ConfigError(
-            f"run config 'resume-from'={run.resume_from!r} cannot be resumed: {why}. Give the "
-            "directory of a medfed run (the one that holds its config.json and rounds.jsonl)."
+            f"run config 'resume-from'={run.paths.resume_from!r} cannot be resumed: {why}. "
+            "Give the directory of a medfed run (the one that holds its config.json and "
+            "rounds.jsonl)."
         )
     stack.enter_context(run_lock(run_dir))
     start = load_state(run_dir)
@@ -292,47 +298,37 @@ def _federate(grid: Grid, run: RunConfig, run_dir: Path, start: ResumeState | No
     central = _central_evaluation(run)  # fail on a bad eval dataset before any round
     torch.manual_seed(run.seed)
     model = get_model(run.model, **run.model_kwargs())
-    meta = {
-        "model": run.model,
-        "model_kwargs": run.model_kwargs(),
-        "task": run.task,
-        "run_config": run.to_run_config(),
-        # class names from the coordinator's held-out dataset, when it has one (the
-        # sites' manifests never leave them); explain and export print them
-        "label_names": SiteDataset(run.eval_dataset_dir).label_names
-        if run.eval_dataset_dir
-        else [],
-    }
+    meta = _checkpoint_meta(run)
     inner = build_strategy(run)
     if start is not None:  # a resumed run's state must fit before anything is rewritten
         check_model(start, model)
         restore_strategy(inner, start.strategy, expected=start.arrays)
     bounded = QuorumStrategy(
         inner,
-        min_replies=run.min_replies,
-        min_sites=run.min_sites,
-        sample_timeout=min(run.connect_timeout, SAMPLE_WAIT_SECONDS),
+        min_replies=run.federation.min_replies,
+        min_sites=run.federation.min_sites,
+        sample_timeout=min(run.federation.connect_timeout, SAMPLE_WAIT_SECONDS),
         # evaluate-in-train: the sites validate each global model inside the next train
         # message; only the final model needs its own evaluate exchange.
-        evaluate_rounds=frozenset({run.num_server_rounds}) if run.evaluate_in_train else None,
+        evaluate_rounds=frozenset({run.num_server_rounds}) if run.evaluation.in_train else None,
     )
-    dp_noise = dp_noise_label(dp_enabled=run.dp_enabled, reproducible=run.dp_reproducible_noise)
-    if run.dp_enabled and run.dp_reproducible_noise:
+    dp_noise = dp_noise_label(dp_enabled=run.dp.enabled, reproducible=run.dp.reproducible_noise)
+    if run.dp.enabled and run.dp.reproducible_noise:
         log.warning(
             "dp.reproducible-noise=true: DP noise is seeded from the run config; this run "
             "is NOT PRIVATE (simulation research only; real sites refuse it)"
         )
     # One registry of the sites' num-examples claims for both aggregation paths
     # (server/claims.py): a site may not weigh more than it registered.
-    claims = ClaimRegistry(run.max_site_examples)
+    claims = ClaimRegistry(run.federation.max_site_examples)
     strategy = RecordingStrategy(
         bounded,
         run_dir=run_dir,
         checkpoint_meta=meta,
         dp_noise=dp_noise,
         selection_metric=resolve_metric(run),
-        operating_point=run.operating_point,
-        target_sensitivity=run.operating_point_sensitivity,
+        operating_point=run.operating_point.method,
+        target_sensitivity=run.operating_point.sensitivity,
         claims=claims,
     )
     if start is not None:
@@ -348,30 +344,19 @@ def _federate(grid: Grid, run: RunConfig, run_dir: Path, start: ResumeState | No
                 "from a backup or start a new run."
             ) from None
 
-    connected = wait_for_sites(grid, min_sites=run.min_sites, timeout=run.connect_timeout)
+    connected = wait_for_sites(
+        grid, min_sites=run.federation.min_sites, timeout=run.federation.connect_timeout
+    )
     log.info("%d sites connected; starting %d rounds", connected, run.num_server_rounds)
-    # Collect replies every 0.1 s instead of Flower's 3 s (server/grid.py).
-    grid = PromptGrid(grid)
-    if run.secagg_enabled:
-        # SecAgg+: train messages run the four-stage protocol; the strategy sees only the
-        # unmasked weighted mean (server/secagg.py).
-        grid = SecAggGrid(
-            grid,
-            params=SecAggParams.from_run(run),
-            run_dir=run_dir,
-            claims=claims,
-            # the final model's validation, too, sums the score histograms securely
-            secure_validation=secure_sum.SCORE_HISTOGRAM in secure_sum.spec(run),
-        )
-        log.info("secure aggregation on: the coordinator sees only the sum of updates")
+    grid = _round_grid(grid, run, run_dir, claims)
     if run.class_weight_source() == "federation":
         # The census before round 1: the federation's label counts, summed over the
         # sites (under SecAgg+ when on) and sent to every training round.
         counts = run_census(
             grid,
             initial_arrays=state_to_record(model),
-            min_replies=run.min_replies,
-            timeout=run.round_timeout,
+            min_replies=run.federation.min_replies,
+            timeout=run.federation.round_timeout,
         )
         strategy.extra_train_config[secure_sum.FEDERATION_COUNTS_KEY] = counts.tolist()
     # Flower's loop over the rounds left, committing the resume state after each.
@@ -387,7 +372,7 @@ def _federate(grid: Grid, run: RunConfig, run_dir: Path, start: ResumeState | No
         grid,
         initial_arrays=state_to_record(model),
         evaluate=strategy.make_evaluate_fn(central),
-        timeout=run.round_timeout,
+        timeout=run.federation.round_timeout,
     )
     final_op = strategy.operating_point_of(run.num_server_rounds)
     save_checkpoint(
@@ -397,11 +382,45 @@ def _federate(grid: Grid, run: RunConfig, run_dir: Path, start: ResumeState | No
             round=run.num_server_rounds,
             metrics=dict(final_metrics),
             operating_point=None if final_op is None else final_op.as_dict(),
-            **meta,  # type: ignore[arg-type]
+            **meta,
         ),
     )
     log.info("final global model saved to %s", run_dir / FINAL_MODEL)
     _log_selection(strategy, run_dir)
+
+
+def _checkpoint_meta(run: RunConfig) -> dict[str, Any]:
+    """Return what every checkpoint of the run records besides weights, round and metrics."""
+    return {
+        "model": run.model,
+        "model_kwargs": run.model_kwargs(),
+        "task": run.task,
+        "run_config": run.to_run_config(),
+        # class names from the coordinator's held-out dataset, when it has one (the
+        # sites' manifests never leave them); explain and export print them
+        "label_names": SiteDataset(run.paths.eval_dataset_dir).label_names
+        if run.paths.eval_dataset_dir
+        else [],
+    }
+
+
+def _round_grid(grid: Grid, run: RunConfig, run_dir: Path, claims: ClaimRegistry) -> Grid:
+    """Wrap Flower's grid for the rounds: prompt replies, and SecAgg+ when the run asks."""
+    # Collect replies every 0.1 s instead of Flower's 3 s (server/grid.py).
+    grid = PromptGrid(grid)
+    if run.secagg.enabled:
+        # SecAgg+: train messages run the four-stage protocol; the strategy sees only the
+        # unmasked weighted mean (server/secagg.py).
+        grid = SecAggGrid(
+            grid,
+            params=run.secagg,
+            run_dir=run_dir,
+            claims=claims,
+            # the final model's validation, too, sums the score histograms securely
+            secure_validation=secure_sum.SCORE_HISTOGRAM in secure_sum.spec(run),
+        )
+        log.info("secure aggregation on: the coordinator sees only the sum of updates")
+    return grid
 
 
 def _log_selection(strategy: RecordingStrategy, run_dir: Path) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from common.cli import fail
 from common.errors import MedfedError
 from common.tls import check_server_files, write_dev_certificates
 
@@ -53,8 +54,7 @@ def certs(
             paths.server_cert, paths.server_key, paths.ca_cert, names=[*hosts, *(ip or [])]
         )
     except MedfedError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        raise fail(exc) from None
     console.print(f"CA certificate:     {paths.ca_cert}  (give to hospitals and flwr)")
     console.print(f"CA key:             {paths.ca_key}  (keep offline)")
     console.print(f"SuperLink cert/key: {paths.server_cert} / {paths.server_key}")

@@ -19,7 +19,6 @@ rule 7) so that
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -27,6 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common.errors import ConfigError, FederationError
+from common.waiting import wait_for_nodes
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +106,12 @@ class QuorumStrategy(Strategy):
             If fewer than ``min_replies`` sites are connected after the wait.
 
         """
-        deadline = time.monotonic() + self.sample_timeout
-        while (n := len(list(grid.get_node_ids()))) < self.min_sites:
-            if time.monotonic() >= deadline:
-                break
-            time.sleep(self.poll)
+        n = wait_for_nodes(
+            lambda: len(list(grid.get_node_ids())),
+            at_least=self.min_sites,
+            timeout=self.sample_timeout,
+            poll=self.poll,
+        )
         if n < self.min_replies:
             raise FederationError(
                 f"only {n} site(s) connected, fewer than the quorum min-replies="

@@ -218,21 +218,8 @@ def load_state(run_dir: Path) -> ResumeState | None:
     path = run_dir / RESUME_FILE
     if not path.exists() and not path.is_symlink():
         return None
-    if path.is_symlink() or not path.is_file():
-        raise _corrupt(path, "it is not a regular file")
-    if path.stat().st_size > MAX_RESUME_BYTES:
-        raise _corrupt(path, f"it is larger than {MAX_RESUME_BYTES} bytes")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for damaged or foreign files
-        raise _corrupt(path, f"it cannot be read ({type(exc).__name__})") from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise _corrupt(path, f"it is not a {FORMAT!r} file")
-    if raw.get("version") != VERSION:
-        raise _corrupt(path, f"version {raw.get('version')!r} is not {VERSION}")
-    rnd = raw.get("round")
-    if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 0:
-        raise _corrupt(path, "'round' is not an integer >= 0")
+    raw = _read_state_file(path)
+    rnd = _checked_round(path, raw)
     try:
         run_config = json.loads(raw["run-config"])
         recording = json.loads(raw["recording"])
@@ -243,17 +230,7 @@ def load_state(run_dir: Path) -> ResumeState | None:
     arrays = _tensor_table(raw.get("arrays"))
     if not arrays:
         raise _corrupt(path, "'arrays' is not a non-empty table of tensors")
-    strategy: StrategyState = {}
-    raw_strategy = raw.get("strategy")
-    if not isinstance(raw_strategy, dict):
-        raise _corrupt(path, "'strategy' is not a table")
-    for attr, table in raw_strategy.items():
-        tensors = None if table is None else _tensor_table(table)
-        if table is not None and tensors is None:
-            raise _corrupt(path, f"strategy state {attr!r} is not a table of tensors")
-        strategy[str(attr)] = (
-            None if tensors is None else {k: t.numpy() for k, t in tensors.items()}
-        )
+    strategy = _strategy_state(path, raw.get("strategy"))
     central = raw.get("central")
     if not isinstance(central, dict) or not all(isinstance(v, float) for v in central.values()):
         raise _corrupt(path, "'central' is not a table of numbers")
@@ -268,6 +245,45 @@ def load_state(run_dir: Path) -> ResumeState | None:
         recording=recording,
         central={str(k): float(v) for k, v in central.items()},
     )
+
+
+def _checked_round(path: Path, raw: Any) -> int:
+    """Check the state's format and version; return its round."""
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise _corrupt(path, f"it is not a {FORMAT!r} file")
+    if raw.get("version") != VERSION:
+        raise _corrupt(path, f"version {raw.get('version')!r} is not {VERSION}")
+    rnd = raw.get("round")
+    if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 0:
+        raise _corrupt(path, "'round' is not an integer >= 0")
+    return rnd
+
+
+def _read_state_file(path: Path) -> Any:
+    """``torch.load`` a regular file of bounded size with ``weights_only=True``."""
+    if path.is_symlink() or not path.is_file():
+        raise _corrupt(path, "it is not a regular file")
+    if path.stat().st_size > MAX_RESUME_BYTES:
+        raise _corrupt(path, f"it is larger than {MAX_RESUME_BYTES} bytes")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for damaged or foreign files
+        raise _corrupt(path, f"it cannot be read ({type(exc).__name__})") from None
+
+
+def _strategy_state(path: Path, raw_strategy: Any) -> StrategyState:
+    """Return the strategy's saved state: ``{attribute: {name: array} or None}``."""
+    if not isinstance(raw_strategy, dict):
+        raise _corrupt(path, "'strategy' is not a table")
+    strategy: StrategyState = {}
+    for attr, table in raw_strategy.items():
+        tensors = None if table is None else _tensor_table(table)
+        if table is not None and tensors is None:
+            raise _corrupt(path, f"strategy state {attr!r} is not a table of tensors")
+        strategy[str(attr)] = (
+            None if tensors is None else {k: t.numpy() for k, t in tensors.items()}
+        )
+    return strategy
 
 
 def check_model(state: ResumeState, model: torch.nn.Module) -> None:

@@ -71,6 +71,8 @@ from flwr.serverapp import Grid
 from numpy.typing import NDArray
 
 from common import secure_sum
+from common.config import SecAggConfig
+from common.replies import ReplyCode
 from common.secagg import crypto
 from common.secagg.encoding import (
     Layout,
@@ -87,7 +89,6 @@ from common.secagg.params import (
     SHARE_KEYS,
     UNMASK,
     WEIGHT_KEY,
-    SecAggParams,
 )
 from common.secagg.schema import (
     SESSION_BYTES,
@@ -107,8 +108,10 @@ from server.grid import DelegatingGrid
 log = logging.getLogger(__name__)
 
 SECAGG_LOG = "secagg.jsonl"
-#: Error code of the synthetic error replies (``ErrorCode.UNKNOWN``).
-ABORT_CODE = 0
+#: Error code of the synthetic error replies of sites whose secure round failed (the
+#: one SecAgg+ code of common.errors.CODES; a site that went away keeps Flower's
+#: ``ErrorCode.NODE_UNAVAILABLE``).
+ABORT_CODE = int(ReplyCode.SECAGG)
 #: At most this many share subsets are tried when a rebuilt secret fails verification.
 MAX_COMBINATIONS = 64
 
@@ -235,12 +238,63 @@ def content_nbytes(content: RecordDict) -> int:
     return total
 
 
+#: ``{site: [(holder index, share)]}``: the shares of one kind revealed at unmask.
+_Shares = dict[int, list[tuple[int, bytes]]]
+
+
+@dataclass
+class RoundState:
+    """What the coordinator knows of one secure round, filled in stage by stage.
+
+    The explicit state the per-stage methods of :class:`SecAggRound` pass along (as
+    Flower's ``SecAggPlusWorkflow`` passes its ``WorkflowState``). It holds public keys,
+    weights, routed ciphertexts and the masked sum: never a single site's update.
+
+    Attributes
+    ----------
+    adverts, weights, metrics : dict
+        Per site that advertised keys: its advertisement, its weight (``num-examples``)
+        and its train metrics (advertise-keys).
+    graph : dict[int, list[int]]
+        Each site's neighbourhood, itself included (:func:`common.secagg.graph.neighbourhoods`).
+    threshold : int
+        Shares needed in the smallest neighbourhood.
+    total_weight, step : float
+        The advertised sites' total weight and the quantisation step it gives.
+    shared : list[int]
+        Sites whose encrypted shares went out (share-keys).
+    outbox : dict[int, dict[int, bytes]]
+        ``dst -> src -> ciphertext`` routed at masked-input.
+    active : dict[int, set[int]]
+        Per site that sent its masked input: the neighbours whose masks it added.
+    survivors, gone : set[int]
+        Sites whose input is in the sum; sites that shared keys but are not in the sum.
+    total : numpy.ndarray
+        ``(L,)`` ``uint32``: the masked sum, unmasked in place at unmask.
+
+    """
+
+    adverts: dict[int, AdvertiseReply] = field(default_factory=dict)
+    weights: dict[int, float] = field(default_factory=dict)
+    metrics: dict[int, MetricRecord] = field(default_factory=dict)
+    graph: dict[int, list[int]] = field(default_factory=dict)
+    threshold: int = 0
+    total_weight: float = 0.0
+    step: float = 0.0
+    shared: list[int] = field(default_factory=list)
+    outbox: dict[int, dict[int, bytes]] = field(default_factory=dict)
+    active: dict[int, set[int]] = field(default_factory=dict)
+    survivors: set[int] = field(default_factory=set)
+    gone: set[int] = field(default_factory=set)
+    total: NDArray[np.uint32] = field(default_factory=lambda: np.zeros(0, dtype=np.uint32))
+
+
 class SecAggRound:
     """Coordinator logic of one SecAgg+ round, independent of Flower's transport.
 
     Parameters
     ----------
-    params : SecAggParams
+    params : SecAggConfig
         From the run config.
     server_round : int
         Flower's round number (bound into every key derivation and ciphertext).
@@ -256,7 +310,7 @@ class SecAggRound:
     def __init__(
         self,
         *,
-        params: SecAggParams,
+        params: SecAggConfig,
         server_round: int,
         global_arrays: ArrayRecord,
         transport: Transport,
@@ -353,84 +407,128 @@ class SecAggRound:
         return result
 
     def _run(self, train_contents: Mapping[int, RecordDict]) -> RoundResult:
+        """Run the four stages in order, each reading and extending one :class:`RoundState`."""
         self.report.masked_length = self.length
-        # -- stage 0: advertise keys (sites train here)
+        state = RoundState()
+        self._advertise_keys(state, train_contents)
+        self._share_keys(state)
+        self._collect_masked_input(state)
+        self._unmask(state)
+        return self._result(state)
+
+    # -- stage 0: advertise keys (sites train here)
+    def _advertise_keys(self, state: RoundState, train_contents: Mapping[int, RecordDict]) -> None:
+        """Send the train content with the round header; keep each site's keys and weight.
+
+        Sets ``adverts``, ``weights``, ``metrics``, ``graph``, ``threshold``,
+        ``total_weight`` and ``step`` of ``state``.
+        """
         hdr = self._header(ADVERTISE).record()
         requests = {}
         for node, content in train_contents.items():
             req = RecordDict(dict(content.items()))
             req.config_records[RECORD] = hdr
             requests[node] = req
-        adverts: dict[int, AdvertiseReply] = {}
-        weights: dict[int, float] = {}
-        metrics: dict[int, MetricRecord] = {}
         for node, reply in self._send(ADVERTISE, requests).items():
             try:
-                adverts[node] = AdvertiseReply.parse(_record(reply))
-                if len(reply.metric_records) != 1:
-                    raise SecAggProtocolError("advertise reply needs exactly one MetricRecord")
-                m = next(iter(reply.metric_records.values()))
-                w = m.get(WEIGHT_KEY)
-                if isinstance(w, bool) or not isinstance(w, int | float) or not 0 < w < 2**40:
-                    raise SecAggProtocolError(f"{WEIGHT_KEY!r} must be a positive number")
-                if self.claims is not None and (
-                    why := self.claims.check(node, w, server_round=self.server_round)
-                ):
-                    raise SecAggProtocolError(why)  # before any mask depends on w
-                weights[node], metrics[node] = float(w), m
+                advert, weight, metrics = self._parse_advert(node, reply)
             except SecAggProtocolError as exc:
-                adverts.pop(node, None)
                 self._exclude(node, ADVERTISE, exc)
-        u1 = sorted(adverts)
+                continue
+            state.adverts[node] = advert
+            state.weights[node], state.metrics[node] = weight, metrics
+        u1 = sorted(state.adverts)
         self._require(len(u1), 2, ADVERTISE)
-        graph = neighbourhoods(u1, k=self.params.neighbours)
-        holders = min(len(v) for v in graph.values())
-        t = self.params.shares_needed(holders)
-        self._require(len(u1), t, ADVERTISE)
-        total_adv = sum(weights.values())
-        step = quantisation_step(clip_range=self.params.clip_range, total_weight=total_adv)
-        self.report.step = step
+        state.graph = neighbourhoods(u1, k=self.params.neighbours)
+        holders = min(len(v) for v in state.graph.values())
+        state.threshold = self.params.shares_needed(holders)
+        self._require(len(u1), state.threshold, ADVERTISE)
+        state.total_weight = sum(state.weights.values())
+        state.step = quantisation_step(
+            clip_range=self.params.clip_range, total_weight=state.total_weight
+        )
+        self.report.step = state.step
 
-        # -- stage 1: share keys
-        hdr1 = self._header(SHARE_KEYS)
+    def _parse_advert(
+        self, node: int, reply: RecordDict
+    ) -> tuple[AdvertiseReply, float, MetricRecord]:
+        """Return a site's advertisement, its weight and its train metrics.
+
+        Raises
+        ------
+        SecAggProtocolError
+            A malformed reply, a weight that is not a positive number, or one the claim
+            registry refuses (checked before any mask depends on it).
+
+        """
+        advert = AdvertiseReply.parse(_record(reply))
+        if len(reply.metric_records) != 1:
+            raise SecAggProtocolError("advertise reply needs exactly one MetricRecord")
+        m = next(iter(reply.metric_records.values()))
+        w = m.get(WEIGHT_KEY)
+        if isinstance(w, bool) or not isinstance(w, int | float) or not 0 < w < 2**40:
+            raise SecAggProtocolError(f"{WEIGHT_KEY!r} must be a positive number")
+        if self.claims is not None and (
+            why := self.claims.check(node, w, server_round=self.server_round)
+        ):
+            raise SecAggProtocolError(why)  # before any mask depends on w
+        return advert, float(w), m
+
+    # -- stage 1: share keys
+    def _share_keys(self, state: RoundState) -> None:
+        """Send each site its neighbours' public keys; route the encrypted shares.
+
+        Sets ``shared`` (the sites whose shares went out) and ``outbox`` of ``state``.
+        """
+        hdr = self._header(SHARE_KEYS)
         requests = {}
-        for u in u1:
-            nb = graph[u]
-            req1 = ShareKeysRequest(
+        for u in sorted(state.adverts):
+            nb = state.graph[u]
+            req = ShareKeysRequest(
                 nodes=nb,
-                enc_pks=[adverts[v].enc_pk for v in nb],
-                mask_pks=[adverts[v].mask_pk for v in nb],
+                enc_pks=[state.adverts[v].enc_pk for v in nb],
+                mask_pks=[state.adverts[v].mask_pk for v in nb],
                 threshold=self.params.shares_needed(len(nb)),
-                total_weight=total_adv,
+                total_weight=state.total_weight,
             )
-            requests[u] = RecordDict({RECORD: hdr1.record(**req1.fields())})
-        outbox: dict[int, dict[int, bytes]] = {}  # dst -> src -> ciphertext
-        u2: list[int] = []
+            requests[u] = RecordDict({RECORD: hdr.record(**req.fields())})
         for u, reply in self._send(SHARE_KEYS, requests).items():
             try:
                 ct = parse_share_keys_reply(_record(reply))
-                if sorted(ct.peers) != [v for v in graph[u] if v != u]:
+                if sorted(ct.peers) != [v for v in state.graph[u] if v != u]:
                     raise SecAggProtocolError("shares must go to exactly the neighbours")
             except SecAggProtocolError as exc:
                 self._exclude(u, SHARE_KEYS, exc)
                 continue
-            u2.append(u)
+            state.shared.append(u)
             for dst, c in zip(ct.peers, ct.ciphertexts, strict=True):
-                outbox.setdefault(dst, {})[u] = c
-        self._require(len(u2), t, SHARE_KEYS)
-        u2_set = set(u2)
+                state.outbox.setdefault(dst, {})[u] = c
+        self._require(len(state.shared), state.threshold, SHARE_KEYS)
 
-        # -- stage 2: masked input
-        hdr2 = self._header(MASKED_INPUT)
+    # -- stage 2: masked input
+    def _collect_masked_input(self, state: RoundState) -> None:
+        """Deliver the shares; sum the masked vectors of the sites that stay in the sum.
+
+        Sets ``active``, ``survivors``, ``gone`` and ``total`` (the masked sum) of
+        ``state``. A site whose shares failed authentication at a neighbour is excluded:
+        its input leaves the sum and its pairwise masks are removed like a dropped site's.
+
+        Raises
+        ------
+        SecAggAbortedError
+            Two survivors disagree on their pairwise masks, or too few survive.
+
+        """
+        hdr = self._header(MASKED_INPUT)
+        shared = set(state.shared)
         requests = {}
         sent_src: dict[int, list[int]] = {}
-        for v in u2:
-            srcs = sorted(u for u in outbox.get(v, {}) if u in u2_set)
+        for v in state.shared:
+            srcs = sorted(u for u in state.outbox.get(v, {}) if u in shared)
             sent_src[v] = srcs
-            cts = Ciphertexts(srcs, [outbox[v][u] for u in srcs])
-            requests[v] = RecordDict({RECORD: hdr2.record(**cts.fields("src"))})
+            cts = Ciphertexts(srcs, [state.outbox[v][u] for u in srcs])
+            requests[v] = RecordDict({RECORD: hdr.record(**cts.fields("src"))})
         vectors: dict[int, NDArray[np.uint32]] = {}
-        active: dict[int, set[int]] = {}
         rejected_by: dict[int, int] = {}
         for v, reply in self._send(MASKED_INPUT, requests).items():
             try:
@@ -440,39 +538,86 @@ class SecAggRound:
             except SecAggProtocolError as exc:
                 self._exclude(v, MASKED_INPUT, exc)
                 continue
-            active[v], vectors[v] = set(act), vec
+            state.active[v], vectors[v] = set(act), vec
             for u in rej:
                 rejected_by.setdefault(u, v)
-        # a site whose shares failed authentication at a neighbour is excluded: its
-        # input leaves the sum and its pairwise masks are removed like a dropped site's
         for u, v in sorted(rejected_by.items()):
             self._exclude(u, MASKED_INPUT, SecAggProtocolError(f"site {v} rejected its shares"))
-        survivors = set(active) - set(rejected_by)
-        total = np.zeros(self.length, dtype=np.uint32)
-        for v in sorted(survivors):
-            total += vectors.pop(v)
+        state.survivors = set(state.active) - set(rejected_by)
+        state.total = np.zeros(self.length, dtype=np.uint32)
+        for v in sorted(state.survivors):
+            state.total += vectors.pop(v)
         vectors.clear()
         # pairwise consistency among survivors
-        for a, b in itertools.combinations(sorted(survivors), 2):
-            if (b in active[a]) != (a in active[b]):
+        for a, b in itertools.combinations(sorted(state.survivors), 2):
+            if (b in state.active[a]) != (a in state.active[b]):
                 raise SecAggAbortedError(
                     f"sites {a} and {b} disagree on their pairwise masks; aborting the round"
                 )
-        self._require(len(survivors), max(t, 2), MASKED_INPUT)
-        gone = u2_set - survivors  # shared keys, but their input is not in the sum
+        self._require(len(state.survivors), max(state.threshold, 2), MASKED_INPUT)
+        state.gone = shared - state.survivors  # shared keys, but their input is not in the sum
 
-        # -- stage 3: unmask
-        hdr3 = self._header(UNMASK)
-        requests = {}
-        for w in sorted(survivors):
-            req3 = UnmaskRequest(
-                survivors=[u for u in graph[w] if u in survivors],
-                dropped=[u for u in graph[w] if u in gone],
-                num_survivors=len(survivors),
+    # -- stage 3: unmask
+    def _unmask(self, state: RoundState) -> None:
+        """Collect the shares that rebuild the masks; remove them from ``state.total``.
+
+        The survivors' self-masks come off with their rebuilt seeds; the pairwise masks
+        that survivors added for sites that left come off with those sites' rebuilt mask
+        keys (:func:`common.secagg.crypto.pairwise_mask`, the sites' own convention).
+        """
+        seed_shares, key_shares = self._collect_shares(state)
+        for u in sorted(state.survivors):
+            seed = self._rebuild(
+                u,
+                seed_shares.get(u, []),
+                self.params.shares_needed(len(state.graph[u])),
+                derive=crypto.commit,
+                expected=state.adverts[u].seed_commit,
+                what="self-mask seed",
             )
-            requests[w] = RecordDict({RECORD: hdr3.record(**req3.fields())})
-        seed_shares: dict[int, list[tuple[int, bytes]]] = {}
-        key_shares: dict[int, list[tuple[int, bytes]]] = {}
+            state.total -= crypto.expand_mask(seed, length=self.length)
+        for u in sorted(state.gone):
+            partners = [v for v in state.survivors if u in state.active[v]]
+            if not partners:
+                continue
+            sk = self._rebuild(
+                u,
+                key_shares.get(u, []),
+                self.params.shares_needed(len(state.graph[u])),
+                derive=crypto.public_key,
+                expected=state.adverts[u].mask_pk,
+                what="mask key",
+            )
+            for v in partners:  # undo the term v added for u
+                state.total -= crypto.pairwise_mask(
+                    private_key=sk,
+                    peer_public_key=state.adverts[v].mask_pk,
+                    session=self.session,
+                    node=v,
+                    peer=u,
+                    length=self.length,
+                )
+
+    def _collect_shares(self, state: RoundState) -> tuple[_Shares, _Shares]:
+        """Ask each survivor for its neighbours' shares: seeds of survivors, keys of the gone.
+
+        Returns
+        -------
+        tuple of dict
+            ``(seed shares, mask-key shares)``, each ``{site: [(holder index, share)]}``.
+
+        """
+        hdr = self._header(UNMASK)
+        requests = {}
+        for w in sorted(state.survivors):
+            req = UnmaskRequest(
+                survivors=[u for u in state.graph[w] if u in state.survivors],
+                dropped=[u for u in state.graph[w] if u in state.gone],
+                num_survivors=len(state.survivors),
+            )
+            requests[w] = RecordDict({RECORD: hdr.record(**req.fields())})
+        seed_shares: _Shares = {}
+        key_shares: _Shares = {}
         for w, reply in self._send(UNMASK, requests).items():
             try:
                 un = UnmaskReply.parse(_record(reply))
@@ -485,61 +630,25 @@ class SecAggRound:
                 self._exclude(w, UNMASK, exc)
                 continue
             for u, s in zip(un.seed_nodes, un.seed_shares, strict=True):
-                seed_shares.setdefault(u, []).append((graph[u].index(w) + 1, s))
+                seed_shares.setdefault(u, []).append((state.graph[u].index(w) + 1, s))
             for u, s in zip(un.key_nodes, un.key_shares, strict=True):
-                key_shares.setdefault(u, []).append((graph[u].index(w) + 1, s))
+                key_shares.setdefault(u, []).append((state.graph[u].index(w) + 1, s))
+        return seed_shares, key_shares
 
-        # rebuild and remove self masks of the survivors
-        for u in sorted(survivors):
-            seed = self._rebuild(
-                u,
-                seed_shares.get(u, []),
-                self.params.shares_needed(len(graph[u])),
-                derive=crypto.commit,
-                expected=adverts[u].seed_commit,
-                what="self-mask seed",
-            )
-            total -= crypto.expand_mask(seed, length=self.length)
-        # rebuild the mask keys of sites that left and remove their pairwise masks
-        for u in sorted(gone):
-            partners = [v for v in survivors if u in active[v]]
-            if not partners:
-                continue
-            sk = self._rebuild(
-                u,
-                key_shares.get(u, []),
-                self.params.shares_needed(len(graph[u])),
-                derive=crypto.public_key,
-                expected=adverts[u].mask_pk,
-                what="mask key",
-            )
-            for v in partners:
-                pair = crypto.agree(
-                    private_key=sk,
-                    peer_public_key=adverts[v].mask_pk,
-                    purpose=b"pairwise-mask",
-                    session=self.session,
-                    node_a=u,
-                    node_b=v,
-                )
-                mask = crypto.expand_mask(pair, length=self.length)
-                # v added +mask if v < u else -mask; undo it
-                if v < u:
-                    total -= mask
-                else:
-                    total += mask
-
-        total_weight = sum(weights[v] for v in survivors)
-        mean = decode_mean(total, step=step, total_weight=total_weight)
+    def _result(self, state: RoundState) -> RoundResult:
+        """Decode the unmasked sum into the weighted mean delta and the new global arrays."""
+        survivors = sorted(state.survivors)
+        total_weight = sum(state.weights[v] for v in survivors)
+        mean = decode_mean(state.total, step=state.step, total_weight=total_weight)
         mean_delta = mean[: self.layout.length]
-        self.report.survivors = sorted(survivors)
+        self.report.survivors = survivors
         self.report.total_weight = total_weight
         return RoundResult(
             arrays=apply_mean_delta(self.global_np, mean_delta, layout=self.layout),
             mean_delta=mean_delta,
-            survivors=sorted(survivors),
+            survivors=survivors,
             total_weight=total_weight,
-            metrics={v: metrics[v] for v in survivors},
+            metrics={v: state.metrics[v] for v in survivors},
             sums=secure_sum.from_mean(
                 mean[self.layout.length :], self.sum_spec, total_weight=total_weight
             ),
@@ -613,7 +722,7 @@ class SecAggGrid(DelegatingGrid):
     ----------
     grid : flwr.serverapp.Grid
         The real grid (deployment or simulation).
-    params : SecAggParams
+    params : SecAggConfig
         From the run config.
     run_dir : pathlib.Path, optional
         Receives ``secagg.jsonl`` (one line per secure round).
@@ -632,7 +741,7 @@ class SecAggGrid(DelegatingGrid):
         self,
         grid: Grid,
         *,
-        params: SecAggParams,
+        params: SecAggConfig,
         run_dir: Path | None = None,
         claims: ClaimRegistry | None = None,
         secure_validation: bool = False,

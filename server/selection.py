@@ -45,8 +45,8 @@ def resolve_metric(run: RunConfig) -> str:
     tabular), ``val-`` + the first headline metric of any other task
     (``common.tasks.Task.headline``: ``val-dice`` for segmentation).
     """
-    if run.model_selection_metric != AUTO_SELECTION:
-        return run.model_selection_metric
+    if run.evaluation.selection_metric != AUTO_SELECTION:
+        return run.evaluation.selection_metric
     from common.tasks import ClassificationTask, get_task
 
     task = get_task(run.task)

@@ -83,14 +83,15 @@ def aggregate_metrics_nan_aware(records: list[RecordDict], weight_key: str) -> M
 
 def _common(run: RunConfig) -> dict[str, Any]:
     """Return the sampling and metric arguments every FedAvg-family strategy takes."""
+    fed = run.federation
     return {
-        "fraction_train": run.fraction_train,
-        "fraction_evaluate": run.fraction_evaluate,
-        "min_train_nodes": max(1, math.ceil(run.fraction_train * run.min_sites)),
-        "min_evaluate_nodes": max(1, math.ceil(run.fraction_evaluate * run.min_sites))
-        if run.fraction_evaluate > 0
+        "fraction_train": fed.fraction_train,
+        "fraction_evaluate": fed.fraction_evaluate,
+        "min_train_nodes": max(1, math.ceil(fed.fraction_train * fed.min_sites)),
+        "min_evaluate_nodes": max(1, math.ceil(fed.fraction_evaluate * fed.min_sites))
+        if fed.fraction_evaluate > 0
         else 0,
-        "min_available_nodes": run.min_sites,
+        "min_available_nodes": fed.min_sites,
         "train_metrics_aggr_fn": aggregate_metrics_nan_aware,
         "evaluate_metrics_aggr_fn": aggregate_metrics_nan_aware,
     }
@@ -102,8 +103,8 @@ def _fedavg(run: RunConfig) -> Strategy:
 
 def _fedprox(run: RunConfig) -> Strategy:
     # FedProx sends ``proximal-mu`` in every train message's config; the site adds
-    # mu/2 ||w - w_global||^2 to its loss (client/train.py proximal_term; Li et al. 2020).
-    return FedProx(**_common(run), proximal_mu=run.strategy_proximal_mu)
+    # mu/2 ||w - w_global||^2 to its loss (client/proximal.py ProximalLoss; Li et al. 2020).
+    return FedProx(**_common(run), proximal_mu=run.strategy.proximal_mu)
 
 
 class _KeepDtypes:
@@ -144,11 +145,11 @@ class _FedYogi(_KeepDtypes, FedYogi):
 
 def _fedadam(run: RunConfig) -> Strategy:
     # Reddi et al. 2021 (Adaptive Federated Optimization); eta_l only feeds Flower's log.
-    return _FedAdam(**_common(run), eta=run.strategy_server_lr, eta_l=run.learning_rate)
+    return _FedAdam(**_common(run), eta=run.strategy.server_lr, eta_l=run.train.learning_rate)
 
 
 def _fedyogi(run: RunConfig) -> Strategy:
-    return _FedYogi(**_common(run), eta=run.strategy_server_lr, eta_l=run.learning_rate)
+    return _FedYogi(**_common(run), eta=run.strategy.server_lr, eta_l=run.train.learning_rate)
 
 
 def _fedmedian(run: RunConfig) -> Strategy:
@@ -156,11 +157,11 @@ def _fedmedian(run: RunConfig) -> Strategy:
 
 
 def _fedtrimmedavg(run: RunConfig) -> Strategy:
-    return FedTrimmedAvg(**_common(run), beta=run.strategy_trim_beta)
+    return FedTrimmedAvg(**_common(run), beta=run.strategy.trim_beta)
 
 
 def _krum(run: RunConfig) -> Strategy:
-    return Krum(**_common(run), num_malicious_nodes=run.strategy_krum_byzantine)
+    return Krum(**_common(run), num_malicious_nodes=run.strategy.krum_byzantine)
 
 
 def _scaffold(run: RunConfig) -> Strategy:
@@ -192,9 +193,9 @@ def build_strategy(run: RunConfig) -> Strategy:
 
     """
     try:
-        factory = _FACTORIES[run.strategy]
+        factory = _FACTORIES[run.strategy.name]
     except KeyError:
         raise ConfigError(
-            f"unknown strategy {run.strategy!r}.{did_you_mean(run.strategy, _FACTORIES)}"
+            f"unknown strategy {run.strategy.name!r}.{did_you_mean(run.strategy.name, _FACTORIES)}"
         ) from None
     return factory(run)

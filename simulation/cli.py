@@ -7,15 +7,20 @@ import logging
 import sys
 import time
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
 from rich.console import Console
 
+from common.cli import fail
 from common.config import RunConfig, check_writable_dir, load_config_file
 from common.errors import ConfigError, DataError, MedfedError
+
+if TYPE_CHECKING:
+    from simulation.data.sites import SplitPlan
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -35,11 +40,6 @@ def _parse_set(pairs: list[str]) -> dict[str, Any]:
             value = raw  # bare strings: --set model=cnn
         out[key.strip()] = value
     return out
-
-
-def _fail(exc: MedfedError) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {exc}")
-    return typer.Exit(code=2)
 
 
 def _kept(previous: Path | None) -> None:
@@ -65,7 +65,7 @@ def _check_gpus(gpus_per_site: float) -> None:
     """Refuse ``--gpus-per-site`` > 0 without CUDA: Ray would wait for GPUs forever.
 
     The fraction becomes Flower's federation config ``client-resources-num-gpus``
-    (simulation/engine.py): Ray then packs ``1 / fraction`` virtual sites per GPU and
+    (simulation/launch/engine.py): Ray then packs ``1 / fraction`` virtual sites per GPU and
     each ClientApp picks its device from node config ``device`` (default ``auto``).
     """
     import torch
@@ -111,100 +111,189 @@ def _task_overrides(
     return out
 
 
+def _run_config_keys(
+    *,
+    file_keys: dict[str, Any],
+    set_keys: dict[str, Any],
+    options: dict[str, tuple[str, Any]],
+    config: Path | None,
+) -> dict[str, Any]:
+    """Merge the run-config keys of ``--config``, ``--set`` and the options that stand for one.
+
+    Precedence, highest first: an option given on the command line (``options``: ``{key:
+    (flag, value or None)}``) or ``--set KEY=VALUE``, then the ``--config`` file, then the
+    app's defaults. An option left out (``None``) overrides nothing, so a value from the
+    file or ``--set`` is never replaced by an option's default.
+
+    Raises
+    ------
+    ConfigError
+        When an option and ``--set`` give its key different values.
+    """
+    keys = {**file_keys, **set_keys}
+    for key, (flag, value) in options.items():
+        if value is None:
+            continue
+        if key in set_keys and set_keys[key] != value:
+            raise ConfigError(
+                f"{flag} {value} and --set {key}={set_keys[key]!r} disagree; give only one of them."
+            )
+        if key in file_keys and key not in set_keys and file_keys[key] != value:
+            note = f"{flag} {value} overrides {key} = {file_keys[key]!r} of --config {config}"
+            log.info("%s", note)
+            err_console.print(f"note: {note}")
+        keys[key] = value
+    return keys
+
+
+def _int_key(keys: dict[str, Any], key: str, default: int) -> int:
+    """Return the integer run-config ``key`` (``default`` when absent).
+
+    Raises
+    ------
+    ConfigError
+        As :class:`RunConfig` does, when the value is not an integer.
+    """
+    value = keys.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        RunConfig.from_run_config({key: value})  # raises the type error that names the key
+    return int(value)
+
+
+_SitesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--sites",
+        "-n",
+        help="Number of virtual hospitals (run config 'min-sites'). Default: the config's "
+        "min-sites (3).",
+    ),
+]
+_PartitionOpt = Annotated[
+    str, typer.Option(help="How to split the training data: 'iid' or 'dirichlet'.")
+]
+_AlphaOpt = Annotated[
+    float, typer.Option(help="Dirichlet concentration; smaller = more label skew.")
+]
+_RoundsOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Federated rounds (run config 'num-server-rounds'). Default: the config's "
+        "num-server-rounds (10)."
+    ),
+]
+_DatasetOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Public dataset: pneumoniamnist, breastmnist (classification) or chase_db1 "
+        "(segmentation, split by child). Default: by task."
+    ),
+]
+_TaskOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--task",
+        help="classification or segmentation (run config 'task'); default: the model's.",
+    ),
+]
+_ModelOpt = Annotated[
+    str | None,
+    typer.Option(help="Registered model, e.g. cnn, gru, lstm, unet (run config 'model')."),
+]
+_DataDirOpt = Annotated[
+    Path | None,
+    typer.Option(help="Data root (default: $MEDFED_DATA_DIR, then ../shared/data)."),
+]
+_RunDirOpt = Annotated[
+    Path | None, typer.Option(help="Output directory (default: runs/sim-<timestamp>).")
+]
+_ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Replace --run-dir if it holds a previous medfed run (never any other "
+        "folder); the old run is kept aside until the new one completes.",
+    ),
+]
+_ResumeOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--resume",
+        metavar="RUN_DIR",
+        help="Resume the run in RUN_DIR after its last finished round (e.g. after a "
+        "crash), with its own settings and sites; only --timeout, --cpus-per-site, "
+        "--gpus-per-site and run-config timeouts may be given with it.",
+    ),
+]
+_SeedOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Seed for splits, init and sampling (run config 'seed'). Default: the "
+        "config's seed (42)."
+    ),
+]
+_ConfigOpt = Annotated[Path | None, typer.Option(help="TOML file of run-config keys (kebab-case).")]
+_SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a run-config key, e.g. --set local-epochs=2."),
+]
+_CpusPerSiteOpt = Annotated[
+    int, typer.Option(help="CPU cores per virtual site; 1 runs 2 sites at once on 2 cores.")
+]
+_GpusPerSiteOpt = Annotated[
+    float, typer.Option(help="GPU fraction per site (e.g. 0.25 packs 4 sites on a GPU).")
+]
+_TimeoutOpt = Annotated[float, typer.Option(help="Give up after this many seconds.")]
+_RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        help="Run the virtual sites on an existing (multi-machine) Ray cluster: 'auto' "
+        "or HEAD_IP:6379 (sets RAY_ADDRESS for Flower's Ray driver). The run directory "
+        "must be on a filesystem every Ray node mounts at the same path. Default: a "
+        "local Ray instance on this machine's cores.",
+    ),
+]
+_ViaDicomOpt = Annotated[
+    bool,
+    typer.Option(
+        help="Hospital path: write each site's images as DICOM files, then ingest them "
+        "(medfed export-dicom + medfed ingest) before training."
+    ),
+]
+_SitePolicyOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--site-policy",
+        help="Site policy TOML every virtual site applies, as a hospital's worker would "
+        "(write one with `medfed site policy init`). Default: the hospital default with "
+        "the research limits lifted (DP and SecAgg+ may be off).",
+    ),
+]
+
+
 def simulate(
     ctx: typer.Context,
-    sites: Annotated[int, typer.Option("--sites", "-n", help="Number of virtual hospitals.")] = 3,
-    partition: Annotated[
-        str, typer.Option(help="How to split the training data: 'iid' or 'dirichlet'.")
-    ] = "dirichlet",
-    alpha: Annotated[
-        float, typer.Option(help="Dirichlet concentration; smaller = more label skew.")
-    ] = 0.5,
-    rounds: Annotated[int, typer.Option(help="Federated rounds (num-server-rounds).")] = 10,
-    dataset: Annotated[
-        str | None,
-        typer.Option(
-            help="Public dataset: pneumoniamnist, breastmnist (classification) or chase_db1 "
-            "(segmentation, split by child). Default: by task."
-        ),
-    ] = None,
-    task_name: Annotated[
-        str | None,
-        typer.Option(
-            "--task",
-            help="classification or segmentation (run config 'task'); default: the model's.",
-        ),
-    ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(help="Registered model, e.g. cnn, gru, lstm, unet (run config 'model')."),
-    ] = None,
-    data_dir: Annotated[
-        Path | None,
-        typer.Option(help="Data root (default: $MEDFED_DATA_DIR, then ../shared/data)."),
-    ] = None,
-    run_dir: Annotated[
-        Path | None, typer.Option(help="Output directory (default: runs/sim-<timestamp>).")
-    ] = None,
-    force: Annotated[
-        bool,
-        typer.Option(
-            "--force",
-            help="Replace --run-dir if it holds a previous medfed run (never any other "
-            "folder); the old run is kept aside until the new one completes.",
-        ),
-    ] = False,
-    resume: Annotated[
-        Path | None,
-        typer.Option(
-            "--resume",
-            metavar="RUN_DIR",
-            help="Resume the run in RUN_DIR after its last finished round (e.g. after a "
-            "crash), with its own settings and sites; only --timeout, --cpus-per-site, "
-            "--gpus-per-site and run-config timeouts may be given with it.",
-        ),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed for splits, init and sampling.")] = 42,
-    config: Annotated[
-        Path | None, typer.Option(help="TOML file of run-config keys (kebab-case).")
-    ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a run-config key, e.g. --set local-epochs=2."),
-    ] = None,
-    cpus_per_site: Annotated[
-        int, typer.Option(help="CPU cores per virtual site; 1 runs 2 sites at once on 2 cores.")
-    ] = 1,
-    gpus_per_site: Annotated[
-        float, typer.Option(help="GPU fraction per site (e.g. 0.25 packs 4 sites on a GPU).")
-    ] = 0.0,
-    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 3600.0,
-    ray_address: Annotated[
-        str | None,
-        typer.Option(
-            "--ray-address",
-            help="Run the virtual sites on an existing (multi-machine) Ray cluster: 'auto' "
-            "or HEAD_IP:6379 (sets RAY_ADDRESS for Flower's Ray driver). The run directory "
-            "must be on a filesystem every Ray node mounts at the same path. Default: a "
-            "local Ray instance on this machine's cores.",
-        ),
-    ] = None,
-    via_dicom: Annotated[
-        bool,
-        typer.Option(
-            help="Hospital path: write each site's images as DICOM files, then ingest them "
-            "(medfed export-dicom + medfed ingest) before training."
-        ),
-    ] = False,
-    site_policy: Annotated[
-        Path | None,
-        typer.Option(
-            "--site-policy",
-            help="Site policy TOML every virtual site applies, as a hospital's worker would "
-            "(write one with `medfed site policy init`). Default: the hospital default with "
-            "the research limits lifted (DP and SecAgg+ may be off).",
-        ),
-    ] = None,
+    sites: _SitesOpt = None,
+    partition: _PartitionOpt = "dirichlet",
+    alpha: _AlphaOpt = 0.5,
+    rounds: _RoundsOpt = None,
+    dataset: _DatasetOpt = None,
+    task_name: _TaskOpt = None,
+    model: _ModelOpt = None,
+    data_dir: _DataDirOpt = None,
+    run_dir: _RunDirOpt = None,
+    force: _ForceOpt = False,
+    resume: _ResumeOpt = None,
+    seed: _SeedOpt = None,
+    config: _ConfigOpt = None,
+    set_: _SetOpt = None,
+    cpus_per_site: _CpusPerSiteOpt = 1,
+    gpus_per_site: _GpusPerSiteOpt = 0.0,
+    timeout: _TimeoutOpt = 3600.0,
+    ray_address: _RayAddressOpt = None,
+    via_dicom: _ViaDicomOpt = False,
+    site_policy: _SitePolicyOpt = None,
 ) -> None:
     """Run N virtual hospitals on Flower's simulation engine and report per round.
 
@@ -216,6 +305,11 @@ def simulate(
     final_model.pt, best_model.pt (that best round's model), sites/.
 
     Example: medfed simulate --sites 5 --partition iid --rounds 5 --set local-epochs=2
+
+    Run-config values, highest precedence first: --sites / --rounds / --seed and --set
+    KEY=VALUE (an option and a --set of its key that disagree are an error), then the
+    --config file (an option that overrides one of its values says so), then the app's
+    defaults. An option left out overrides nothing.
 
     Resume a run that was stopped (a crash, a kill): medfed simulate --resume RUN_DIR
     """
@@ -230,83 +324,221 @@ def simulate(
             ray_address=ray_address,
         )
         return
-    from simulation.chase import DATASET as CHASE
-    from simulation.chase import ChasePlan, create_chase_sites
-    from simulation.datasets import MEDMNIST, medmnist_path, resolve_data_dir
-    from simulation.engine import run_simulation
-    from simulation.sites import GLOBAL_EVAL, SplitPlan, create_virtual_sites
-    from simulation.summary import (
-        round_progress,
+    try:
+        new = _plan_new_run(
+            config=config,
+            set_=set_ or [],
+            sites=sites,
+            rounds=rounds,
+            seed=seed,
+            model=model,
+            task=task_name,
+            gpus_per_site=gpus_per_site,
+            dataset=dataset,
+            partition=partition,
+            alpha=alpha,
+            data_dir=data_dir,
+            run_dir=run_dir,
+            site_policy=site_policy,
+        )
+    except MedfedError as exc:
+        raise fail(exc) from None
+    previous = _claim_run_dir(new.out, force=force)
+    console.print(
+        f"[bold]medfed simulate[/]: {new.sites} sites, {partition}"
+        f"{f' alpha={alpha}' if partition == 'dirichlet' else ''}, "
+        f"{new.rounds} rounds, model {new.run.model} -> {new.out}"
+    )
+    _make_sites(new, data_dir=data_dir, via_dicom=via_dicom, previous=previous)
+    _launch(
+        new,
+        previous=previous,
+        cpus_per_site=cpus_per_site,
+        gpus_per_site=gpus_per_site,
+        timeout=timeout,
+        ray_address=ray_address,
     )
 
-    try:
-        overrides: dict[str, Any] = {}
-        if config is not None:
-            overrides |= load_config_file(config)
-        overrides |= _parse_set(set_ or [])
-        overrides |= {"num-server-rounds": rounds, "seed": seed, "min-sites": sites}
-        overrides |= _task_overrides(overrides, model=model, task=task_name)
-        _check_gpus(gpus_per_site)
-        dataset = dataset or DEFAULT_DATASETS.get(str(overrides.get("task")), "pneumoniamnist")
-        plan = SplitPlan(num_sites=sites, partitioner=partition, alpha=alpha, seed=seed)
-        if dataset not in MEDMNIST and dataset != CHASE:
-            raise ConfigError(f"unknown dataset {dataset!r}; known: {sorted([*MEDMNIST, CHASE])}")
-        npz = None if dataset == CHASE else medmnist_path(dataset, data_dir)
-        out = (run_dir or _new_run_dir(Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S"))).resolve()
-        overrides |= {
-            "run-dir": str(out),
-            "sites-dir": str(out / "sites"),
-            "eval-dataset-dir": str(out / "sites" / GLOBAL_EVAL),
-        }
-        if site_policy is not None:
-            from client.site.policy import SitePolicy
+    from common.fsutil import discard
 
-            SitePolicy.load(site_policy)  # a bad policy fails before any work
-            overrides["site-policy"] = str(site_policy.resolve())
-        run = RunConfig.from_run_config(overrides)  # fail before any work on a bad config
-        _check_model_task(run)
-        check_writable_dir(out)  # an unwritable run dir fails here, not in a site or round
-    except MedfedError as exc:
-        raise _fail(exc) from None
+    discard(previous)  # the new run is complete: the replaced one goes
+    _report(new.out, new.eval_data)
 
-    from common.fsutil import discard, marker_kind, set_aside, write_marker
+
+@dataclass(frozen=True)
+class _NewRun:
+    """A new ``medfed simulate`` run, resolved and checked before any work.
+
+    Attributes
+    ----------
+    run : RunConfig
+        The run config the ServerApp and ClientApps get.
+    out : pathlib.Path
+        The (absolute) run directory.
+    sites, rounds, seed : int
+        Virtual hospitals, federated rounds and seed, after precedence.
+    dataset : str
+        The public dataset that is federated.
+    npz : pathlib.Path or None
+        Its MedMNIST file; None for CHASE_DB1.
+    plan : SplitPlan
+        How MedMNIST training data is split into sites.
+    eval_data : pathlib.Path
+        What ``medfed evaluate --data`` checks the run's models on.
+    """
+
+    run: RunConfig
+    out: Path
+    sites: int
+    rounds: int
+    seed: int
+    dataset: str
+    npz: Path | None
+    plan: SplitPlan
+    eval_data: Path
+
+
+def _resolve_run_keys(
+    *,
+    config: Path | None,
+    set_: list[str],
+    sites: int | None,
+    rounds: int | None,
+    seed: int | None,
+    model: str | None,
+    task: str | None,
+) -> tuple[dict[str, Any], int, int, int]:
+    """Return the run-config keys of a new run and its sites, rounds and seed.
+
+    Applies the precedence of :func:`_run_config_keys` to ``--config``, ``--set`` and
+    ``--sites`` / ``--rounds`` / ``--seed``, then adds ``--model`` / ``--task``.
+
+    Raises
+    ------
+    ConfigError
+        On a bad ``--set``, a conflicting option or a non-integer key.
+    """
+    overrides = _run_config_keys(
+        file_keys=load_config_file(config) if config is not None else {},
+        set_keys=_parse_set(set_),
+        options={"min-sites": ("--sites", sites), "num-server-rounds": ("--rounds", rounds),
+                 "seed": ("--seed", seed)},
+        config=config,
+    )  # fmt: skip
+    defaults = RunConfig()
+    sites = _int_key(overrides, "min-sites", defaults.federation.min_sites)
+    rounds = _int_key(overrides, "num-server-rounds", defaults.num_server_rounds)
+    seed = _int_key(overrides, "seed", defaults.seed)
+    overrides |= _task_overrides(overrides, model=model, task=task)
+    return overrides, sites, rounds, seed
+
+
+def _plan_new_run(
+    *,
+    config: Path | None,
+    set_: list[str],
+    sites: int | None,
+    rounds: int | None,
+    seed: int | None,
+    model: str | None,
+    task: str | None,
+    gpus_per_site: float,
+    dataset: str | None,
+    partition: str,
+    alpha: float,
+    data_dir: Path | None,
+    run_dir: Path | None,
+    site_policy: Path | None,
+) -> _NewRun:
+    """Resolve a new run's config, dataset and directory, failing before any work.
+
+    Raises
+    ------
+    MedfedError
+        On a bad option, run config, dataset, site policy or unwritable run directory.
+    """
+    from simulation.data.chase import DATASET as CHASE
+    from simulation.data.datasets import MEDMNIST, medmnist_path
+    from simulation.data.sites import GLOBAL_EVAL, SplitPlan
+
+    overrides, sites, rounds, seed = _resolve_run_keys(
+        config=config, set_=set_, sites=sites, rounds=rounds, seed=seed, model=model, task=task
+    )
+    _check_gpus(gpus_per_site)
+    dataset = dataset or DEFAULT_DATASETS.get(str(overrides.get("task")), "pneumoniamnist")
+    plan = SplitPlan(num_sites=sites, partitioner=partition, alpha=alpha, seed=seed)
+    if dataset not in MEDMNIST and dataset != CHASE:
+        raise ConfigError(f"unknown dataset {dataset!r}; known: {sorted([*MEDMNIST, CHASE])}")
+    npz = None if dataset == CHASE else medmnist_path(dataset, data_dir)
+    out = (run_dir or _new_run_dir(Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S"))).resolve()
+    overrides |= {
+        "run-dir": str(out),
+        "sites-dir": str(out / "sites"),
+        "eval-dataset-dir": str(out / "sites" / GLOBAL_EVAL),
+    }
+    if site_policy is not None:
+        from client.site.policy import SitePolicy
+
+        SitePolicy.load(site_policy)  # a bad policy fails before any work
+        overrides["site-policy"] = str(site_policy.resolve())
+    run = RunConfig.from_run_config(overrides)  # fail before any work on a bad config
+    _check_model_task(run)
+    check_writable_dir(out)  # an unwritable run dir fails here, not in a site or round
+    eval_data = npz if npz is not None else out / "sites" / GLOBAL_EVAL
+    return _NewRun(run, out, sites, rounds, seed, dataset, npz, plan, eval_data)
+
+
+def _claim_run_dir(out: Path, *, force: bool) -> Path | None:
+    """Make ``out`` the new run's directory; return where a replaced run is kept.
+
+    An existing run is never overwritten: with ``--force`` a medfed run is moved aside
+    until the new one completes. Returns None when nothing was moved aside.
+    """
+    from common.fsutil import marker_kind, set_aside, write_marker
     from server.app import RUN_KIND, why_not_run_dir
 
-    try:  # an existing run is never overwritten; --force moves a medfed run aside
+    try:
         previous = set_aside(
             out, overwrite=force, why_not_ours=why_not_run_dir, what="run directory"
         )
     except MedfedError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if previous is not None:
         console.print(f"previous run moved aside to {previous} until this one completes")
     out.mkdir(parents=True, exist_ok=True)
     if marker_kind(out) != RUN_KIND:
         write_marker(out, RUN_KIND)  # out is new or empty: medfed's run directory
-    console.print(
-        f"[bold]medfed simulate[/]: {sites} sites, {partition}"
-        f"{f' alpha={alpha}' if partition == 'dirichlet' else ''}, "
-        f"{rounds} rounds, model {run.model} -> {out}"
-    )
+    return previous
+
+
+def _make_sites(
+    new: _NewRun, *, data_dir: Path | None, via_dicom: bool, previous: Path | None
+) -> None:
+    """Write the new run's virtual site datasets under ``<run>/sites`` and list them."""
+    from simulation.data.chase import ChasePlan, create_chase_sites
+    from simulation.data.datasets import MEDMNIST, resolve_data_dir
+    from simulation.data.sites import create_virtual_sites
+
+    out = new.out
     try:
-        if npz is None:  # CHASE_DB1 segmentation: by-child split, see simulation/chase.py
+        if new.npz is None:  # CHASE_DB1 segmentation: by-child split, simulation/data/chase.py
             manifests = create_chase_sites(
                 resolve_data_dir(data_dir),
                 out / "sites",
-                plan=ChasePlan(num_sites=sites, seed=seed),
+                plan=ChasePlan(num_sites=new.sites, seed=new.seed),
             )
         else:
             manifests = create_virtual_sites(
-                npz,
+                new.npz,
                 out / "sites",
-                plan=plan,
-                label_names=MEDMNIST[dataset].label_names,
-                dataset_name=dataset,
+                plan=new.plan,
+                label_names=MEDMNIST[new.dataset].label_names,
+                dataset_name=new.dataset,
                 via_dicom=out / "dicom-exports" if via_dicom else None,
             )
     except MedfedError as exc:
         _kept(previous)
-        raise _fail(exc) from None
+        raise fail(exc) from None
     for i, m in enumerate(manifests):
         counts = m["splits"]["train"]["label_counts"]
         console.print(
@@ -314,13 +546,27 @@ def simulate(
             f"{m['splits']['val']['count']} val images, labels {counts}"
         )
 
+
+def _launch(
+    new: _NewRun,
+    *,
+    previous: Path | None,
+    cpus_per_site: int,
+    gpus_per_site: float,
+    timeout: float,
+    ray_address: str | None,
+) -> None:
+    """Run the new run's rounds on Flower's simulation engine, with a progress bar."""
+    from simulation.launch.engine import run_simulation
+    from simulation.research.summary import round_progress
+
     verbose = logging.getLogger().level <= logging.DEBUG
-    with round_progress(console, rounds, echo_all=verbose) as on_line:
+    with round_progress(console, new.rounds, echo_all=verbose) as on_line:
         try:
             run_simulation(
-                run_dir=out,
-                run_config=run.to_run_config(),
-                num_sites=sites,
+                run_dir=new.out,
+                run_config=new.run.to_run_config(),
+                num_sites=new.sites,
                 cpus_per_site=cpus_per_site,
                 gpus_per_site=gpus_per_site,
                 on_line=on_line,
@@ -329,17 +575,13 @@ def simulate(
             )
         except MedfedError as exc:
             _kept(previous)
-            raise _fail(exc) from None
-
-    discard(previous)  # the new run is complete: the replaced one goes
-    eval_data = npz if npz is not None else out / "sites" / GLOBAL_EVAL
-    _report(out, eval_data)
+            raise fail(exc) from None
 
 
 def _report(out: Path, eval_data: Path) -> None:
     """Print the finished run's tables and where its models are."""
     from server.selection import BEST_MODEL
-    from simulation.summary import best_model_line, read_rounds, site_table, summary_table
+    from simulation.research.summary import best_model_line, read_rounds, site_table, summary_table
 
     history = read_rounds(out)
     console.print(summary_table(history))
@@ -387,9 +629,9 @@ def _resume(
 
     from server.app import CONFIG_FILE, why_not_run_dir
     from server.resume import check_resumable, load_state, resumed_config, run_lock
-    from simulation.engine import run_simulation
-    from simulation.sites import GLOBAL_EVAL
-    from simulation.summary import round_progress
+    from simulation.data.sites import GLOBAL_EVAL
+    from simulation.launch.engine import run_simulation
+    from simulation.research.summary import round_progress
 
     out = run_dir.resolve()
     try:
@@ -422,7 +664,7 @@ def _resume(
             {**saved, **overrides, "run-dir": str(out), "resume-from": str(out)}
         )
         run = resumed_config(saved, current, run_dir=out)  # the ServerApp's own checks
-        sites = run.min_sites
+        sites = run.federation.min_sites
         missing = [i for i in range(sites) if not (out / "sites" / f"site-{i}").is_dir()]
         if missing:
             raise ConfigError(
@@ -430,7 +672,7 @@ def _resume(
                 f"{out / 'sites'}; the run cannot go on without them."
             )
     except MedfedError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     done = state.round if state is not None else 0
     console.print(
         f"[bold]medfed simulate --resume[/]: {out}, {sites} sites, after round {done} of "
@@ -449,7 +691,7 @@ def _resume(
                 **resources,
             )
         except MedfedError as exc:
-            raise _fail(exc) from None
+            raise fail(exc) from None
     _report(out, out / "sites" / GLOBAL_EVAL)
 
 
@@ -464,41 +706,48 @@ def _moved(saved: dict[str, Any], out: Path) -> dict[str, Any]:
     return moved
 
 
+_CheckpointOpt = Annotated[
+    Path, typer.Option(help="A medfed checkpoint (final_model.pt) or `medfed export` model.ts.")
+]
+_EvalDataOpt = Annotated[
+    Path,
+    typer.Option(help="A MedMNIST-format .npz file, or a site dataset directory (any task)."),
+]
+_ThresholdOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Binary classifiers: predict class 1 when P(class 1) >= this. Default: the "
+        "checkpoint's operating point (chosen on the sites' pooled validation), else 0.5.",
+        min=0.0,
+        max=1.0,
+    ),
+]
+_AtDefaultOpt = Annotated[
+    bool,
+    typer.Option(
+        "--at-default",
+        help="Binary classifiers: also report the metrics at the default threshold 0.5.",
+    ),
+]
+_BalancedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--balanced",
+        help="Classification: evaluate on a class-balanced resample of the split (every "
+        "class cut to the rarest class's count, seeded): a stand-in for a hospital "
+        "whose prevalence differs.",
+    ),
+]
+
+
 def evaluate(
-    checkpoint: Annotated[
-        Path, typer.Option(help="A medfed checkpoint (final_model.pt) or `medfed export` model.ts.")
-    ],
-    data: Annotated[
-        Path,
-        typer.Option(help="A MedMNIST-format .npz file, or a site dataset directory (any task)."),
-    ],
+    checkpoint: _CheckpointOpt,
+    data: _EvalDataOpt,
     split: Annotated[str, typer.Option(help="Split of the file: train, val or test.")] = "val",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    threshold: Annotated[
-        float | None,
-        typer.Option(
-            help="Binary classifiers: predict class 1 when P(class 1) >= this. Default: the "
-            "checkpoint's operating point (chosen on the sites' pooled validation), else 0.5.",
-            min=0.0,
-            max=1.0,
-        ),
-    ] = None,
-    at_default: Annotated[
-        bool,
-        typer.Option(
-            "--at-default",
-            help="Binary classifiers: also report the metrics at the default threshold 0.5.",
-        ),
-    ] = False,
-    balanced: Annotated[
-        bool,
-        typer.Option(
-            "--balanced",
-            help="Classification: evaluate on a class-balanced resample of the split (every "
-            "class cut to the rarest class's count, seeded): a stand-in for a hospital "
-            "whose prevalence differs.",
-        ),
-    ] = False,
+    threshold: _ThresholdOpt = None,
+    at_default: _AtDefaultOpt = False,
+    balanced: _BalancedOpt = False,
 ) -> None:
     """Evaluate a saved global model on any split of a MedMNIST file or a site dataset.
 
@@ -515,45 +764,16 @@ def evaluate(
     names it and its source and adds the confusion matrix (``tp``, ``fp``, ``tn``,
     ``fn``), PPV and NPV. ``--at-default`` adds the same block at 0.5 under ``at-0.5``.
     """
-    from common.device import resolve_device
-    from common.evaluation import evaluate_binary_at, evaluate_task
     from common.export import load_model_file
-    from common.site_dataset import SiteDataset
-    from common.tasks import get_task
-    from simulation.datasets import load_medmnist_split, to_model_images
 
     try:
         ckpt, model = load_model_file(checkpoint)  # a checkpoint or a `medfed export` file
-        if data.is_dir():
-            site = SiteDataset(data)
-            get_task(ckpt.task).check_dataset(
-                site,
-                model=ckpt.model,
-                num_classes=int(ckpt.model_kwargs.get("num_classes", len(site.label_names))),
-            )
-            arrays = site.load(split)
-            images, labels = arrays.images, arrays.labels
-        else:
-            raw_images, labels = load_medmnist_split(data, split)
-            images = to_model_images(raw_images)
-        if balanced:
-            keep = balanced_indices(np.asarray(labels), seed=0)
-            images, labels = images[keep], np.asarray(labels)[keep]
-        binary = ckpt.task != "segmentation" and int(ckpt.model_kwargs.get("num_classes", 0)) == 2
-        if binary:
-            t, source = _decision_threshold(ckpt, threshold)
-            wanted = {"chosen": t} | ({"default": 0.5} if at_default else {})
-            free, at = evaluate_binary_at(
-                model, images, labels, thresholds=wanted, device=resolve_device(device)
-            )
-            metrics = free | {"threshold": t} | at["chosen"]
-        else:
-            metrics = evaluate_task(ckpt.task, model, images, labels, device=resolve_device(device))
+        images, labels = _eval_arrays(ckpt, data, split, balanced=balanced)
+        metrics, source, at_half = _score(
+            ckpt, model, images, labels, threshold=threshold, at_default=at_default, device=device
+        )
     except MedfedError as exc:
-        raise _fail(exc) from None
-
-    def clean(values: dict[str, float]) -> dict[str, float | None]:
-        return {k: (None if v != v else round(v, 6)) for k, v in values.items()}
+        raise fail(exc) from None
 
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint),
@@ -565,12 +785,77 @@ def evaluate(
     }
     if balanced:
         result["resample"] = "class-balanced (seed 0)"
-    if binary:
+    if source is not None:  # a binary classifier
         result["threshold-source"] = source
-    result |= clean(metrics)
-    if binary and at_default:
-        result["at-0.5"] = clean(at["default"])
+    result |= _clean(metrics)
+    if at_half is not None:
+        result["at-0.5"] = _clean(at_half)
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
+
+
+def _eval_arrays(ckpt: Any, data: Path, split: str, *, balanced: bool) -> tuple[Any, Any]:
+    """Return the model-ready images and labels ``medfed evaluate`` scores.
+
+    ``data`` is a site dataset directory (checked against the checkpoint's task) or a
+    MedMNIST ``.npz`` file; ``balanced`` keeps a seeded class-balanced resample.
+    """
+    from common.site_dataset import SiteDataset
+    from common.tasks import get_task
+    from simulation.data.datasets import load_medmnist_split, to_model_images
+
+    if data.is_dir():
+        site = SiteDataset(data)
+        get_task(ckpt.task).check_dataset(
+            site,
+            model=ckpt.model,
+            num_classes=int(ckpt.model_kwargs.get("num_classes", len(site.label_names))),
+        )
+        arrays = site.load(split)
+        images, labels = arrays.images, arrays.labels
+    else:
+        raw_images, labels = load_medmnist_split(data, split)
+        images = to_model_images(raw_images)
+    if balanced:
+        keep = balanced_indices(np.asarray(labels), seed=0)
+        images, labels = images[keep], np.asarray(labels)[keep]
+    return images, labels
+
+
+def _score(
+    ckpt: Any,
+    model: Any,
+    images: Any,
+    labels: Any,
+    *,
+    threshold: float | None,
+    at_default: bool,
+    device: str,
+) -> tuple[dict[str, float], str | None, dict[str, float] | None]:
+    """Return the metrics of ``model``, the threshold's source and the metrics at 0.5.
+
+    A binary classifier is scored at its decision threshold (:func:`_decision_threshold`);
+    the source is None for other models, and the metrics at 0.5 are None unless
+    ``at_default`` is given for a binary classifier.
+    """
+    from common.device import resolve_device
+    from common.evaluation import evaluate_binary_at
+    from common.tasks import evaluate_task
+
+    binary = ckpt.task != "segmentation" and int(ckpt.model_kwargs.get("num_classes", 0)) == 2
+    if not binary:
+        metrics = evaluate_task(ckpt.task, model, images, labels, device=resolve_device(device))
+        return metrics, None, None
+    t, source = _decision_threshold(ckpt, threshold)
+    wanted = {"chosen": t} | ({"default": 0.5} if at_default else {})
+    free, at = evaluate_binary_at(
+        model, images, labels, thresholds=wanted, device=resolve_device(device)
+    )
+    return free | {"threshold": t} | at["chosen"], source, at["default"] if at_default else None
+
+
+def _clean(values: dict[str, float]) -> dict[str, float | None]:
+    """Return ``values`` rounded to 6 decimals, NaN as None (JSON null)."""
+    return {k: (None if v != v else round(v, 6)) for k, v in values.items()}
 
 
 def balanced_indices(labels: np.ndarray, *, seed: int) -> np.ndarray:
@@ -627,15 +912,14 @@ def download(
     data_dir: Annotated[Path, typer.Option(help="Where to store <dataset>/<dataset>.npz.")],
 ) -> None:
     """Download an official MedMNIST v2 file (Zenodo) and verify its MD5 checksum."""
-    from simulation.datasets import download_medmnist
+    from simulation.data.datasets import download_medmnist
 
     try:
         path = download_medmnist(dataset, data_dir)
     except MedfedError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     except OSError as exc:
-        err_console.print(f"[bold red]error:[/] download failed ({exc}); check your internet")
-        raise typer.Exit(code=2) from None
+        raise fail(f"download failed ({exc}); check your internet") from None
     console.print(f"{dataset}: {path} (checksum ok)")
 
 
@@ -644,7 +928,7 @@ def register(app: typer.Typer) -> None:
     app.command()(simulate)
     app.command()(evaluate)
     app.command()(download)
-    from simulation.pooled import pooled_baseline
+    from simulation.research.pooled import pooled_baseline
 
     app.command()(pooled_baseline)
     from simulation.model_cli import register as register_model_commands

@@ -10,33 +10,63 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from common.cli import fail
 from common.config import RunConfig, check_writable_dir
-from common.errors import FederationError, MedfedError
+from common.errors import ExitCode, FederationError, MedfedError
 
 log = logging.getLogger(__name__)
 console = Console()
 err_console = Console(stderr=True)
 
 
+_DeployDirOpt = Annotated[
+    Path | None,
+    typer.Option(help="Scratch folder (default: runs/deploy-local-<time>)."),
+]
+_ImagesPerSiteOpt = Annotated[
+    int, typer.Option(help="Training images per hospital (a subset keeps it quick).")
+]
+_DataDirOpt = Annotated[
+    Path | None,
+    typer.Option(help="Data root (default: $MEDFED_DATA_DIR, then ../shared/data)."),
+]
+_ForceOpt = Annotated[bool, typer.Option("--force", help="Regenerate certificates and keys.")]
+
+
+def _print_run_summary(run_dir: Path, deploy_dir: Path, num_pids: int) -> None:
+    """Print the round summary and where to look next after a local deployment.
+
+    Parameters
+    ----------
+    run_dir : Path
+        Run directory the federated run wrote.
+    deploy_dir : Path
+        Deployment scratch folder.
+    num_pids : int
+        Number of processes that were started (and stopped).
+    """
+    from simulation.research.summary import best_model_line, read_rounds, summary_table
+
+    history = read_rounds(run_dir)
+    console.print(summary_table(history))
+    if line := best_model_line(history):
+        console.print(line)
+    console.print(f"run directory: [bold]{run_dir}[/]; all {num_pids} processes stopped")
+    console.print(
+        "what each hospital's worker was asked, refused and sent: medfed site audit show "
+        f"{deploy_dir / 'volumes' / 'hospital-1-state'} (and -2, -3)"
+    )
+
+
 def deploy_local(
-    deploy_dir: Annotated[
-        Path | None,
-        typer.Option(help="Scratch folder (default: runs/deploy-local-<time>)."),
-    ] = None,
+    deploy_dir: _DeployDirOpt = None,
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
-    images_per_site: Annotated[
-        int, typer.Option(help="Training images per hospital (a subset keeps it quick).")
-    ] = 300,
+    images_per_site: _ImagesPerSiteOpt = 300,
     min_replies: Annotated[int, typer.Option(help="Quorum of replies per round.")] = 2,
     round_timeout: Annotated[float, typer.Option(help="Seconds a round waits for sites.")] = 300.0,
     dataset: Annotated[str, typer.Option(help="Public dataset to federate.")] = "pneumoniamnist",
-    data_dir: Annotated[
-        Path | None,
-        typer.Option(help="Data root (default: $MEDFED_DATA_DIR, then ../shared/data)."),
-    ] = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Regenerate certificates and keys.")
-    ] = False,
+    data_dir: _DataDirOpt = None,
+    force: _ForceOpt = False,
     timeout: Annotated[float, typer.Option(help="Seconds before the run is stopped.")] = 1800.0,
 ) -> None:
     """Run a real federation on this machine, from docker-compose.yml's service definitions.
@@ -47,8 +77,8 @@ def deploy_local(
     and site-id) and the SuperExecs, runs `flwr run . medfed-local`, prints the round
     summary and stops every process it started (also on Ctrl-C or failure).
     """
-    from simulation.datasets import medmnist_path
-    from simulation.deploy import (
+    from simulation.data.datasets import medmnist_path
+    from simulation.launch.deploy import (
         SITE_SOURCE,
         default_run_config,
         dicom_path_available,
@@ -58,8 +88,8 @@ def deploy_local(
         prepare_policies,
         prepare_site_datasets,
     )
-    from simulation.processes import sigterm_as_interrupt
-    from simulation.summary import best_model_line, read_rounds, round_progress, summary_table
+    from simulation.launch.processes import sigterm_as_interrupt
+    from simulation.research.summary import round_progress
 
     root = Path(__file__).resolve().parents[1]
     deploy_dir = (
@@ -110,24 +140,15 @@ def deploy_local(
                 f"in {deploy_dir / 'flwr-home' / 'logs'}"
             )
     except MedfedError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(2) from None
+        raise fail(exc) from None
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted: all processes stopped[/]")
-        raise typer.Exit(130) from None
+        raise typer.Exit(ExitCode.INTERRUPTED) from None
     finally:
         left = [p for p in pids if pid_alive(p)]
         if left:
             err_console.print(f"[red]processes still alive: {left}[/]")
-    history = read_rounds(run_dir)
-    console.print(summary_table(history))
-    if line := best_model_line(history):
-        console.print(line)
-    console.print(f"run directory: [bold]{run_dir}[/]; all {len(pids)} processes stopped")
-    console.print(
-        "what each hospital's worker was asked, refused and sent: medfed site audit show "
-        f"{deploy_dir / 'volumes' / 'hospital-1-state'} (and -2, -3)"
-    )
+    _print_run_summary(run_dir, deploy_dir, len(pids))
 
 
 def register(app: typer.Typer) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import typer
 from rich.console import Console
 
+from common.cli import fail
 from common.errors import MedfedError
 
 console = Console()
@@ -47,8 +48,8 @@ def export_dicom_cmd(
     ] = False,
 ) -> None:
     """Export virtual sites as DICOM (help text: ``_HELP``)."""
-    from simulation.export_dicom import export_sites
-    from simulation.partition import iid_partition
+    from simulation.data.export_dicom import export_sites
+    from simulation.data.partition import iid_partition
 
     try:
         if not data.is_file():
@@ -63,8 +64,7 @@ def export_dicom_cmd(
         parts = iid_partition(labels, sites, seed=seed)
         written = export_sites(images, labels, parts, out, seed=seed, overwrite=force)
     except MedfedError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        raise fail(exc) from None
     for i, site in enumerate(written):
         console.print(f"site_{i}: {site.count} DICOM files, labels in {site.labels_csv.name}")
 

@@ -14,16 +14,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from common.cli import fail
 from common.errors import ConfigError, MedfedError
 
 log = logging.getLogger(__name__)
 console = Console()
 err_console = Console(stderr=True)
-
-
-def _fail(exc: MedfedError) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {exc}")
-    return typer.Exit(code=2)
 
 
 def explain(
@@ -52,7 +48,7 @@ def explain(
     """
     from common.checkpoint import load_checkpoint
     from common.device import resolve_device
-    from simulation.model_tools import explain_checkpoint, load_split
+    from simulation.research.model_tools import explain_checkpoint, load_split
 
     try:
         ckpt = load_checkpoint(checkpoint)
@@ -67,7 +63,7 @@ def explain(
             meta={"checkpoint": str(checkpoint)},
         )
     except MedfedError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     right = int(result.correct.sum())
     how = f"Grad-CAM at {result.target_layer}" if result.target_layer else "occlusion sensitivity"
     console.print(
@@ -118,7 +114,7 @@ def export(
     """
     from common.checkpoint import load_checkpoint
     from common.export import IMAGE_TASKS, export_model
-    from simulation.model_tools import check_batches, load_split, model_card
+    from simulation.research.model_tools import check_batches, load_split, model_card
 
     try:
         if check_images < 1:
@@ -137,7 +133,7 @@ def export(
             tolerance=tolerance,
         )
     except MedfedError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     for name, diff in result.diffs.items():
         shown = "not measured" if diff is None else f"{diff:.3g}"
         console.print(f"max |p_exported - p_pytorch| {name}: {shown} (tolerance {tolerance:g})")

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from common.cli import fail
 from common.errors import MedfedError
 
 console = Console()
@@ -90,8 +91,12 @@ def experiment(
 
     from common.device import resolve_device
     from common.fsutil import discard, set_aside
-    from simulation.experiment import ExperimentConfig, run_experiment, why_not_experiment_dir
-    from simulation.report import write_experiment_report
+    from simulation.research.experiment import (
+        ExperimentConfig,
+        run_experiment,
+        why_not_experiment_dir,
+    )
+    from simulation.research.report import write_experiment_report
 
     torch.set_num_threads(max(1, threads))
     previous: Path | None = None
@@ -114,10 +119,10 @@ def experiment(
         rows = run_experiment(cfg, target, on_progress=console.print, device=resolve_device(device))
         html = write_experiment_report(target)
     except MedfedError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
+        err = fail(exc)
         if previous is not None:
             err_console.print(f"the previous experiment is kept at {previous}")
-        raise typer.Exit(code=2) from None
+        raise err from None
     discard(previous)  # the new experiment is complete: the replaced one goes
     # a log file is not a terminal: do not squeeze the table into 80 columns
     (console if console.is_terminal else Console(width=150)).print(results_table(rows))
@@ -135,7 +140,7 @@ def report(
     round, round time breakdown, the config and the per-site data summary. Experiment:
     the results table and the ratio plot, plus a link per federated run.
     """
-    from simulation.report import write_experiment_report, write_run_report
+    from simulation.research.report import write_experiment_report, write_run_report
 
     try:
         if (run_dir / "results.json").is_file():
@@ -143,8 +148,7 @@ def report(
         else:
             html = write_run_report(run_dir)
     except MedfedError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(code=2) from None
+        raise fail(exc) from None
     console.print(f"report: {html}")
 
 

@@ -138,6 +138,23 @@ class LabelTable:
     fingerprint: str
 
 
+def _key_column(columns: Mapping[str, str], key: str | None) -> str:
+    """Return the canonical key column to use: ``key`` if given, else the preferred one."""
+    if key is not None:
+        key = KEY_COLUMNS.get(_norm(key), key)
+        if key not in columns:
+            raise DataError(
+                f"labels CSV has no {key!r} column; key columns found: {sorted(columns)}"
+            )
+        return key
+    if not columns:
+        raise DataError(
+            "labels CSV needs a key column: SOPInstanceUID, StudyInstanceUID, "
+            "AccessionNumber or path (relative to the DICOM directory)"
+        )
+    return next(k for k in _KEY_PRIORITY if k in columns)
+
+
 def read_labels_csv(
     path: str | os.PathLike[str],
     *,
@@ -181,19 +198,7 @@ def read_labels_csv(
     reader = csv.DictReader(text.splitlines())
     header = reader.fieldnames or []
     columns = {KEY_COLUMNS[_norm(h)]: h for h in header if _norm(h) in KEY_COLUMNS}
-    if key is not None:
-        key = KEY_COLUMNS.get(_norm(key), key)
-        if key not in columns:
-            raise DataError(
-                f"labels CSV has no {key!r} column; key columns found: {sorted(columns)}"
-            )
-    elif not columns:
-        raise DataError(
-            "labels CSV needs a key column: SOPInstanceUID, StudyInstanceUID, "
-            "AccessionNumber or path (relative to the DICOM directory)"
-        )
-    else:
-        key = next(k for k in _KEY_PRIORITY if k in columns)
+    key = _key_column(columns, key)
     label_col = next((h for h in header if _norm(h) == _norm(label_column)), None)
     if label_col is None:
         raise DataError(f"labels CSV has no {label_column!r} column (use --label-column)")
@@ -703,25 +708,16 @@ def ingest(
         return _ingest(root, table, out_dir, opts, salt, cache_dir, progress, t0)
 
 
-def _ingest(
-    root: Path,
-    table: LabelTable,
-    out_dir: str | os.PathLike[str],
+def _process_files(
+    paths: Sequence[Path],
     opts: IngestOptions,
     salt: bytes,
     cache_dir: Path | None,
     progress: Callable[[int, int], None] | None,
-    t0: float,
-) -> IngestReport:
-    paths = discover_files(root)
+) -> list[_FileResult]:
+    """Read, check and preprocess every file (cache hits first, misses in workers)."""
     total = len(paths)
     limit = opts.file_budget
-    log.info(
-        "found %d files; ingesting with %d worker(s), %d MiB per-file budget",
-        total,
-        opts.workers,
-        limit // 1024**2,
-    )
     prep_json = json.dumps(opts.prep.to_manifest(), sort_keys=True)
     found: list[_FileResult | None] = [None] * total
     done = 0
@@ -764,47 +760,70 @@ def _ingest(
                 found[i] = r
                 tick()
     # Every miss was computed above; the fallback only keeps the types honest.
-    results = [
+    return [
         r if r is not None else _FileResult(content_hash="", reason=Reason.UNEXPECTED_ERROR.value)
         for r in found
     ]
 
-    outcomes: list[FileOutcome] = []
-    quarantine: list[dict[str, Any]] = []
+
+def _file_label(
+    r: _FileResult, rel: str, table: LabelTable, salt: bytes, seen: set[str]
+) -> tuple[int | None, str | None, str]:
+    """Return (label, quarantine reason, detail) of one processed file."""
+    if r.reason is not None:
+        return None, r.reason, r.detail
+    if r.pixels is None:
+        return None, Reason.UNEXPECTED_ERROR.value, "no pixels in result"
+    if r.content_hash in seen:
+        return None, Reason.DUPLICATE.value, ""
+    lookup = salted_hash(rel, salt) if table.key == "path" else r.ids.get(table.key)
+    label = table.labels.get(lookup) if lookup else None
+    if label is None:
+        return None, Reason.UNLABELLED.value, f"no {table.key} match"
+    return label, None, r.detail
+
+
+@dataclass
+class _Sorted:
+    """Every file's outcome, the quarantine entries and the images kept."""
+
+    outcomes: list[FileOutcome]
+    quarantine: list[dict[str, Any]]
+    keep: list[tuple[int, np.ndarray, int, str]]  # (file idx, pixels, label, group)
+    deid_report: deid.DeidReport
+
+
+def _sort_files(
+    root: Path,
+    paths: Sequence[Path],
+    results: Sequence[_FileResult],
+    table: LabelTable,
+    salt: bytes,
+) -> _Sorted:
+    """Label or quarantine each file, collect de-identification findings."""
+    done = _Sorted([], [], [], deid.DeidReport(files_seen=len(paths)))
     seen: set[str] = set()
-    keep: list[tuple[int, np.ndarray, int, str]] = []  # (file idx, pixels, label, group)
-    deid_report = deid.DeidReport(files_seen=total)
     for i, (p, r) in enumerate(zip(paths, results, strict=True)):
         rel = p.relative_to(root).as_posix()
-        reason, detail = r.reason, r.detail
         if r.deid:
             f = deid.FileFindings.from_dict(r.deid)
             f.filename = deid.filename_findings(rel, r.id_tokens, salt=salt)
-            deid_report.add(f)
-        label: int | None = None
-        if reason is None and r.pixels is None:
-            reason, detail = Reason.UNEXPECTED_ERROR.value, "no pixels in result"
-        if reason is None:
-            if r.content_hash in seen:
-                reason, detail = Reason.DUPLICATE.value, ""
-            else:
-                lookup = salted_hash(rel, salt) if table.key == "path" else r.ids.get(table.key)
-                label = table.labels.get(lookup) if lookup else None
-                if label is None:
-                    reason, detail = Reason.UNLABELLED.value, f"no {table.key} match"
-        outcome = FileOutcome(
-            number=i + 1,
-            rel_path=rel,
-            reason=reason,
-            detail=detail,
-            modality=r.facts.get("modality", ""),
-            manufacturer=r.facts.get("manufacturer", ""),
-            cached=r.cached,
+            done.deid_report.add(f)
+        label, reason, detail = _file_label(r, rel, table, salt, seen)
+        done.outcomes.append(
+            FileOutcome(
+                number=i + 1,
+                rel_path=rel,
+                reason=reason,
+                detail=detail,
+                modality=r.facts.get("modality", ""),
+                manufacturer=r.facts.get("manufacturer", ""),
+                cached=r.cached,
+            )
         )
-        outcomes.append(outcome)
         if reason is not None:
             log.info("file #%d quarantined: %s", i + 1, reason)
-            quarantine.append(
+            done.quarantine.append(
                 {
                     "file": i + 1,
                     "input": salted_hash(r.content_hash, salt) if r.content_hash else "",
@@ -822,15 +841,16 @@ def _ingest(
             or r.ids.get("sop_instance_uid")
             or salted_hash(r.content_hash, salt)
         )
-        keep.append((i, r.pixels, label, group_key))
+        done.keep.append((i, r.pixels, label, group_key))
+    return done
 
-    if not keep:
-        reasons = Counter(q["reason"] for q in quarantine)
-        raise DataError(
-            f"no usable image among {total} files (quarantined: {dict(reasons)}); "
-            "check the labels CSV key and that the directory holds image DICOM files"
-        )
 
+def _make_splits(
+    keep: Sequence[tuple[int, np.ndarray, int, str]],
+    outcomes: Sequence[FileOutcome],
+    opts: IngestOptions,
+) -> tuple[dict[str, SplitArrays], int]:
+    """Split the kept images by patient; return the splits and the number of patients."""
     split_of = _split_groups([g for *_, g in keep], opts.val_fraction, opts.seed)
     group_ids = {g: n for n, g in enumerate(split_of)}  # first-appearance order
     parts: dict[str, dict[str, list[np.ndarray]]] = {}
@@ -848,14 +868,25 @@ def _ingest(
         )
         for name, d in sorted(parts.items(), key=lambda kv: kv[0] != "train")
     }
+    return splits, len(group_ids)
 
+
+def _summary(
+    outcomes: Sequence[FileOutcome],
+    splits: Mapping[str, SplitArrays],
+    patients: int,
+    table: LabelTable,
+    deid_report: deid.DeidReport,
+) -> dict[str, Any]:
+    """Return the manifest's summary: counts by outcome, modality, split and label."""
+    total = len(outcomes)
     ingested = [o for o in outcomes if o.ingested]
-    summary: dict[str, Any] = {
+    return {
         "files": total,
         "ingested": len(ingested),
         "quarantined": total - len(ingested),
         "samples": int(sum(o.samples for o in ingested)),
-        "patients": len(group_ids),
+        "patients": patients,
         "by_outcome": dict(sorted(Counter(o.reason or "ingested" for o in outcomes).items())),
         "by_modality": _counts(outcomes, "modality"),
         "by_manufacturer": _counts(outcomes, "manufacturer"),
@@ -874,7 +905,11 @@ def _ingest(
         },
         "deid": deid_report.to_dict(),
     }
-    preprocessing = {
+
+
+def _preprocessing(opts: IngestOptions) -> dict[str, Any]:
+    """Return the manifest's preprocessing entry (pixels, patient split, file limits)."""
+    return {
         **opts.prep.to_manifest(),
         "split": {
             "unit": "patient (PatientID, else StudyInstanceUID, else SOPInstanceUID)",
@@ -882,12 +917,16 @@ def _ingest(
             "seed": opts.seed,
         },
         "limits": {
-            "max_file_bytes": limit,
+            "max_file_bytes": opts.file_budget,
             "checked": "file size, gunzipped size, inflated deflate data set, declared "
             "decoded pixel data (before decoding)",
         },
     }
-    provenance = {
+
+
+def _provenance(table: LabelTable, results: Sequence[_FileResult], salt: bytes) -> dict[str, Any]:
+    """Return the manifest's provenance: tool versions and salted fingerprints only."""
+    return {
         "tool": "medfed ingest",
         "pipeline_version": PIPELINE_VERSION,
         "pydicom": pydicom.__version__,
@@ -899,27 +938,57 @@ def _ingest(
         "salt_id": hashlib.sha256(b"medfed-salt-id" + salt).hexdigest()[:16],
         "identifiers": "salted SHA-256 (per-site secret salt); no names, IDs, dates or paths",
     }
+
+
+def _ingest(
+    root: Path,
+    table: LabelTable,
+    out_dir: str | os.PathLike[str],
+    opts: IngestOptions,
+    salt: bytes,
+    cache_dir: Path | None,
+    progress: Callable[[int, int], None] | None,
+    t0: float,
+) -> IngestReport:
+    paths = discover_files(root)
+    total = len(paths)
+    log.info(
+        "found %d files; ingesting with %d worker(s), %d MiB per-file budget",
+        total,
+        opts.workers,
+        opts.file_budget // 1024**2,
+    )
+    results = _process_files(paths, opts, salt, cache_dir, progress)
+    files = _sort_files(root, paths, results, table, salt)
+    if not files.keep:
+        reasons = Counter(q["reason"] for q in files.quarantine)
+        raise DataError(
+            f"no usable image among {total} files (quarantined: {dict(reasons)}); "
+            "check the labels CSV key and that the directory holds image DICOM files"
+        )
+    splits, patients = _make_splits(files.keep, files.outcomes, opts)
+    summary = _summary(files.outcomes, splits, patients, table, files.deid_report)
     manifest = write_site_dataset(
         out_dir,
         task=opts.task,
         label_names=table.label_names,
         splits=splits,
-        preprocessing=preprocessing,
-        provenance=provenance,
-        quarantine=quarantine,
+        preprocessing=_preprocessing(opts),
+        provenance=_provenance(table, results, salt),
+        quarantine=files.quarantine,
         summary=summary,
         overwrite=opts.overwrite,
     )
     seconds = time.perf_counter() - t0
     log.info(
         "ingested %d of %d files (%d samples) in %.1f s; %d quarantined",
-        len(ingested),
+        summary["ingested"],
         total,
         summary["samples"],
         seconds,
-        total - len(ingested),
+        summary["quarantined"],
     )
-    return IngestReport(manifest=manifest, outcomes=outcomes, seconds=seconds)
+    return IngestReport(manifest=manifest, outcomes=files.outcomes, seconds=seconds)
 
 
 def summarise_outcomes(outcomes: Sequence[FileOutcome]) -> Mapping[str, Counter[str]]:

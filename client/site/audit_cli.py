@@ -11,9 +11,10 @@ from rich.console import Console
 from rich.table import Table
 
 from client.site.audit import RESERVED, AuditChainError, AuditError, AuditLog
+from common.cli import fail
+from common.errors import ExitCode
 
 console = Console()
-err = Console(stderr=True)
 
 audit_app = typer.Typer(
     help="The site's audit log: verify its hash chain, or show its entries.",
@@ -22,15 +23,10 @@ audit_app = typer.Typer(
 
 StateDir = Annotated[Path, typer.Argument(help="The site's state dir (holds audit.jsonl).")]
 
-#: Exit code of a log (or ledger) that fails verification; 2 is a usage error.
-EXIT_BROKEN = 1
-EXIT_USAGE = 2
-
 
 def _existing(state_dir: Path) -> Path:
     if not state_dir.is_dir():
-        err.print(f"[bold red]error:[/] no state dir at {state_dir}")
-        raise typer.Exit(code=EXIT_USAGE)
+        raise fail(f"no state dir at {state_dir}")
     return state_dir
 
 
@@ -68,15 +64,15 @@ def verify(state_dir: StateDir) -> None:
     try:
         count = log_.verify()
     except AuditChainError as exc:
-        err.print(f"[bold red]audit log broken:[/] {exc}")
-        raise typer.Exit(code=EXIT_BROKEN) from None
+        raise fail(exc, heading="audit log broken") from None
     from client.privacy import PrivacyError, PrivacyLedger  # torch: only when needed
 
     try:
         PrivacyLedger(state_dir).read()
     except PrivacyError as exc:
-        err.print(f"[bold red]privacy ledger does not match the audit log:[/] {exc}")
-        raise typer.Exit(code=EXIT_BROKEN) from None
+        raise fail(
+            exc, code=ExitCode.FINDINGS, heading="privacy ledger does not match the audit log"
+        ) from None
     console.print(f"audit log intact: {count} entries; the privacy ledger matches its anchor")
 
 
@@ -92,13 +88,11 @@ def show(
     """
     log_ = AuditLog(_existing(state_dir))
     if last < 0:
-        err.print("[bold red]error:[/] --last must be >= 0")
-        raise typer.Exit(code=EXIT_USAGE)
+        raise fail("--last must be >= 0")
     try:
         entries = log_.entries(verify=False)
     except AuditError as exc:
-        err.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(code=EXIT_USAGE) from None
+        raise fail(exc) from None
     table = Table(title=f"audit log: {state_dir}")
     for col, justify in (("seq", "right"), ("time", "left"), ("event", "left"), ("fields", "left")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
@@ -108,8 +102,7 @@ def show(
     try:
         count = log_.verify()
     except AuditChainError as exc:
-        err.print(f"[bold red]audit log broken:[/] {exc}")
-        raise typer.Exit(code=EXIT_BROKEN) from None
+        raise fail(exc, heading="audit log broken") from None
     console.print(f"chain intact: {count} entries")
 
 

@@ -15,7 +15,8 @@ import logging
 import math
 import secrets
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,12 +37,10 @@ from torch.utils.data import DataLoader
 from client.augment import make_augmentation
 from client.privacy import (
     DPRandomness,
-    PrivacyBudgetError,
     PrivacyError,
     PrivacyLedger,
     PrivateTraining,
     default_delta,
-    ledger_key,
     plan_round,
     private_training,
 )
@@ -49,20 +48,20 @@ from client.proximal import ProximalLoss
 from client.scaffold import DELTA_RECORD as SCAFFOLD_DELTA_RECORD
 from client.scaffold import SERVER_RECORD as SCAFFOLD_SERVER_RECORD
 from client.scaffold import ScaffoldRound, variate_path
+from client.site.job import MessageJob, job_of
 from client.site.policy import PolicyRefusal, SitePolicy
 from client.train import make_optimizer, make_train_loader, train_epochs
 from common import secure_sum
 from common.config import NodeConfig, RunConfig
 from common.device import resolve_device
-from common.errors import ConfigError, DataError, ModelError
-from common.evaluation import evaluate_task, metrics_from_proba, predict_proba
+from common.errors import ConfigError, DataError, reply_code
+from common.evaluation import metrics_from_proba, predict_proba
 from common.imbalance import balanced_class_weights, class_counts
-from common.models import get_model
 from common.operating_point import POSITIVE, score_histogram
 from common.records import load_record, record_to_state_dict, state_to_record
 from common.replies import ReplyCode, fixed_reason
 from common.site_dataset import SiteDataset
-from common.tasks import get_task
+from common.tasks import evaluate_task, get_task
 from common.wire import VAL_COUNT
 
 log = logging.getLogger(__name__)
@@ -70,7 +69,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Job:
-    """Everything a handler needs, built once per message by :func:`prepare`."""
+    """Everything a handler needs, built once per message by :func:`prepare`.
+
+    ``run``, ``node``, ``data`` and ``model`` are the message's :class:`MessageJob`'s
+    (client/site/job.py), which also resolves :attr:`state_dir` and :attr:`ledger_key`
+    once for every reader of this message.
+    """
 
     run: RunConfig
     node: NodeConfig
@@ -92,6 +96,25 @@ class Job:
     #: The message asks only for validation of the received model (the final model's
     #: validation under SecAgg+, :mod:`common.secure_sum`): no training.
     validate_only: bool = False
+    #: The message's job: the one place its config, model, state dir and ledger key are
+    #: resolved (client/site/job.py).
+    message: MessageJob = field(kw_only=True, repr=False, compare=False)
+
+    @property
+    def state_dir(self) -> Path:
+        """The site's state dir (privacy ledger, SCAFFOLD variate, audit log).
+
+        Raises
+        ------
+        ConfigError
+            If this node has none.
+        """
+        return self.message.state_dir
+
+    @property
+    def ledger_key(self) -> str:
+        """The privacy ledger's (and SCAFFOLD's) key for this site dataset."""
+        return self.message.ledger_key
 
 
 def _check_dataset(run: RunConfig, data: SiteDataset) -> None:
@@ -102,7 +125,9 @@ def _check_dataset(run: RunConfig, data: SiteDataset) -> None:
 def prepare(content: RecordDict, context: Context, *, policy: SitePolicy) -> Job:
     """Parse config, open the site dataset, build the model and load the global weights.
 
-    Shared by the train and evaluate handlers (DESIGN section 9, rule 9).
+    Shared by the train and evaluate handlers (DESIGN section 9, rule 9). Config, dataset
+    and model come from the message's job (:func:`client.site.job.job_of`): resolved
+    once per message, however many mods read them too.
 
     Parameters
     ----------
@@ -120,12 +145,10 @@ def prepare(content: RecordDict, context: Context, *, policy: SitePolicy) -> Job
         the model; :func:`make_handler` turns each into a fixed-reason error reply.
 
     """
-    run = RunConfig.from_run_config(context.run_config)
-    node = NodeConfig.from_node_config(context.node_config)
-    data = SiteDataset(node.resolve_dataset_dir(run))
+    message = job_of(context)
+    run, node, data = message.run, message.node, message.dataset
     _check_dataset(run, data)
-    torch.manual_seed(run.seed)
-    model = get_model(run.model, **run.model_kwargs())
+    model = message.model  # built here, after seeding torch from run config's seed
     if "arrays" not in content.array_records or "config" not in content.config_records:
         raise DataError("a train or evaluate message needs records 'arrays' and 'config'")
     load_record(model, content.array_records["arrays"])
@@ -161,6 +184,7 @@ def prepare(content: RecordDict, context: Context, *, policy: SitePolicy) -> Job
         federation_counts=_federation_counts(config.get(secure_sum.FEDERATION_COUNTS_KEY), run),
         census=bool(census),
         validate_only=bool(validate_only),
+        message=message,
     )
 
 
@@ -203,7 +227,7 @@ def dp_randomness(job: Job) -> DPRandomness:
         virtual site of a simulation (node config without ``partition-id``): the site
         refuses to train rather than draw noise the coordinator can predict.
     """
-    if not job.run.dp_reproducible_noise:
+    if not job.run.dp.reproducible_noise:
         return DPRandomness.secret(job.device)
     if job.node.partition_id is None:
         raise PrivacyError(
@@ -269,7 +293,7 @@ def site_class_weights(job: Job, labels: np.ndarray) -> torch.Tensor | None:
             log.warning("no federation class counts in the train message: using this site's")
         counts = class_counts(labels, num_classes=job.run.num_classes)
         source = "this site's"
-    weights = balanced_class_weights(counts, max_weight=job.run.class_weight_max)
+    weights = balanced_class_weights(counts, max_weight=job.run.train.class_weight_max)
     log.info("class weights %s from %s training label counts", weights.round(4), source)
     return torch.as_tensor(weights, dtype=torch.float32, device=job.device)
 
@@ -304,14 +328,21 @@ def local_validation(job: Job) -> Validation:
     split = job.data.load("val")
     wanted = secure_sum.spec(job.run)
     if secure_sum.SCORE_HISTOGRAM in wanted:
-        probs = predict_proba(job.model, split.images, batch_size=64, device=job.device)
+        probs = predict_proba(
+            job.model, split.images, batch_size=job.run.evaluation.batch_size, device=job.device
+        )
         labels = np.asarray(split.labels)
         metrics = metrics_from_proba(labels, probs)
-        hist = score_histogram(probs[:, POSITIVE], labels, bins=job.run.operating_point_bins)
+        hist = score_histogram(probs[:, POSITIVE], labels, bins=job.run.operating_point.bins)
         sums: dict[str, np.ndarray] | None = {secure_sum.SCORE_HISTOGRAM: hist}
     else:
         metrics = evaluate_task(
-            job.run.task, job.model, split.images, split.labels, batch_size=64, device=job.device
+            job.run.task,
+            job.model,
+            split.images,
+            split.labels,
+            batch_size=job.run.evaluation.batch_size,
+            device=job.device,
         )
         sums = None
     values = {f"val-{k}": float(v) for k, v in metrics.items() if k != "num-examples"}
@@ -394,6 +425,19 @@ def folded_validation(job: Job) -> tuple[dict[str, int | float], dict[str, np.nd
     return {VAL_COUNT: job.data.count("val"), **validation.metrics}, validation.secure_sum
 
 
+def training_criterion(job: Job, labels: np.ndarray) -> nn.Module:
+    """Return the round's loss: the task's (class-weighted) loss, plus FedProx's term.
+
+    The class weights enter the per-sample loss before DP-SGD clips each sample's
+    gradient (:func:`site_class_weights`); FedProx anchors its proximal term at the global
+    weights just loaded into ``job.model`` (Li et al., MLSys 2020).
+    """
+    task_loss = get_task(job.run.task).make_loss(class_weights=site_class_weights(job, labels))
+    if job.proximal_mu > 0:
+        return ProximalLoss(task_loss, model=job.model, mu=job.proximal_mu)
+    return task_loss
+
+
 def train_content(job: Job, *, evaluate_first: bool = False) -> RecordDict:
     """Train the global model on the site's ``train`` split; return the reply content.
 
@@ -412,23 +456,17 @@ def train_content(job: Job, *, evaluate_first: bool = False) -> RecordDict:
     # Non-DP shuffling only: under DP, private_training replaces this generator with the
     # round's secrets-seeded one (DPRandomness).
     generator = torch.Generator().manual_seed(_round_seed(job))  # DP: secrets-seeded instead
-    loader = make_train_loader(split, batch_size=job.run.batch_size, generator=generator)
+    loader = make_train_loader(split, batch_size=job.run.train.batch_size, generator=generator)
     optimizer = make_optimizer(
         job.model,
-        learning_rate=job.run.learning_rate,
-        momentum=job.run.momentum,
-        weight_decay=job.run.weight_decay,
+        learning_rate=job.run.train.learning_rate,
+        momentum=job.run.train.momentum,
+        weight_decay=job.run.train.weight_decay,
     )
-    task_loss = get_task(job.run.task).make_loss(
-        class_weights=site_class_weights(job, split.labels)
-    )
-    randomness = dp_randomness(job) if job.run.dp_enabled else None
-    augment = make_augmentation(job.run.augment, generator=augmentation_generator(job, randomness))
-    # FedProx: anchor the proximal term at the global weights just loaded.
-    criterion = (
-        ProximalLoss(task_loss, model=job.model, mu=job.proximal_mu)
-        if job.proximal_mu > 0
-        else task_loss
+    criterion = training_criterion(job, split.labels)
+    randomness = dp_randomness(job) if job.run.dp.enabled else None
+    augment = make_augmentation(
+        job.run.train.augment, generator=augmentation_generator(job, randomness)
     )
     scaffold = (
         None
@@ -436,10 +474,7 @@ def train_content(job: Job, *, evaluate_first: bool = False) -> RecordDict:
         else ScaffoldRound(
             job.model,
             c=job.scaffold_c,
-            path=variate_path(
-                job.node.resolve_state_dir(job.run),
-                ledger_key(job.data.fingerprint),
-            ),
+            path=variate_path(job.state_dir, job.ledger_key),
         )
     )
     with (
@@ -450,10 +485,10 @@ def train_content(job: Job, *, evaluate_first: bool = False) -> RecordDict:
             priv.model,
             priv.loader,
             optimizer=priv.optimizer,
-            epochs=job.run.local_epochs,
+            epochs=job.run.train.local_epochs,
             device=job.device,
             criterion=criterion,
-            amp=job.run.amp,
+            amp=job.run.train.amp,
             augment=augment,
         )
     log.info(
@@ -472,11 +507,6 @@ def train_content(job: Job, *, evaluate_first: bool = False) -> RecordDict:
         **validation,
     }
     if priv.plan is not None:
-        values |= {
-            "epsilon": priv.epsilon,
-            "delta": priv.plan.delta,
-            "dp-noise-multiplier": priv.plan.noise_multiplier,
-        }
         log.info(
             "round %d: cumulative epsilon %.3f (delta %.2e) for project %r",
             job.server_round,
@@ -484,6 +514,11 @@ def train_content(job: Job, *, evaluate_first: bool = False) -> RecordDict:
             priv.plan.delta,
             job.run.project,
         )
+        values |= {
+            "epsilon": priv.epsilon,
+            "delta": priv.plan.delta,
+            "dp-noise-multiplier": priv.plan.noise_multiplier,
+        }
     metrics = MetricRecord(outgoing_metrics(values, job.policy))
     reply = RecordDict({"arrays": state_to_record(job.model), "metrics": metrics})
     sums = site_secure_sums(job, sums, split.labels)
@@ -493,7 +528,7 @@ def train_content(job: Job, *, evaluate_first: bool = False) -> RecordDict:
         reply[secure_sum.RECORD] = secure_sum_record(sums)
     if scaffold is not None:
         reply[SCAFFOLD_DELTA_RECORD] = scaffold.finish(
-            job.model, steps=stats.steps, learning_rate=job.run.learning_rate
+            job.model, steps=stats.steps, learning_rate=job.run.train.learning_rate
         )
     return reply
 
@@ -533,7 +568,7 @@ def evaluate_content(job: Job) -> RecordDict:
     values |= validation.metrics
     record = MetricRecord(outgoing_metrics(values, job.policy))
     content = RecordDict({"metrics": record})
-    if validation.secure_sum is not None and not job.run.secagg_enabled:
+    if validation.secure_sum is not None and not job.run.secagg.enabled:
         # Plain evaluate replies are not securely summed: under SecAgg+ the histogram
         # travels only inside train replies' masked vectors.
         content[secure_sum.RECORD] = secure_sum_record(validation.secure_sum)
@@ -558,8 +593,8 @@ def site_privacy(
     ``randomness`` is the round's :func:`dp_randomness` if the caller already drew it
     (its augmentation generator is used too); otherwise it is drawn here.
     """
-    run, node = job.run, job.node
-    if not run.dp_enabled:
+    run = job.run
+    if not run.dp.enabled:
         yield NonPrivateTraining(model, optimizer, loader)
         return
     randomness = randomness if randomness is not None else dp_randomness(job)
@@ -567,20 +602,20 @@ def site_privacy(
         # prepare() seeded torch's global generator from run config for model init;
         # anything else drawn during a DP round must not be predictable either.
         torch.manual_seed(secrets.randbits(63))
-    ledger = PrivacyLedger(node.resolve_state_dir(run))
-    key = ledger_key(job.data.fingerprint)
+    ledger = PrivacyLedger(job.state_dir)
+    key = job.ledger_key
     stored = ledger.entry(key).get("plans", {}).get(str(job.run_id))
     plan = plan_round(
         num_examples=num_examples,
-        batch_size=run.batch_size,
-        local_epochs=run.local_epochs,
+        batch_size=run.train.batch_size,
+        local_epochs=run.train.local_epochs,
         num_rounds=run.num_server_rounds,
-        max_grad_norm=run.dp_max_grad_norm,
+        max_grad_norm=run.dp.max_grad_norm,
         # delta below 1/N with N counted in patients (groups), not images
         delta=job.policy.delta or default_delta(job.data.group_count("train")),
-        accountant=run.dp_accountant,
-        noise_multiplier=run.dp_noise_multiplier or stored,
-        target_epsilon=run.dp_target_epsilon,
+        accountant=run.dp.accountant,
+        noise_multiplier=run.dp.noise_multiplier or stored,
+        target_epsilon=run.dp.target_epsilon,
     )
     job.policy.check_noise_multiplier(plan.noise_multiplier)
     with private_training(
@@ -592,7 +627,7 @@ def site_privacy(
         key=key,
         run_id=job.run_id,
         max_epsilon=job.policy.max_epsilon,
-        max_physical_batch_size=run.dp_max_physical_batch_size,
+        max_physical_batch_size=run.dp.max_physical_batch_size,
         randomness=randomness,
     ) as session:
         yield session
@@ -616,17 +651,8 @@ def error_reply(msg: Message, exc: BaseException) -> Message:
     policy rule's name): never the exception text, which may hold a path or a value and
     goes to the site's own log instead.
     """
-    code, detail = ReplyCode.INTERNAL, ""
-    if isinstance(exc, PrivacyBudgetError):
-        code = ReplyCode.PRIVACY_BUDGET
-    elif isinstance(exc, PrivacyError):
-        code = ReplyCode.PRIVACY_LEDGER
-    elif isinstance(exc, PolicyRefusal):
-        code, detail = ReplyCode.POLICY, exc.rule
-    elif isinstance(exc, DataError | ModelError):
-        code = ReplyCode.DATA
-    elif isinstance(exc, ConfigError):
-        code = ReplyCode.BAD_REQUEST
+    code = reply_code(exc)  # the one table: common.errors.CODES
+    detail = exc.rule if isinstance(exc, PolicyRefusal) else ""
     if code == ReplyCode.INTERNAL:
         log.error("%s message failed", msg.metadata.message_type, exc_info=exc)
     else:
@@ -662,7 +688,7 @@ def make_handler(
                 return Message(content=untrained_content(job), reply_to=msg)
             if msg.metadata.message_type == MessageType.TRAIN:
                 validate = (
-                    (job.run.evaluate_in_train or job.validate_only)
+                    (job.run.evaluation.in_train or job.validate_only)
                     and "val" in job.data.splits
                     and (may_evaluate is None or may_evaluate(job))
                 )

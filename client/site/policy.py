@@ -121,7 +121,7 @@ STANDARD_METRICS: tuple[str, ...] = (
     "val-sensitivity",
     "val-specificity",
     "val-f1",
-    # segmentation (common.tasks.segmentation_metrics; per-class val-dice-<c> only with
+    # segmentation (common.metrics.segmentation_metrics; per-class val-dice-<c> only with
     # more than one foreground class: add those names to allow them)
     "val-dice",
     "val-pixel-accuracy",
@@ -253,6 +253,28 @@ class PolicyRefusal(MedfedError, PermissionError):  # noqa: N818 (a refusal, not
 
 def _rebuild_refusal(message: str, rule: str) -> PolicyRefusal:
     return PolicyRefusal(message, rule=rule)
+
+
+def _bound(key: str, value: float, rule: str, limit: float) -> None:
+    """Refuse run-config ``key``'s ``value`` beyond the site's ``rule`` (``-min`` or ``max-``)."""
+    below = rule.endswith("-min")
+    if value < limit if below else value > limit:
+        side = "below" if below else "above"
+        raise PolicyRefusal(
+            f"{key}={_num(value)} is {side} this site's {rule}={_num(limit)}", rule=rule
+        )
+
+
+def _num(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _member(what: str, value: str, rule: str, allowed: tuple[str, ...]) -> None:
+    """Refuse a ``value`` that is not in the site's ``rule`` list (e.g. ``allowed-models``)."""
+    if value not in allowed:
+        raise PolicyRefusal(
+            f"{what} {value!r} is not in this site's {rule} {list(allowed)}", rule=rule
+        )
 
 
 class PolicyFileExistsError(MedfedError, FileExistsError):
@@ -722,7 +744,7 @@ class SitePolicy:
                 f"(answers {list(MESSAGE_TYPES)})",
                 rule=RULE_MESSAGE_TYPE,
             )
-        if run.dp_reproducible_noise:
+        if run.dp.reproducible_noise:
             if not simulated:
                 raise PolicyRefusal(
                     "dp.reproducible-noise=true seeds DP noise and sampling from the run "
@@ -733,62 +755,30 @@ class SitePolicy:
             log.warning(
                 "simulated site accepts dp.reproducible-noise: DP noise is NOT PRIVATE in this run"
             )
-        if self.require_dp and not run.dp_enabled:
+        if self.require_dp and not run.dp.enabled:
             raise PolicyRefusal(
                 "the run has dp.enabled=false and this site's policy requires DP-SGD "
                 "(require-dp=true)",
                 rule="require-dp",
             )
-        if run.dp_enabled:
-            if run.dp_noise_multiplier > 0:
-                self.check_noise_multiplier(run.dp_noise_multiplier)
-            if run.dp_max_grad_norm < self.max_grad_norm_min:
-                raise PolicyRefusal(
-                    f"dp.max-grad-norm={run.dp_max_grad_norm:g} is below this site's "
-                    f"max-grad-norm-min={self.max_grad_norm_min:g}",
-                    rule="max-grad-norm-min",
-                )
-            if run.dp_max_grad_norm > self.max_grad_norm_max:
-                raise PolicyRefusal(
-                    f"dp.max-grad-norm={run.dp_max_grad_norm:g} is above this site's "
-                    f"max-grad-norm-max={self.max_grad_norm_max:g}",
-                    rule="max-grad-norm-max",
-                )
-        if self.require_secagg and not run.secagg_enabled:
+        if run.dp.enabled:
+            if run.dp.noise_multiplier > 0:
+                self.check_noise_multiplier(run.dp.noise_multiplier)
+            clip = run.dp.max_grad_norm
+            _bound("dp.max-grad-norm", clip, "max-grad-norm-min", self.max_grad_norm_min)
+            _bound("dp.max-grad-norm", clip, "max-grad-norm-max", self.max_grad_norm_max)
+        if self.require_secagg and not run.secagg.enabled:
             raise PolicyRefusal(
                 "the run has secagg.enabled=false and this site's policy requires secure "
                 "aggregation (require-secagg=true)",
                 rule="require-secagg",
             )
-        if run.model not in self.allowed_models:
-            raise PolicyRefusal(
-                f"model {run.model!r} is not in this site's allowed-models "
-                f"{list(self.allowed_models)}",
-                rule="allowed-models",
-            )
-        if run.task not in self.allowed_tasks:
-            raise PolicyRefusal(
-                f"task {run.task!r} is not in this site's allowed-tasks {list(self.allowed_tasks)}",
-                rule="allowed-tasks",
-            )
-        if "*" not in self.allowed_projects and run.project not in self.allowed_projects:
-            raise PolicyRefusal(
-                f"project {run.project!r} is not in this site's allowed-projects "
-                f"{list(self.allowed_projects)}",
-                rule="allowed-projects",
-            )
-        if run.num_server_rounds > self.max_rounds:
-            raise PolicyRefusal(
-                f"num-server-rounds={run.num_server_rounds} is above this site's "
-                f"max-rounds={self.max_rounds}",
-                rule="max-rounds",
-            )
-        if run.local_epochs > self.max_local_epochs:
-            raise PolicyRefusal(
-                f"local-epochs={run.local_epochs} is above this site's "
-                f"max-local-epochs={self.max_local_epochs}",
-                rule="max-local-epochs",
-            )
+        _member("model", run.model, "allowed-models", self.allowed_models)
+        _member("task", run.task, "allowed-tasks", self.allowed_tasks)
+        if "*" not in self.allowed_projects:
+            _member("project", run.project, "allowed-projects", self.allowed_projects)
+        _bound("num-server-rounds", run.num_server_rounds, "max-rounds", self.max_rounds)
+        _bound("local-epochs", run.train.local_epochs, "max-local-epochs", self.max_local_epochs)
 
     def check_noise_multiplier(self, sigma: float) -> None:
         """Refuse a DP-SGD noise multiplier below the floor.

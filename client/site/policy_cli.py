@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from client.site.policy import SECTIONS, SitePolicy, write_default_policy
+from common.cli import fail
 from common.errors import MedfedError
 
 policy_app = typer.Typer(
@@ -37,22 +38,11 @@ def _out() -> Console:
     return Console()
 
 
-def _err() -> Console:
-    return Console(stderr=True)
-
-
 def _load_or_exit(path: Path) -> SitePolicy:
     try:
         return SitePolicy.load(path)
     except MedfedError as exc:
-        _error(exc)
-
-
-def _error(exc: MedfedError) -> NoReturn:
-    err = _err()
-    err.print("[bold red]error:[/] ", end="")
-    err.print(str(exc), markup=False, highlight=False)
-    raise typer.Exit(code=2)
+        raise fail(exc) from None
 
 
 @policy_app.command("init")
@@ -68,7 +58,7 @@ def init(path: PathArg) -> None:
     try:
         written = write_default_policy(path)
     except MedfedError as exc:
-        _error(exc)
+        raise fail(exc) from None
     out = _out()
     out.print(f"wrote the default site policy to {written}", markup=False, highlight=False)
     out.print(f"digest: {SitePolicy.default().digest()}", highlight=False)

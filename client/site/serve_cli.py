@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from common.cli import fail
 from common.errors import MedfedError
 
 console = Console(stderr=True)
@@ -92,8 +93,7 @@ def serve(
         worker = SiteWorker(config, SitePolicy.load(policy))
         serve_forever(worker)
     except MedfedError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        raise fail(exc) from None
 
 
 def register_serve(site_app: typer.Typer) -> None:

@@ -14,12 +14,19 @@ message, in this order:
    in a secure aggregate. A request outside it is refused before any work, with an
    error reply naming the rule.
 3. **Work.** SecAgg+ (client/secagg_mod.py) around the train/evaluate handlers
-   (client/site/handlers.py); fault injection only for virtual sites of a simulation.
+   (client/site/handlers.py). The site worker mounts nothing else; only the simulation
+   mounts more mods (its fault injection, client/site/simulated.py) via
+   :class:`SiteMods`.
 4. **Egress.** The reply is checked against the exact schema of its message type and
    stage (client/egress.py) and the policy's allowed metrics; error replies carry only a
    :class:`~common.replies.ReplyCode` and its fixed reason.
 5. **Audit.** The request, the decision, the epsilon spent and the bytes and keys that
    left are appended to the site's hash-chained audit log (client/site/audit.py).
+
+Each message is resolved once (client/site/job.py): the run config parsed, the model
+built, the state dir and ledger key found, by whichever step needs them first; every
+later step, mods and handlers included, reads the same :class:`MessageJob` from the
+:class:`JobContext` the service passes down.
 
 Nothing in this module trusts the run config: it is the coordinator's.
 """
@@ -45,13 +52,12 @@ from flwr.app import (
 from flwr.common.constant import ErrorCode
 
 from client.egress import EgressRefused, check_reply
-from client.faults import InjectedFault, fault_injection, stage_fault_injection
 from client.secagg_mod import ERROR_CODE as SECAGG_ERROR_CODE
 from client.secagg_mod import secagg_mod
 from client.site.audit import AuditLog
 from client.site.handlers import Job, error_reply, make_handler
+from client.site.job import JobContext, MessageJob
 from client.site.policy import PolicyRefusal, SitePolicy
-from common.config import NodeConfig, RunConfig
 from common.errors import ConfigError, MedfedError
 from common.replies import ReplyCode, fixed_reason, is_site_refusal, parse_reason
 from common.secagg.errors import SecAggError
@@ -76,6 +82,43 @@ REQUEST_RECORDS: dict[str, type] = {
 MESSAGE_TYPES = (MessageType.TRAIN, MessageType.EVALUATE)
 
 Handler = Callable[[Message, Context], Message]
+#: A Flower client mod: ``(msg, context, call_next) -> reply`` (flwr/clientapp/typing.py).
+Mod = Callable[[Message, Context, Handler], Message]
+
+
+@dataclass(frozen=True)
+class SiteMods:
+    """Mods a caller mounts in the site service's chain besides SecAgg+.
+
+    Only a simulation mounts any (its fault injection, client/site/simulated.py); the
+    site worker (``medfed site serve``) mounts none, and :class:`SiteService` refuses
+    mods for a site that is not simulated.
+
+    Attributes
+    ----------
+    outer : tuple of Mod
+        Outside the SecAgg+ mod, outermost first: they see every SecAgg+ stage.
+    inner : tuple of Mod
+        Inside the SecAgg+ mod, outermost first, around the train/evaluate handler.
+    crashes : tuple of exception types
+        What these mods raise on purpose to fail like a crashed site:
+        :meth:`SiteService.handle` audits it (``injected-crash``) and lets it out, so
+        Flower sees the ClientApp fail. Any other exception becomes an error reply.
+    """
+
+    outer: tuple[Mod, ...] = ()
+    inner: tuple[Mod, ...] = ()
+    crashes: tuple[type[Exception], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.outer or self.inner or self.crashes)
+
+
+def _mounted(mod: Mod, call_next: Handler) -> Handler:
+    def call(msg: Message, context: Context) -> Message:
+        return mod(msg, context, call_next)
+
+    return call
 
 
 class RequestRefusedError(MedfedError, PermissionError):
@@ -147,9 +190,17 @@ class SiteService:
     policy : SitePolicy
         The hospital's policy; every request is checked against it before any work.
     simulated : bool
-        True only for a virtual site of a simulation (in-process): enables the
-        simulation's fault injection and ``dp.reproducible-noise``. A worker started by
-        ``medfed site serve`` is never simulated.
+        True only for a virtual site of a simulation (in-process): allows
+        ``dp.reproducible-noise`` and ``mods``. A worker started by ``medfed site
+        serve`` is never simulated.
+    mods : SiteMods
+        Simulation only: further mods around SecAgg+ and the handlers (the fault
+        injection of client/site/simulated.py); none by default.
+
+    Raises
+    ------
+    ValueError
+        If ``mods`` are given for a site that is not simulated.
 
     Notes
     -----
@@ -159,28 +210,19 @@ class SiteService:
     audit log live in the site's state dir.
     """
 
-    def __init__(self, *, policy: SitePolicy, simulated: bool) -> None:
+    def __init__(self, *, policy: SitePolicy, simulated: bool, mods: SiteMods = SiteMods()) -> None:
+        if mods and not simulated:
+            raise ValueError(
+                "SiteService(mods=...) is for virtual sites of a simulation only: a site "
+                "worker runs SecAgg+ and the handlers and nothing else (pass simulated=True)"
+            )
         self.policy = policy
         self.simulated = simulated
-        inner: Handler = make_handler(policy, may_evaluate=self._may_evaluate_in_train)
-        if simulated:
-            handler = inner
-
-            def inner(msg: Message, context: Context) -> Message:
-                return fault_injection(msg, context, handler)
-
-        work = inner
-
-        def chain(msg: Message, context: Context) -> Message:
-            return secagg_mod(msg, context, work)
-
-        if simulated:  # faults.drop-site: stops answering at a SecAgg+ stage
-            secure = chain
-
-            def chain(msg: Message, context: Context) -> Message:
-                return stage_fault_injection(msg, context, secure)
-
-        self._chain: Handler = chain
+        self._crashes = mods.crashes
+        chain: Handler = make_handler(policy, may_evaluate=self._may_evaluate_in_train)
+        for mod in (*mods.outer, secagg_mod, *mods.inner)[::-1]:
+            chain = _mounted(mod, chain)
+        self._chain = chain
 
     def describe(self) -> dict[str, Any]:
         """Return what the site tells a relay about itself: API version and policy digest."""
@@ -206,17 +248,18 @@ class SiteService:
 
         Raises
         ------
-        InjectedFault
-            Simulation only: the injected crash of ``faults.crash-site`` (Flower must see
-            the ClientApp fail).
+        Exception
+            Simulation only: one of the mounted mods' ``crashes`` (the injected crash of
+            ``faults.crash-site``; Flower must see the ClientApp fail).
         """
-        audit = self._audit(context)
+        job = MessageJob.of(context)  # this message's config, model, state dir: once
+        audit = self._audit(job)
         fields = _request_fields(msg, context)
         if audit is not None:
             audit.append("request", **fields)
         try:
-            outcome = self._handle(msg, context, audit)
-        except InjectedFault:
+            outcome = self._handle(msg, JobContext(context, job), audit)
+        except self._crashes:
             if audit is not None:
                 audit.append("refusal", **_run_fields(fields), code="injected-crash", detail="")
             raise
@@ -232,7 +275,7 @@ class SiteService:
                 )
         return outcome.reply
 
-    def _audit(self, context: Context) -> AuditLog | None:
+    def _audit(self, job: MessageJob) -> AuditLog | None:
         """Return the site's audit log (its state dir), or None if the state dir is unknown.
 
         A site's own ``state-dir`` (node config) is used without parsing the
@@ -240,24 +283,24 @@ class SiteService:
         :meth:`_handle`) is still audited; only a virtual site needs the run config.
         """
         try:
-            node = NodeConfig.from_node_config(context.node_config)
+            node = job.node
             if node.state_dir is not None:
                 return AuditLog(node.state_dir)
-            run = RunConfig.from_run_config(context.run_config)
-            state_dir = node.resolve_state_dir(run)
+            state_dir = job.state_dir
         except ConfigError:
             return None
         return AuditLog(state_dir)
 
-    def _handle(self, msg: Message, context: Context, audit: AuditLog | None) -> _Outcome:
+    def _handle(self, msg: Message, context: JobContext, audit: AuditLog | None) -> _Outcome:
+        job = context.job
         try:
             stage = check_request(msg)
-            run = RunConfig.from_run_config(context.run_config)
+            run = job.run
             self.policy.check_run(
                 run, message_type=msg.metadata.message_type, simulated=self.simulated
             )
             if msg.metadata.message_type == MessageType.EVALUATE:
-                self._check_evaluation(msg, context, run, audit)
+                self._check_evaluation(job, audit, context.run_id)
             if stage == SHARE_KEYS:
                 request = ShareKeysRequest.parse(msg.content.config_records[SECAGG_RECORD])
                 self.policy.check_secagg_sites(len(request.nodes))
@@ -273,30 +316,28 @@ class SiteService:
         except ConfigError as exc:
             log.warning("refusing a message with a bad run config: %s", exc)
             return self._refuse(msg, ReplyCode.BAD_REQUEST, "run-config")
+        # The egress schema follows the request's secagg record as the coordinator sent
+        # it: a copy taken before any mod or handler could change the message.
+        as_sent = _config_snapshot(msg.content)
         try:
             reply = self._chain(msg, context)
-        except InjectedFault:
+        except self._crashes:
             raise
         except Exception as exc:  # the reply never carries exception text
             reply = error_reply(msg, exc)
-        return self._egress(msg, reply, context, stage)
+        return self._egress(msg, reply, job, stage, request=as_sent)
 
-    def _check_evaluation(
-        self, msg: Message, context: Context, run: RunConfig, audit: AuditLog | None
-    ) -> None:
+    def _check_evaluation(self, job: MessageJob, audit: AuditLog | None, run_id: int) -> None:
         """Apply the policy's evaluation limits (count per run, minimum images)."""
-        from common.site_dataset import SiteDataset  # numpy only; no torch
-
-        node = NodeConfig.from_node_config(context.node_config)
-        data = SiteDataset(node.resolve_dataset_dir(run))
+        data = job.dataset
         num_images = data.count("val") if "val" in data.splits else 0
         self.policy.check_evaluation(
-            evaluations_so_far=_evaluations(audit, context.run_id), num_images=num_images
+            evaluations_so_far=_evaluations(audit, run_id), num_images=num_images
         )
 
     def _may_evaluate_in_train(self, job: Job) -> bool:
         """Return whether the policy's evaluation limits allow a folded validation now."""
-        audit = AuditLog(job.node.resolve_state_dir(job.run))
+        audit = AuditLog(job.state_dir)
         try:
             self.policy.check_evaluation(
                 evaluations_so_far=_evaluations(audit, job.run_id),
@@ -308,17 +349,26 @@ class SiteService:
         return True
 
     def _egress(
-        self, msg: Message, reply: Message, context: Context, stage: str | None
+        self,
+        msg: Message,
+        reply: Message,
+        job: MessageJob,
+        stage: str | None,
+        *,
+        request: RecordDict,
     ) -> _Outcome:
-        """Let the reply leave only if it is exactly what its message type may carry."""
+        """Let the reply leave only if it is exactly what its message type may carry.
+
+        ``request`` is :func:`_config_snapshot` of the request, taken before the mods ran.
+        """
         if reply.has_error():
             return self._sanitised_error(msg, reply, stage)
         try:
             check_reply(
                 message_type=msg.metadata.message_type,
-                request=msg.content,
+                request=request,
                 reply=reply.content,
-                run_config=context.run_config,
+                job=job,
                 allowed_metrics=self.policy.allowed_metric_names(),
             )
         except EgressRefused as exc:
@@ -369,6 +419,11 @@ def _evaluations(audit: AuditLog | None, run_id: int) -> int:
         and e.get("run-id") == run_id
         and any(str(k).startswith("val-") for k in e.get("records", {}).get("metrics", []))
     )
+
+
+def _config_snapshot(content: RecordDict) -> RecordDict:
+    """Return a copy of ``content``'s config records (all the egress schema reads)."""
+    return RecordDict({k: ConfigRecord(dict(v)) for k, v in content.config_records.items()})
 
 
 def _request_fields(msg: Message, context: Context) -> dict[str, Any]:

@@ -4,6 +4,10 @@ Flower's simulation engine calls the ClientApp with a node config holding
 ``partition-id``; the ClientApp hands the message here. The site service is exactly the
 one the worker runs (client/site/service.py), with the policy named by run config
 ``site-policy`` (``medfed simulate --site-policy FILE``), or :func:`research_policy`.
+
+Only here is the simulation's fault injection (client/faults.py, run config
+``faults.*``) mounted in the service's chain (:data:`FAULT_MODS`): a site worker
+(``medfed site serve``) never has it.
 """
 
 from __future__ import annotations
@@ -13,10 +17,24 @@ import logging
 
 from flwr.app import Context, Message
 
+from client.faults import InjectedFault, fault_injection, stage_fault_injection
 from client.site.policy import SitePolicy
-from client.site.service import SiteService
+from client.site.service import SiteMods, SiteService
 
 log = logging.getLogger(__name__)
+
+#: The simulation's fault injection in the site service's chain: ``faults.drop-site``
+#: outside SecAgg+ (it stops answering at a SecAgg+ stage), dropout, slow site and
+#: crash inside it, around training; the injected crash leaves the service as
+#: :class:`~client.faults.InjectedFault`, so Flower sees the ClientApp fail.
+FAULT_MODS = SiteMods(
+    outer=(stage_fault_injection,), inner=(fault_injection,), crashes=(InjectedFault,)
+)
+
+
+def simulated_service(policy: SitePolicy) -> SiteService:
+    """Return the site service of a virtual site: the worker's, plus fault injection."""
+    return SiteService(policy=policy, simulated=True, mods=FAULT_MODS)
 
 
 def research_policy() -> SitePolicy:
@@ -52,4 +70,4 @@ def handle_virtual_site(msg: Message, context: Context) -> Message:
     """
     path = context.run_config.get("site-policy")
     policy = SitePolicy.load(path) if isinstance(path, str) and path else research_policy()
-    return SiteService(policy=policy, simulated=True).handle(msg, context)
+    return simulated_service(policy).handle(msg, context)

@@ -43,7 +43,7 @@ class ModelSpec:
     factory: Callable[..., nn.Module]
 
 
-#: Features of the FLamby Fed-Heart-Disease preprocessing (simulation/heart.py): 8 numeric
+#: Features of the FLamby Fed-Heart-Disease preprocessing (simulation/data/heart.py): 8 numeric
 #: columns + 3 chest-pain dummies + 2 resting-ECG dummies.
 HEART_FEATURES = 13
 

@@ -6,6 +6,8 @@ for the vetted primitives used, :mod:`common.secagg.encoding` for the fixed-poin
 encoding and its error bound, and :mod:`common.secagg.schema` for the stage messages.
 The site side is ``client/secagg_mod.py`` (a Flower mod); the coordinator side is
 ``server/secagg.py`` (a ``Grid`` wrapper).
+The settings (``secagg.*`` keys) are the run config's group
+:class:`common.config.SecAggConfig` (``run.secagg``).
 """
 
 from common.secagg.errors import (
@@ -14,12 +16,10 @@ from common.secagg.errors import (
     SecAggError,
     SecAggProtocolError,
 )
-from common.secagg.params import SecAggParams
 
 __all__ = [
     "ClipRangeError",
     "SecAggAbortedError",
     "SecAggError",
-    "SecAggParams",
     "SecAggProtocolError",
 ]

@@ -167,6 +167,60 @@ def expand_mask(key: bytes, *, length: int) -> NDArray[np.uint32]:
     return np.frombuffer(out, dtype="<u4", count=length).astype(np.uint32, copy=False)
 
 
+def pairwise_mask(
+    *,
+    private_key: bytes,
+    peer_public_key: bytes,
+    session: bytes,
+    node: int,
+    peer: int,
+    length: int,
+) -> NDArray[np.uint32]:
+    """Return the pairwise-mask term that site ``node`` adds to its masked input for ``peer``.
+
+    ``sign(node, peer) * PRG(s_{node,peer}) mod 2^32`` with ``sign = +1`` if
+    ``node < peer`` else ``-1`` (Bonawitz et al., CCS 2017, section 3), so the two terms
+    of a pair cancel in the sum. ``s`` is :func:`agree` with purpose ``b"pairwise-mask"``
+    and the PRG is :func:`expand_mask` keyed by the whole derived key. The one place both
+    sides take the convention from: a site adds its terms (``client/secagg_mod.py``); the
+    coordinator, having rebuilt the mask key of a site ``u`` that left, subtracts the term
+    each survivor ``v`` added for it (``node=v, peer=u``; the agreement is symmetric).
+
+    Parameters
+    ----------
+    private_key, peer_public_key : bytes
+        The raw X25519 mask private key of one end of the pair and the public key of
+        the other end (either way round).
+    session : bytes
+        The round's session nonce.
+    node, peer : int
+        Whose term it is, and for which neighbour.
+    length : int
+        Words of the masked vector.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(length,)`` ``uint32``.
+
+    Raises
+    ------
+    SecAggProtocolError
+        For a malformed or low-order public key (see :func:`agree`).
+
+    """
+    key = agree(
+        private_key=private_key,
+        peer_public_key=peer_public_key,
+        purpose=b"pairwise-mask",
+        session=session,
+        node_a=node,
+        node_b=peer,
+    )
+    mask = expand_mask(key, length=length)
+    return mask if node < peer else np.negative(mask, out=mask)
+
+
 def split_secret(secret: bytes, *, threshold: int, holders: int) -> list[bytes]:
     """Shamir-share a 32-byte secret; share ``j`` (0-based) belongs to holder index ``j+1``.
 

@@ -18,10 +18,9 @@ Stage payloads (Bell et al. 2020, Algorithm 2; Bonawitz et al. 2017, Figure 4)::
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
@@ -41,6 +40,9 @@ from common.secagg.params import (
     UNMASK,
 )
 from common.wire import decode_array
+
+if TYPE_CHECKING:
+    from common.config import RunConfig
 
 T = TypeVar("T")
 SESSION_BYTES = 16
@@ -95,6 +97,11 @@ def stage_of(content: RecordDict) -> str | None:
     return stage
 
 
+def _wire_fields(message: Any) -> dict[str, Any]:
+    """Return a message dataclass's fields under their wire names (``enc_pk``: ``enc-pk``)."""
+    return {f.name.replace("_", "-"): getattr(message, f.name) for f in fields(message)}
+
+
 @dataclass(frozen=True)
 class Header:
     """Fields every server request carries: the stage, the round and its session nonce."""
@@ -130,14 +137,7 @@ class AdvertiseReply:
 
     def record(self) -> ConfigRecord:
         """Serialise."""
-        return ConfigRecord(
-            {
-                "stage": ADVERTISE,
-                "enc-pk": self.enc_pk,
-                "mask-pk": self.mask_pk,
-                "seed-commit": self.seed_commit,
-            }
-        )
+        return ConfigRecord({"stage": ADVERTISE, **_wire_fields(self)})
 
     @classmethod
     def parse(cls, rec: ConfigRecord) -> AdvertiseReply:
@@ -166,13 +166,7 @@ class ShareKeysRequest:
 
     def fields(self) -> dict[str, Any]:
         """Fields for :meth:`Header.record`."""
-        return {
-            "nodes": self.nodes,
-            "enc-pks": self.enc_pks,
-            "mask-pks": self.mask_pks,
-            "threshold": self.threshold,
-            "total-weight": self.total_weight,
-        }
+        return _wire_fields(self)
 
     @classmethod
     def parse(cls, rec: ConfigRecord) -> ShareKeysRequest:
@@ -290,11 +284,7 @@ class UnmaskRequest:
 
     def fields(self) -> dict[str, Any]:
         """Fields for :meth:`Header.record`."""
-        return {
-            "survivors": self.survivors,
-            "dropped": self.dropped,
-            "num-survivors": self.num_survivors,
-        }
+        return _wire_fields(self)
 
     @classmethod
     def parse(cls, rec: ConfigRecord) -> UnmaskRequest:
@@ -320,15 +310,7 @@ class UnmaskReply:
 
     def record(self) -> ConfigRecord:
         """Serialise."""
-        return ConfigRecord(
-            {
-                "stage": UNMASK,
-                "seed-nodes": self.seed_nodes,
-                "seed-shares": self.seed_shares,
-                "key-nodes": self.key_nodes,
-                "key-shares": self.key_shares,
-            }
-        )
+        return ConfigRecord({"stage": UNMASK, **_wire_fields(self)})
 
     @classmethod
     def parse(cls, rec: ConfigRecord) -> UnmaskReply:
@@ -406,24 +388,15 @@ def check_reply_record(record: Any, run_config: Mapping[str, Any]) -> str | None
     return None
 
 
-@functools.lru_cache(maxsize=8)
-def _masked_length(model: str, kwargs: tuple[tuple[str, Any], ...]) -> int:
-    from common.models import get_model
-
-    state = get_model(model, **dict(kwargs)).state_dict()
-    return sum(int(v.numel()) for v in state.values() if v.is_floating_point())
-
-
-def masked_spec(run_config: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
+def masked_spec(run: RunConfig, *, model_floats: int) -> dict[str, tuple[tuple[int, ...], str]]:
     """``{vector: ((L,), "uint32")}``: the only array a site sends under secure aggregation.
 
-    ``L`` is the number of float entries of the run config's model ``state_dict`` plus
-    the entries of the run's secure-sum record (:func:`common.secure_sum.spec`).
+    ``L`` is ``model_floats``, the number of float entries of the run's model
+    ``state_dict`` (the site's per-message job counts them as it builds the model,
+    client/site/job.py), plus the entries of the run's secure-sum record
+    (:func:`common.secure_sum.spec`).
     """
     from common import secure_sum
-    from common.config import RunConfig
 
-    run = RunConfig.from_run_config(run_config)
-    length = _masked_length(run.model, tuple(sorted(run.model_kwargs().items())))
-    length += secure_sum.length(secure_sum.spec(run))
+    length = model_floats + secure_sum.length(secure_sum.spec(run))
     return {MASKED_ARRAY: ((length,), "uint32")}

@@ -80,7 +80,7 @@ def test_evaluate_in_train_validates_the_received_model_before_training(site, fo
     expected = evaluate_content(prepare_(_content(model), ctx)).metric_records["metrics"]
     # Execute
     job = prepare_(_content(model), ctx)
-    reply = train_content(job, evaluate_first=job.run.evaluate_in_train)
+    reply = train_content(job, evaluate_first=job.run.evaluation.in_train)
     # Assert: the train reply carries the evaluate message's validation of the same model,
     # and the count of validation images as val-num-examples (the evaluate reply's
     # num-examples; an exact int, the weight of the federated mean)

@@ -243,20 +243,20 @@ def test_the_default_policy_allows_the_demo():
     from client.privacy import plan_round
 
     policy = SitePolicy.default()
-    run = _demo_run()
+    run = _demo_run().override({"local-epochs": 3})  # the Makefile's demo sets it
     # A site holding all 4708 PneumoniaMNIST training images needs the least noise of
     # any demo partition (sigma falls as N grows at fixed epsilon and delta).
     n = 4708
     plan = plan_round(
         num_examples=n,
-        batch_size=run.batch_size,
-        local_epochs=run.local_epochs,
+        batch_size=run.train.batch_size,
+        local_epochs=run.train.local_epochs,
         num_rounds=run.num_server_rounds,
-        max_grad_norm=run.dp_max_grad_norm,
+        max_grad_norm=run.dp.max_grad_norm,
         delta=policy.delta_for(n),
-        accountant=run.dp_accountant,
+        accountant=run.dp.accountant,
         noise_multiplier=None,
-        target_epsilon=run.dp_target_epsilon,
+        target_epsilon=run.dp.target_epsilon,
     )
     reply = {
         "num-examples": 1569,
@@ -275,12 +275,12 @@ def test_the_default_policy_allows_the_demo():
     for message_type in ("train", "evaluate", "query"):
         policy.check_run(run, message_type=message_type)
     policy.check_noise_multiplier(plan.noise_multiplier)
-    policy.check_secagg_sites(run.min_sites)
+    policy.check_secagg_sites(run.federation.min_sites)
     policy.check_evaluation(evaluations_so_far=run.num_server_rounds - 1, num_images=100)
     rounded = policy.round_metrics(reply)
 
     # Assert
-    assert run.dp_enabled and run.secagg_enabled and run.min_sites == 3
+    assert run.dp.enabled and run.secagg.enabled and run.federation.min_sites == 3
     assert plan.noise_multiplier > policy.min_noise_multiplier
     assert rounded.keys() == reply.keys()
 
@@ -288,18 +288,18 @@ def test_the_default_policy_allows_the_demo():
 @pytest.mark.parametrize(
     ("policy_changes", "run_changes", "message_type", "rule"),
     [
-        ({}, {"dp_reproducible_noise": True}, "train", "require-secret-noise"),
-        ({}, {"dp_enabled": False}, "train", "require-dp"),
-        ({}, {"dp_enabled": False}, "evaluate", "require-dp"),
-        ({}, {"dp_noise_multiplier": 0.3}, "train", "min-noise-multiplier"),
-        ({}, {"dp_max_grad_norm": 0.05}, "train", "max-grad-norm-min"),
-        ({}, {"dp_max_grad_norm": 20.0}, "train", "max-grad-norm-max"),
-        ({}, {"secagg_enabled": False}, "train", "require-secagg"),
+        ({}, {"dp.reproducible-noise": True}, "train", "require-secret-noise"),
+        ({}, {"dp.enabled": False}, "train", "require-dp"),
+        ({}, {"dp.enabled": False}, "evaluate", "require-dp"),
+        ({}, {"dp.noise-multiplier": 0.3}, "train", "min-noise-multiplier"),
+        ({}, {"dp.max-grad-norm": 0.05}, "train", "max-grad-norm-min"),
+        ({}, {"dp.max-grad-norm": 20.0}, "train", "max-grad-norm-max"),
+        ({}, {"secagg.enabled": False}, "train", "require-secagg"),
         ({"allowed_models": ["cnn"]}, {"model": "gru"}, "train", "allowed-models"),
         ({"allowed_tasks": ["classification"]}, {"task": "segmentation"}, "query", "allowed-tasks"),
         ({"allowed_projects": ["study-a"]}, {"project": "study-b"}, "train", "allowed-projects"),
-        ({}, {"num_server_rounds": 101}, "train", "max-rounds"),
-        ({}, {"local_epochs": 6}, "train", "max-local-epochs"),
+        ({}, {"num-server-rounds": 101}, "train", "max-rounds"),
+        ({}, {"local-epochs": 6}, "train", "max-local-epochs"),
         ({}, {}, "get_parameters", "message-type"),
     ],
 )
@@ -308,7 +308,7 @@ def test_check_run_refuses_what_the_policy_forbids_and_names_the_rule(
 ):
     # Prepare
     policy = SitePolicy(**policy_changes)
-    run = RunConfig().replace(**run_changes)
+    run = RunConfig().override(run_changes)
 
     # Execute
     with pytest.raises(PolicyRefusal) as info:
@@ -323,22 +323,22 @@ def test_check_run_refuses_what_the_policy_forbids_and_names_the_rule(
 @pytest.mark.parametrize(
     ("policy_changes", "run_changes"),
     [
-        ({"require_dp": False}, {"dp_enabled": False}),
-        ({"require_secagg": False}, {"secagg_enabled": False}),
-        ({}, {"dp_noise_multiplier": 0.5, "dp_max_grad_norm": 10.0}),  # bounds are inclusive
-        ({}, {"num_server_rounds": 100, "local_epochs": 5}),
+        ({"require_dp": False}, {"dp.enabled": False}),
+        ({"require_secagg": False}, {"secagg.enabled": False}),
+        ({}, {"dp.noise-multiplier": 0.5, "dp.max-grad-norm": 10.0}),  # bounds are inclusive
+        ({}, {"num-server-rounds": 100, "local-epochs": 5}),
         ({"allowed_projects": ["study-a"]}, {"project": "study-a"}),
-        ({"min_noise_multiplier": 0.0}, {"dp_noise_multiplier": 0.1}),
+        ({"min_noise_multiplier": 0.0}, {"dp.noise-multiplier": 0.1}),
     ],
 )
 def test_check_run_allows_what_the_policy_allows(policy_changes, run_changes):
     SitePolicy(**policy_changes).check_run(
-        RunConfig().replace(**run_changes), message_type="train.secagg"
+        RunConfig().override(run_changes), message_type="train.secagg"
     )
 
 
 def test_reproducible_noise_is_accepted_only_by_a_simulated_site(caplog):
-    run = RunConfig().replace(dp_reproducible_noise=True)
+    run = RunConfig().override({"dp.reproducible-noise": True})
 
     SitePolicy.default().check_run(run, message_type="train", simulated=True)
 

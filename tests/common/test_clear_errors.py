@@ -385,7 +385,7 @@ def test_largest_seed_is_accepted_by_every_consumer() -> None:
     from client.faults import drops_out
     from client.privacy import DPRandomness
     from client.site.handlers import _round_seed
-    from simulation.partition import iid_partition
+    from simulation.data.partition import iid_partition
 
     run = RunConfig(seed=MAX_SEED)
     torch.manual_seed(run.seed)  # server/app.py, client/site/handlers.py, pooled.py

@@ -3,7 +3,7 @@ import tomllib
 import pytest
 from flwr.common.config import flatten_dict
 
-from common.config import NodeConfig, RunConfig
+from common.config import EVAL_BATCH_SIZE, NodeConfig, RunConfig, SecAggConfig
 from common.errors import ConfigError, ModelError
 from tests.conftest import ROOT
 
@@ -45,12 +45,45 @@ def test_unknown_model_fails_at_parse_time():
 
 def test_int_is_accepted_for_float_and_round_trips():
     cfg = RunConfig.from_run_config({"learning-rate": 1, "round-timeout": 30})
-    assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
+    assert cfg.train.learning_rate == 1.0 and isinstance(cfg.train.learning_rate, float)
     assert RunConfig.from_run_config(cfg.to_run_config()) == cfg
 
 
+def test_groups_keep_the_flat_keys():
+    # Prepare: one key of every group, with a non-default value
+    flat = {
+        "local-epochs": 2, "eval-batch-size": 16, "operating-point-bins": 20,
+        "min-replies": 2, "strategy": "fedadam", "strategy-args.server-lr": 0.5,
+        "dp.noise-multiplier": 1.1, "secagg.neighbours": 4, "faults.crash-site": 1,
+        "sites-dir": "/data/sites",
+    }  # fmt: skip
+    # Execute
+    run = RunConfig.from_run_config(flat)
+    # Assert: each key lands in its group and the flat dictionary round-trips
+    assert (run.train.local_epochs, run.evaluation.batch_size) == (2, 16)
+    assert (run.operating_point.bins, run.federation.min_replies) == (20, 2)
+    assert (run.strategy.name, run.strategy.server_lr) == ("fedadam", 0.5)
+    assert (run.dp.noise_multiplier, run.secagg.neighbours) == (1.1, 4)
+    assert (run.faults.crash_site, run.paths.sites_dir) == (1, "/data/sites")
+    assert RunConfig.from_run_config(run.to_run_config()) == run
+    assert run.to_run_config().items() >= flat.items()
+    assert run.override({"dp.enabled": False}).dp.enabled is False
+    assert RunConfig().evaluation.batch_size == EVAL_BATCH_SIZE
+
+
+def test_secagg_group_carries_the_runs_secure_sum_layout():
+    # the SecAgg+ settings and what they imply live in one place: run.secagg
+    assert RunConfig().secagg.sum_spec == {"score-histogram": (2, 100)}
+    assert RunConfig.from_run_config({"operating-point": "none"}).secagg.sum_spec == {}
+    assert SecAggConfig(threshold=0.6).shares_needed(10) == 7
+    with pytest.raises(ConfigError, match=r"'secagg.threshold'=0.3 must be in \[0.5, 1\)"):
+        SecAggConfig(threshold=0.3)
+    with pytest.raises(ConfigError, match="'eval-batch-size'=0 must be > 0"):
+        RunConfig.from_run_config({"eval-batch-size": 0})
+
+
 def test_node_config_resolves_dataset_dir(tmp_path):
-    run = RunConfig(sites_dir=str(tmp_path))
+    run = RunConfig.from_run_config({"sites-dir": str(tmp_path)})
     assert NodeConfig.from_node_config({"partition-id": 2}).resolve_dataset_dir(run) == (
         tmp_path / "site-2"
     )
@@ -75,11 +108,16 @@ def test_model_selection_metric_is_checked_against_the_tasks_metrics():
     # a training metric cannot pick a model: the sites do not validate with it
     with pytest.raises(ConfigError, match="model-selection-metric"):
         RunConfig.from_run_config({"model-selection-metric": "train-loss"})
-    assert RunConfig().model_selection_metric == "auto"
+    assert RunConfig().evaluation.selection_metric == "auto"
     for metric in ("val-loss", "val-auroc", "val-balanced-accuracy"):
-        assert RunConfig(model_selection_metric=metric).model_selection_metric == metric
+        assert (
+            RunConfig.from_run_config(
+                {"model-selection-metric": metric}
+            ).evaluation.selection_metric
+            == metric
+        )
     seg = {"task": "segmentation", "model": "unet", "model-selection-metric": "val-dice"}
-    assert RunConfig.from_run_config(seg).model_selection_metric == "val-dice"
+    assert RunConfig.from_run_config(seg).evaluation.selection_metric == "val-dice"
 
 
 # --- issue 13: class weighting and augmentation keys ---------------------------------
@@ -89,15 +127,19 @@ def test_class_weighting_and_augment_keys_parse():
     cfg = RunConfig.from_run_config(
         {"class-weighting": "site", "class-weight-max": 5, "augment": "light"}
     )
-    assert (cfg.class_weighting, cfg.class_weight_max, cfg.augment) == ("site", 5.0, "light")
+    assert (cfg.train.class_weighting, cfg.train.class_weight_max, cfg.train.augment) == (
+        "site",
+        5.0,
+        "light",
+    )
 
 
 def test_auto_class_weighting_is_site_for_classification_and_none_for_segmentation():
-    assert RunConfig().class_weighting == "auto"
+    assert RunConfig().train.class_weighting == "auto"
     assert RunConfig().class_weight_source() == "site"
     assert RunConfig(task="tabular", model="heart-mlp").class_weight_source() == "site"
     assert RunConfig(task="segmentation", model="unet").class_weight_source() == "none"
-    assert RunConfig(class_weighting="none").class_weight_source() == "none"
+    assert RunConfig.from_run_config({"class-weighting": "none"}).class_weight_source() == "none"
 
 
 def test_federation_class_weighting_adds_the_class_counts_to_the_secure_sums():

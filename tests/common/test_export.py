@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.evaluation import evaluate_task, predict_proba
+from common.evaluation import predict_proba
 from common.export import (
     CARD_FILE,
     CheckBatch,
@@ -21,8 +21,9 @@ from common.export import (
     load_model_file,
     onnx_available,
 )
-from simulation.datasets import load_medmnist_split, to_model_images
-from simulation.model_tools import check_batches, load_split
+from common.tasks import evaluate_task
+from simulation.data.datasets import load_medmnist_split, to_model_images
+from simulation.research.model_tools import check_batches, load_split
 from tests.checkpoints import tiny_checkpoint
 
 CPU = torch.device("cpu")

@@ -7,10 +7,9 @@ import torch
 
 from client.train import make_optimizer, make_train_loader, train_epochs
 from common.device import resolve_device
-from common.evaluation import evaluate_task
 from common.models import get_model
 from common.site_dataset import SplitArrays
-from common.tasks import get_task
+from common.tasks import evaluate_task, get_task
 
 pytestmark = [
     pytest.mark.gpu,

@@ -86,6 +86,36 @@ def test_pairwise_agreement_is_symmetric_and_bound_to_session_and_pair():
     assert len({k_uv, k_other_session, k_other_purpose}) == 3
 
 
+def test_pairwise_masks_of_a_pair_cancel_and_either_end_can_compute_them():
+    # Prepare
+    sk_u, sk_v = crypto.generate_private_key(), crypto.generate_private_key()
+    pk_u, pk_v = crypto.public_key(sk_u), crypto.public_key(sk_v)
+    session = bytes(16)
+    # Execute: site 1 and site 2 add their terms; the server rebuilds site 1's term from sk_v
+    term_u = crypto.pairwise_mask(
+        private_key=sk_u, peer_public_key=pk_v, session=session, node=1, peer=2, length=64
+    )
+    term_v = crypto.pairwise_mask(
+        private_key=sk_v, peer_public_key=pk_u, session=session, node=2, peer=1, length=64
+    )
+    rebuilt_u = crypto.pairwise_mask(
+        private_key=sk_v, peer_public_key=pk_u, session=session, node=1, peer=2, length=64
+    )
+    # Assert: the smaller id adds +PRG(s_uv), the other -PRG(s_uv), mod 2^32
+    assert term_u.dtype == np.uint32 and term_u.shape == (64,)
+    assert not (term_u + term_v).any()
+    assert np.array_equal(rebuilt_u, term_u)
+    key = crypto.agree(
+        private_key=sk_u,
+        peer_public_key=pk_v,
+        purpose=b"pairwise-mask",
+        session=session,
+        node_a=1,
+        node_b=2,
+    )
+    assert np.array_equal(term_u, crypto.expand_mask(key, length=64))
+
+
 def test_low_order_public_key_is_refused():
     with pytest.raises(SecAggProtocolError, match="invalid X25519"):
         crypto.agree(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.config import RunConfig
+from common.config import RunConfig, SecAggConfig
 from common.errors import ConfigError
 from common.secagg.encoding import (
     Layout,
@@ -18,7 +18,6 @@ from common.secagg.encoding import (
 )
 from common.secagg.errors import ClipRangeError, SecAggProtocolError
 from common.secagg.graph import neighbourhoods
-from common.secagg.params import SecAggParams
 
 
 def _sum_mod(vs):
@@ -92,14 +91,14 @@ def test_runconfig_secagg_keys_and_validation():
     run = RunConfig.from_run_config(
         {"secagg.enabled": True, "secagg.neighbours": 6, "secagg.threshold": 0.6}
     )
-    params = SecAggParams.from_run(run)
+    params = run.secagg
     assert (params.neighbours, params.threshold) == (6, 0.6)
     with pytest.raises(ConfigError, match=r"secagg\.threshold"):
         RunConfig.from_run_config({"secagg.threshold": 0.3})
     with pytest.raises(ConfigError, match=r"secagg\.quantisation"):
         RunConfig.from_run_config({"secagg.quantisation": "round"})
     with pytest.raises(ConfigError, match=r"secagg\.clip-range"):
-        SecAggParams(clip_range=float("inf"))
+        SecAggConfig(clip_range=float("inf"))
 
 
 @pytest.mark.parametrize(("n", "k", "degree"), [(3, 0, 2), (10, 0, 9), (10, 4, 4), (11, 3, 4)])

@@ -5,9 +5,10 @@ from torch import nn
 
 from common.config import TASKS, RunConfig
 from common.errors import ConfigError, DataError
-from common.evaluation import evaluate_segmentation, evaluate_task
+from common.evaluation import evaluate_segmentation
+from common.metrics import segmentation_metrics
 from common.site_dataset import SiteDataset, SplitArrays, write_site_dataset
-from common.tasks import DiceCELoss, get_task, list_tasks, segmentation_metrics
+from common.tasks import DiceCELoss, evaluate_task, get_task, list_tasks
 
 
 def test_config_task_names_are_the_registered_tasks():
@@ -133,5 +134,5 @@ def test_segmentation_check_accepts_any_multiple_of_16_and_rejects_others(tmp_pa
 
 def test_amp_is_refused_under_dp():
     with pytest.raises(ConfigError, match="amp"):
-        RunConfig(amp=True)
-    assert RunConfig(amp=True, dp_enabled=False).amp
+        RunConfig.from_run_config({"amp": True})
+    assert RunConfig.from_run_config({"amp": True, "dp.enabled": False}).train.amp

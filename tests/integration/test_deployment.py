@@ -23,7 +23,7 @@ import pytest
 from client.site.policy import STANDARD_METRICS
 from common.replies import ReplyCode, fixed_reason
 from common.tls import write_node_keys
-from simulation.deploy import (
+from simulation.launch.deploy import (
     LocalFederation,
     default_run_config,
     local_federation,
@@ -32,7 +32,7 @@ from simulation.deploy import (
     prepare_policies,
     prepare_site_datasets,
 )
-from simulation.processes import bin_path, free_port
+from simulation.launch.processes import bin_path, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,6 @@ from common import secure_sum
 from common.config import RunConfig
 from common.models import get_model
 from common.records import state_to_record
-from common.secagg.params import SecAggParams
 from common.site_dataset import SiteDataset
 from server.census import run_census
 from server.secagg import SecAggGrid
@@ -43,9 +42,11 @@ def _sites(tmp_path, run: RunConfig) -> tuple[InProcessGrid, np.ndarray]:
 
 def test_secure_census_returns_the_pooled_counts_and_trains_nothing(tmp_path):
     # Prepare
-    run = RunConfig(secagg_enabled=True, class_weighting="federation", batch_size=8)
+    run = RunConfig.from_run_config(
+        {"secagg.enabled": True, "class-weighting": "federation", "batch-size": 8}
+    )
     inner, pooled = _sites(tmp_path, run)
-    grid = SecAggGrid(inner, params=SecAggParams.from_run(run), run_dir=tmp_path)
+    grid = SecAggGrid(inner, params=run.secagg, run_dir=tmp_path)
     torch.manual_seed(0)
     initial = state_to_record(get_model("cnn"))
     # Execute
@@ -64,7 +65,9 @@ def test_secure_census_returns_the_pooled_counts_and_trains_nothing(tmp_path):
 
 
 def test_plain_census_sums_the_sites_records(tmp_path):
-    run = RunConfig(secagg_enabled=False, class_weighting="federation", batch_size=8)
+    run = RunConfig.from_run_config(
+        {"secagg.enabled": False, "class-weighting": "federation", "batch-size": 8}
+    )
     grid, pooled = _sites(tmp_path, run)
     counts = run_census(
         grid, initial_arrays=state_to_record(get_model("cnn")), min_replies=3, timeout=60
@@ -83,11 +86,11 @@ def test_final_validation_under_secagg_sums_the_histograms_and_trains_nothing(tm
     # Prepare: the last round's model, validated by three real sites under SecAgg+
     from client.site.handlers import local_validation, prepare
 
-    run = RunConfig(secagg_enabled=True, batch_size=8, operating_point_bins=20)
-    inner, _ = _sites(tmp_path, run)
-    grid = SecAggGrid(
-        inner, params=SecAggParams.from_run(run), run_dir=tmp_path, secure_validation=True
+    run = RunConfig.from_run_config(
+        {"secagg.enabled": True, "batch-size": 8, "operating-point-bins": 20}
     )
+    inner, _ = _sites(tmp_path, run)
+    grid = SecAggGrid(inner, params=run.secagg, run_dir=tmp_path, secure_validation=True)
     torch.manual_seed(0)
     final = state_to_record(get_model("cnn"))
     messages = _evaluate_messages(grid, final, server_round=3)
@@ -118,7 +121,7 @@ def test_final_validation_under_secagg_sums_the_histograms_and_trains_nothing(tm
         assert secure_sum.RECORD not in reply.content
         for ar in reply.content.array_records.values():
             assert list(ar) == ["vector"] and ar["vector"].dtype == "uint32"
-    assert run.dp_enabled and not any(
+    assert run.dp.enabled and not any(
         (tmp_path / f"state-{n}").exists() and any((tmp_path / f"state-{n}").iterdir())
         for n in NODES
     ), "a validate-only round must not train (no privacy ledger written)"
@@ -128,9 +131,11 @@ def test_final_validation_under_secagg_sums_the_histograms_and_trains_nothing(tm
 
 def test_evaluate_passes_through_without_secure_validation(tmp_path):
     # Prepare: SecAgg+ without an operating point: evaluate messages are plain
-    run = RunConfig(secagg_enabled=True, batch_size=8, operating_point="none")
+    run = RunConfig.from_run_config(
+        {"secagg.enabled": True, "batch-size": 8, "operating-point": "none"}
+    )
     inner, _ = _sites(tmp_path, run)
-    grid = SecAggGrid(inner, params=SecAggParams.from_run(run), run_dir=tmp_path)
+    grid = SecAggGrid(inner, params=run.secagg, run_dir=tmp_path)
     messages = _evaluate_messages(grid, state_to_record(get_model("cnn")), server_round=1)
     # Execute
     replies = list(grid.send_and_receive(messages, timeout=60))

@@ -8,7 +8,6 @@ from flwr.serverapp.strategy import FedAvg
 from common.config import RunConfig
 from common.models import get_model
 from common.records import state_to_record
-from common.secagg.params import SecAggParams
 from server.claims import ClaimRegistry
 from server.runlog import RecordingStrategy
 from server.secagg import SecAggRound
@@ -46,15 +45,15 @@ def _lie(stage: str, node: int, reply: Message) -> Message:
 def test_secagg_round_excludes_a_lying_site_before_masking():
     # Prepare: site 9 claims 10^12 examples; the cap is the default max-site-examples
     nodes = [7, 8, 9]
-    run = RunConfig(secagg_enabled=True)
+    run = RunConfig.from_run_config({"secagg.enabled": True})
     torch.manual_seed(0)
     arrays = state_to_record(get_model("cnn"))
     grid = InProcessGrid(
         nodes, handler=train_handler(), run_config=run.to_run_config(), tamper=_lie
     )
-    claims = ClaimRegistry(run.max_site_examples)
+    claims = ClaimRegistry(run.federation.max_site_examples)
     rnd = SecAggRound(
-        params=SecAggParams.from_run(run),
+        params=run.secagg,
         server_round=1,
         global_arrays=arrays,
         transport=_transport(grid),

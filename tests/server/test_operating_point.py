@@ -9,7 +9,6 @@ from common.config import RunConfig
 from common.models import get_model
 from common.operating_point import choose_threshold
 from common.records import state_to_record
-from common.secagg.params import SecAggParams
 from server.secagg import SecAggGrid
 from tests.server.test_secagg import InProcessGrid, train_handler, train_messages
 
@@ -38,11 +37,11 @@ def _with_histogram(bins: int):
 
 def test_secure_histogram_equals_the_pooled_one_and_no_site_sends_its_own(tmp_path):
     # Prepare: three sites behind the production egress guard and SecAgg+ mod
-    run = RunConfig(secagg_enabled=True, operating_point_bins=20)
+    run = RunConfig.from_run_config({"secagg.enabled": True, "operating-point-bins": 20})
     torch.manual_seed(0)
     initial = state_to_record(get_model("cnn"))
     inner = InProcessGrid(NODES, handler=_with_histogram(20), run_config=run.to_run_config())
-    grid = SecAggGrid(inner, params=SecAggParams.from_run(run), run_dir=tmp_path)
+    grid = SecAggGrid(inner, params=run.secagg, run_dir=tmp_path)
     pooled = sum(_histogram(n, 20) for n in NODES)
     # Execute
     replies = list(grid.send_and_receive(train_messages(grid, NODES, initial), timeout=10))

@@ -124,7 +124,7 @@ def test_invalid_quorum_is_a_config_error():
 def test_run_config_quorum_key_is_validated():
     from common.config import RunConfig
 
-    assert RunConfig.from_run_config({"min-replies": 2}).min_replies == 2
+    assert RunConfig.from_run_config({"min-replies": 2}).federation.min_replies == 2
     with pytest.raises(ConfigError, match="min-replies"):
         RunConfig.from_run_config({"min-replies": 4, "min-sites": 3})
 

@@ -283,12 +283,20 @@ def test_a_run_still_going_on_is_not_resumed_beside_it(finished):
 def test_a_resumed_run_keeps_its_own_settings_and_takes_the_new_timeouts(tmp_path, caplog):
     from common.config import RunConfig
 
-    saved = RunConfig(min_sites=3, min_replies=2, secagg_threshold=0.6, round_timeout=60.0)
-    now = RunConfig(min_replies=1, round_timeout=900.0, sites_dir="/data/sites")
+    saved = RunConfig.from_run_config(
+        {"min-sites": 3, "min-replies": 2, "secagg.threshold": 0.6, "round-timeout": 60.0}
+    )
+    now = RunConfig.from_run_config(
+        {"min-replies": 1, "round-timeout": 900.0, "sites-dir": "/data/sites"}
+    )
     run = resumed_config(saved.to_run_config(), now, run_dir=tmp_path)
-    assert (run.min_sites, run.min_replies, run.secagg_threshold) == (3, 2, 0.6)
-    assert (run.round_timeout, run.sites_dir) == (900.0, "/data/sites")
-    assert run.run_dir == run.resume_from == str(tmp_path)
+    assert (run.federation.min_sites, run.federation.min_replies, run.secagg.threshold) == (
+        3,
+        2,
+        0.6,
+    )
+    assert (run.federation.round_timeout, run.paths.sites_dir) == (900.0, "/data/sites")
+    assert run.paths.run_dir == run.paths.resume_from == str(tmp_path)
     assert "keeps its own values of min-replies" in caplog.text
 
 

@@ -31,11 +31,11 @@ from flwr.serverapp.strategy import FedAvg
 
 from client.egress import egress_guard
 from client.secagg_mod import secagg_mod
-from common.config import RunConfig
+from common.config import RunConfig, SecAggConfig
 from common.models import get_model
 from common.records import state_to_record
 from common.secagg.errors import SecAggAbortedError
-from common.secagg.params import RECORD, SecAggParams
+from common.secagg.params import RECORD
 from server.secagg import (
     ABORT_CODE,
     FAULT_DROPPED,
@@ -165,7 +165,7 @@ def run_round(nodes, *, drop=None, tamper=None, params=None, run_config=None):
         nodes, handler=train_handler(), drop=drop, tamper=tamper, run_config=run_config
     )
     rnd = SecAggRound(
-        params=params or SecAggParams.from_run(RunConfig.from_run_config(run_config or {})),
+        params=params or RunConfig.from_run_config(run_config or {}).secagg,
         server_round=1,
         global_arrays=arrays,
         transport=_transport(grid),
@@ -195,7 +195,7 @@ def test_unmasked_aggregate_equals_plaintext_weighted_mean_within_bound():
     # Execute
     result = rnd.run(contents)
     # Assert: the documented bound n * c / 2^31 (no dropout, deterministic rounding)
-    bound = len(NODES) * SecAggParams().clip_range / 2**31
+    bound = len(NODES) * SecAggConfig().clip_range / 2**31
     got_delta = result.mean_delta
     exp_delta = np.concatenate(
         [(expected[k] - arrays[k].numpy().astype(np.float64)).ravel() for k in arrays]
@@ -262,7 +262,7 @@ def test_dropout_beyond_threshold_fails_loudly(stage):
 def test_ring_graph_neighbourhoods_recover_dropouts():
     # Prepare: 7 sites, 4 neighbours each (5 holders, t = 3); one drops before masking
     nodes = [101, 102, 103, 104, 105, 106, 107]
-    params = SecAggParams.from_run(RunConfig.from_run_config({"secagg.neighbours": 4}))
+    params = RunConfig.from_run_config({"secagg.neighbours": 4}).secagg
     run_config = {"secagg.neighbours": 4}
     grid, arrays, rnd, contents = run_round(
         nodes,
@@ -336,9 +336,9 @@ def test_grid_wrapper_drives_flower_fedavg_to_the_secure_mean(tmp_path, server_i
     initial = state_to_record(get_model("cnn"))
     # Flower's bare FedAvg takes one ArrayRecord per reply: no secure-sum record here
     # (medfed's RecordingStrategy takes it out first; tests/server/test_operating_point.py)
-    run = RunConfig(secagg_enabled=True, operating_point="none")
+    run = RunConfig.from_run_config({"secagg.enabled": True, "operating-point": "none"})
     inner = InProcessGrid(nodes, handler=train_handler(), run_config=run.to_run_config())
-    grid = SecAggGrid(inner, params=SecAggParams.from_run(run), run_dir=tmp_path)
+    grid = SecAggGrid(inner, params=run.secagg, run_dir=tmp_path)
     _, expected, _ = plaintext_fedavg(inner, nodes, initial)
     strategy = FedAvg(min_available_nodes=3, min_train_nodes=3, fraction_evaluate=0.0)
     # Execute: one round of Flower's own FedAvg over the wrapped grid
@@ -359,14 +359,14 @@ def test_grid_wrapper_records_failed_round_as_site_errors(tmp_path):
     nodes = [7, 8, 9]
     torch.manual_seed(0)
     initial = state_to_record(get_model("cnn"))
-    run = RunConfig(secagg_enabled=True)
+    run = RunConfig.from_run_config({"secagg.enabled": True})
     inner = InProcessGrid(
         nodes,
         handler=train_handler(),
         run_config=run.to_run_config(),
         drop=lambda s, n: s == "share-keys" and n != 7,
     )
-    grid = SecAggGrid(inner, params=SecAggParams.from_run(run), run_dir=tmp_path)
+    grid = SecAggGrid(inner, params=run.secagg, run_dir=tmp_path)
     msgs = train_messages(grid, nodes, initial)
     # Execute
     replies = list(grid.send_and_receive(msgs, timeout=10))
@@ -390,7 +390,7 @@ def test_each_way_of_leaving_a_stage_is_recorded_with_its_kind():
         3: RecordDict({"metrics": MetricRecord({"num-examples": 1})}),  # no secagg record
     }  # site 4 does not answer before the deadline
     rnd = SecAggRound(
-        params=SecAggParams(),
+        params=SecAggConfig(),
         server_round=3,
         global_arrays=arrays,
         transport=lambda stage, contents: replies,
@@ -410,6 +410,6 @@ def test_each_way_of_leaving_a_stage_is_recorded_with_its_kind():
 
 
 def test_threshold_formula_for_typical_federations():
-    p = SecAggParams()
+    p = SecAggConfig()
     assert [p.shares_needed(m) for m in (2, 3, 5, 10, 50)] == [2, 2, 3, 6, 26]
     assert all(m - p.shares_needed(m) == math.ceil(m / 2) - 1 for m in range(2, 51))

@@ -26,7 +26,9 @@ def test_every_configured_strategy_builds():
     for name in STRATEGIES:
         # robust strategies need plaintext updates, FedProx needs DP off, SCAFFOLD also
         # plain SGD (common/config.py)
-        run = RunConfig(strategy=name, secagg_enabled=False, dp_enabled=False, momentum=0.0)
+        run = RunConfig.from_run_config(
+            {"strategy": name, "secagg.enabled": False, "dp.enabled": False, "momentum": 0.0}
+        )
         assert build_strategy(run) is not None
     assert isinstance(build_strategy(RunConfig()), FedAvg)
 
@@ -34,16 +36,16 @@ def test_every_configured_strategy_builds():
 @pytest.mark.parametrize(
     ("changes", "match"),
     [
-        ({"dp_enabled": True, "secagg_enabled": False, "momentum": 0.0}, "dp.enabled"),
-        ({"dp_enabled": False, "secagg_enabled": True, "momentum": 0.0}, "secagg.enabled"),
-        ({"dp_enabled": False, "secagg_enabled": False, "momentum": 0.9}, "momentum"),
+        ({"dp.enabled": True, "secagg.enabled": False, "momentum": 0.0}, "dp.enabled"),
+        ({"dp.enabled": False, "secagg.enabled": True, "momentum": 0.0}, "secagg.enabled"),
+        ({"dp.enabled": False, "secagg.enabled": False, "momentum": 0.9}, "momentum"),
     ],
 )
 def test_scaffold_refuses_settings_it_cannot_honour(changes, match):
     from common.errors import ConfigError
 
     with pytest.raises(ConfigError, match=match):
-        RunConfig(strategy="scaffold", **changes)
+        RunConfig.from_run_config({"strategy": "scaffold", **changes})
 
 
 def test_validation_metrics_are_weighted_by_the_sites_validation_sizes():

@@ -3,7 +3,7 @@ import pytest
 
 from common.errors import ConfigError
 from common.site_dataset import SiteDataset
-from simulation.chase import (
+from simulation.data.chase import (
     ChasePlan,
     create_chase_sites,
     extract_patches,
@@ -119,14 +119,14 @@ def test_pooled_baseline_trains_on_the_union_of_the_sites(tmp_path):
     import torch
 
     from common.config import RunConfig
-    from simulation.pooled import pool_splits, train_pooled
+    from simulation.research.pooled import pool_splits, train_pooled
 
     # Prepare: site A has 2 dark images, site B 3 bright ones; B doubles as eval set
     _tiny_site(tmp_path / "a", 0.2, 2)
     _tiny_site(tmp_path / "b", 0.8, 3)
-    run = RunConfig(
-        task="segmentation", model="unet", num_server_rounds=2, local_epochs=1,
-        batch_size=4, dp_enabled=False,
+    run = RunConfig.from_run_config(
+        {"task": "segmentation", "model": "unet", "num-server-rounds": 2, "local-epochs": 1,
+         "batch-size": 4, "dp.enabled": False}
     )  # fmt: skip
     # Execute
     pooled = pool_splits([tmp_path / "a", tmp_path / "b"])

@@ -26,6 +26,12 @@ def _run(*args):
         (["--sites", "0"], "--sites must be >= 1"),
         (["--partition", "dirichelt"], "--partition must be one of"),
         (["--data-dir", "/nonexistent"], "pneumoniamnist.npz not found"),
+        (
+            ["--rounds", "5", "--set", "num-server-rounds=3"],
+            "--rounds 5 and --set num-server-rounds=3 disagree",
+        ),
+        (["--seed", "1", "--set", "seed=2"], "--seed 1 and --set seed=2 disagree"),
+        (["--sites", "4", "--set", "min-sites=2"], "--sites 4 and --set min-sites=2 disagree"),
     ],
 )
 def test_simulate_rejects_bad_input_before_any_work(args, message, tmp_path, shared_data_dir):
@@ -33,6 +39,53 @@ def test_simulate_rejects_bad_input_before_any_work(args, message, tmp_path, sha
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("config", "config key 'num-server-rounds'=0 must be > 0"),
+        ("set", "config key 'num-server-rounds'=0 must be > 0"),
+    ],
+)
+def test_simulate_never_replaces_a_given_value_with_an_option_default(
+    how, message, tmp_path, shared_data_dir
+):
+    # A value from --config or --set reaches the run config: no --rounds default (10)
+    # silently replaces it (this one is invalid, so the run stops before any work).
+    args = ["--set", "num-server-rounds=0"]
+    if how == "config":
+        (tmp_path / "run.toml").write_text("num-server-rounds = 0\n")
+        args = ["--config", str(tmp_path / "run.toml")]
+    result = _run("simulate", "--run-dir", str(tmp_path / "run"), *args)
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+    assert not (tmp_path / "run").exists()
+
+
+def test_simulate_run_config_precedence(capsys):
+    from common.errors import ConfigError
+    from simulation.cli import _run_config_keys
+
+    def keys(file=None, sets=None, rounds=None, seed=None):
+        return _run_config_keys(
+            file_keys=file or {},
+            set_keys=sets or {},
+            options={"num-server-rounds": ("--rounds", rounds), "seed": ("--seed", seed)},
+            config=None,
+        )
+
+    # the config file's values win over options left out (no CLI defaults)
+    assert keys(file={"num-server-rounds": 3, "seed": 7}) == {"num-server-rounds": 3, "seed": 7}
+    assert keys() == {}  # the app's defaults (pyproject.toml) apply
+    # --set over the file; an option and --set of its key must agree
+    assert keys(file={"seed": 7}, sets={"seed": 8}) == {"seed": 8}
+    assert keys(sets={"num-server-rounds": 5}, rounds=5) == {"num-server-rounds": 5}
+    with pytest.raises(ConfigError, match="--rounds 5 and --set num-server-rounds=3 disagree"):
+        keys(sets={"num-server-rounds": 3}, rounds=5)
+    # an option given on the command line overrides the file, and says so
+    assert keys(file={"seed": 7}, seed=9) == {"seed": 9}
+    assert "--seed 9 overrides seed = 7" in " ".join(capsys.readouterr().err.split())
 
 
 def test_evaluate_prints_json_metrics(tmp_path, pneumonia_npz):

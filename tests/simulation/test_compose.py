@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import ConfigError
-from simulation.compose import (
+from simulation.launch.compose import (
     COMPOSE_FILE,
     expand_env,
     image_entrypoint,
@@ -19,7 +19,7 @@ from simulation.compose import (
     local_plan,
     node_config_value,
 )
-from simulation.deploy import compose_env
+from simulation.launch.deploy import compose_env
 
 ROOT = Path(__file__).resolve().parents[2]
 SITES = (1, 2, 3)
@@ -36,7 +36,8 @@ def _cmd(compose, service):
 
 def test_images_are_pinned_to_the_installed_and_required_flwr(compose):
     flwr = version("flwr")
-    pin = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pin = project["dependencies"] + project["optional-dependencies"]["fl"]
     assert any(re.match(rf"flwr(\[.*\])?>={re.escape(flwr[:4])}", d) for d in pin)
     medfed = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     for name, svc in compose["services"].items():
@@ -143,7 +144,7 @@ def test_local_processes_get_the_superexec_environment_of_the_compose_file(
     compose, tmp_path, monkeypatch
 ):
     """deploy-local's Flower processes run with what the compose superexecs set."""
-    from simulation.processes import flower_env
+    from simulation.launch.processes import flower_env
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     env = flower_env(tmp_path / "flwr-home")

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from common.errors import ChecksumError, DataError, DataNotFoundError
-from simulation import datasets
-from simulation.datasets import (
+from simulation.data import datasets
+from simulation.data.datasets import (
     MedMNISTInfo,
     download_medmnist,
     load_medmnist_split,

@@ -1,7 +1,7 @@
 """`medfed simulate --ray-address` selects an existing Ray cluster (no cluster needed).
 
-The path under test: ``--ray-address`` -> :func:`simulation.engine.run_simulation` ->
-:func:`simulation.engine.simulation_settings` (federation config + the SuperLink's
+The path under test: ``--ray-address`` -> :func:`simulation.launch.engine.run_simulation` ->
+:func:`simulation.launch.engine.simulation_settings` (federation config + the SuperLink's
 environment) -> Flower's own parsing of ``--federation-config`` and its simulation
 settings -> Flower's ``RayBackend.init_ray`` -> ``ray.init``, which is replaced by a
 recorder. Ray reads ``RAY_ADDRESS`` when ``ray.init`` is called without an address.
@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from common import cli
 from common.errors import FederationError
-from simulation import engine
+from simulation.launch import engine
 
 ADDRESS = "10.0.0.5:6379"
 
@@ -82,7 +82,7 @@ def test_simulate_cli_passes_ray_address_to_the_engine(tmp_path, monkeypatch):
         seen.update(kwargs)
         raise FederationError("stopped by the test")
 
-    monkeypatch.setattr("simulation.sites.create_virtual_sites", lambda *a, **k: [])
+    monkeypatch.setattr("simulation.data.sites.create_virtual_sites", lambda *a, **k: [])
     monkeypatch.setattr(engine, "run_simulation", fake_run_simulation)
     monkeypatch.setattr("simulation.cli._check_gpus", lambda gpus: None)  # no torch import
     cli._register_plugins()

@@ -1,11 +1,11 @@
-"""Experiment files (simulation/experiment.py): parsing, validation, summaries."""
+"""Experiment files (simulation/research/experiment.py): parsing, validation, summaries."""
 
 import math
 
 import pytest
 
 from common.errors import ConfigError
-from simulation.experiment import ExperimentConfig, summarise
+from simulation.research.experiment import ExperimentConfig, summarise
 
 BASE = {
     "seeds": [1, 2],
@@ -19,10 +19,10 @@ BASE = {
 def test_nested_tables_become_dotted_run_config_keys():
     cfg = ExperimentConfig.from_dict(BASE)
     run = cfg.run_config_for(cfg.federated[0], seed=2, num_sites=3)
-    assert run.strategy == "fedprox"
-    assert run.strategy_proximal_mu == 0.5
-    assert (run.seed, run.num_server_rounds, run.min_sites) == (2, 4, 3)
-    assert not run.dp_enabled
+    assert run.strategy.name == "fedprox"
+    assert run.strategy.proximal_mu == 0.5
+    assert (run.seed, run.num_server_rounds, run.federation.min_sites) == (2, 4, 3)
+    assert not run.dp.enabled
     assert cfg.splits[0].label == "dirichlet-0.1"
 
 

@@ -17,8 +17,8 @@ from client.data.dicom_read import Preprocessing
 from client.data.ingest import IngestOptions, ingest
 from common.errors import DataError
 from common.site_dataset import SiteDataset
+from simulation.data.export_dicom import SITE_MANUFACTURERS, export_site_dicom, export_sites
 from simulation.dicom_cli import register
-from simulation.export_dicom import SITE_MANUFACTURERS, export_site_dicom, export_sites
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
-"""Fed-Heart-Disease preprocessing (simulation/heart.py) on the real UCI files."""
+"""Fed-Heart-Disease preprocessing (simulation/data/heart.py) on the real UCI files."""
 
 import numpy as np
 import pytest
 
 from common.errors import DataError
 from common.site_dataset import SiteDataset, SplitArrays
-from simulation.heart import create_heart_sites, load_heart
+from simulation.data.heart import create_heart_sites, load_heart
 
 
 @pytest.fixture(scope="module")

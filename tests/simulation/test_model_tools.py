@@ -1,4 +1,4 @@
-"""Model card from a run directory, and the report's explain figure (simulation/model_tools.py)."""
+"""Model card from a run directory, and the report's explain figure (research/model_tools.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import matplotlib.image as mpimg
 import pytest
 
 from common.site_dataset import SplitArrays, write_site_dataset
-from simulation.model_tools import config_hash, model_card, report_explain, site_summary
-from simulation.report import write_run_report
+from simulation.research.model_tools import config_hash, model_card, report_explain, site_summary
+from simulation.research.report import write_run_report
 from tests.checkpoints import tiny_checkpoint
 
 RUN_CONFIG = {"model": "cnn", "num-server-rounds": 2, "dp.enabled": True, "seed": 1}
@@ -98,7 +98,7 @@ def test_site_summary_ignores_rounds_after_the_checkpoint():
 
 @pytest.fixture
 def run_with_model(tmp_path, pneumonia_npz):
-    from simulation.datasets import load_medmnist_split, to_model_images
+    from simulation.data.datasets import load_medmnist_split, to_model_images
 
     run = _run_dir(tmp_path, _rounds()[:3])
     raw, labels = load_medmnist_split(pneumonia_npz, "val")

@@ -21,8 +21,8 @@ from common.fsutil import MARKER
 from common.site_dataset import SiteDataset
 from server.app import RUN_KIND, prepare_run_dir
 from simulation.cli import _new_run_dir
-from simulation.experiment import why_not_experiment_dir
-from simulation.export_dicom import export_site_dicom
+from simulation.data.export_dicom import export_site_dicom
+from simulation.research.experiment import why_not_experiment_dir
 
 runner = CliRunner()
 cli._register_plugins()
@@ -35,8 +35,8 @@ def snapshot(root: Path) -> dict[str, bytes]:
 @pytest.fixture
 def engine(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """Stand-ins for site creation and the engine; returns the run dirs the engine got."""
-    import simulation.engine
-    import simulation.sites
+    import simulation.data.sites
+    import simulation.launch.engine
 
     calls: list[Path] = []
 
@@ -49,8 +49,8 @@ def engine(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
         prepare_run_dir(run_dir, run_config)  # what the ServerApp does first
         (run_dir / "rounds.jsonl").write_text("")
 
-    monkeypatch.setattr(simulation.sites, "create_virtual_sites", create_virtual_sites)
-    monkeypatch.setattr(simulation.engine, "run_simulation", run_simulation)
+    monkeypatch.setattr(simulation.data.sites, "create_virtual_sites", create_virtual_sites)
+    monkeypatch.setattr(simulation.launch.engine, "run_simulation", run_simulation)
     return calls
 
 
@@ -139,7 +139,7 @@ def test_export_dicom_force_replaces_only_its_own_exports(tmp_path: Path) -> Non
 def test_deploy_site_data_replaces_only_previous_site_datasets(
     tmp_path: Path, pneumonia_npz: Path
 ) -> None:
-    from simulation.deploy import prepare_site_datasets
+    from simulation.launch.deploy import prepare_site_datasets
 
     deploy = tmp_path / "deploy"
     # a first preparation, then a second one replacing medfed's own site datasets

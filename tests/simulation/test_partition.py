@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from common.errors import ConfigError
-from simulation.partition import dirichlet_partition, iid_partition
+from simulation.data.partition import dirichlet_partition, iid_partition
 
 LABELS = np.array([0] * 300 + [1] * 700)
 

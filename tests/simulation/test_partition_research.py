@@ -1,10 +1,10 @@
-"""Quantity-skew and natural partitioners (simulation/partition.py)."""
+"""Quantity-skew and natural partitioners (simulation/data/partition.py)."""
 
 import numpy as np
 import pytest
 
 from common.errors import ConfigError
-from simulation.partition import natural_partition, quantity_skew_partition
+from simulation.data.partition import natural_partition, quantity_skew_partition
 
 
 def test_quantity_skew_covers_all_disjoint_with_floor_and_is_seeded():

@@ -1,4 +1,4 @@
-"""``medfed report`` (simulation/report.py) on a hand-written run directory."""
+"""``medfed report`` (simulation/research/report.py) on a hand-written run directory."""
 
 import json
 import re
@@ -9,7 +9,12 @@ import pytest
 
 from common.errors import DataNotFoundError
 from common.site_dataset import SplitArrays, write_site_dataset
-from simulation.report import EXPERIMENT_PLOTS, RUN_PLOTS, write_experiment_report, write_run_report
+from simulation.research.report import (
+    EXPERIMENT_PLOTS,
+    RUN_PLOTS,
+    write_experiment_report,
+    write_run_report,
+)
 
 
 def _site(node, acc, eps):
@@ -79,7 +84,7 @@ def test_run_report_writes_every_plot_and_the_page_references_them(run_dir):
 def test_a_run_with_reproducible_noise_is_labelled_not_private(run_dir):
     # Prepare: the round log of a simulation with dp.reproducible-noise
     from server.runlog import DP_NOISE_REPRODUCIBLE
-    from simulation.summary import read_rounds, summary_table
+    from simulation.research.summary import read_rounds, summary_table
 
     lines = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
     for line in lines:
@@ -127,7 +132,7 @@ def test_report_of_a_folder_without_a_round_log_explains(tmp_path):
 
 
 def test_site_validation_takes_folded_metrics_for_the_previous_rounds_model():
-    from simulation.summary import site_validation
+    from simulation.research.summary import site_validation
 
     # Prepare: evaluate-in-train: round r's train replies validated round r-1's model;
     # the final round also has its own evaluate exchange
@@ -164,7 +169,7 @@ def _with_selection(run_dir, validated, best):
 def test_end_of_run_table_and_report_say_which_round_is_the_best_model(run_dir):
     from rich.console import Console
 
-    from simulation.summary import best_model_line, read_rounds, summary_table
+    from simulation.research.summary import best_model_line, read_rounds, summary_table
 
     # Prepare: evaluate-in-train: round r's line validated round r-1's model
     _with_selection(
@@ -191,7 +196,7 @@ def test_end_of_run_table_and_report_say_which_round_is_the_best_model(run_dir):
 
 
 def test_a_run_without_any_site_validation_says_there_is_no_best_model(run_dir):
-    from simulation.summary import best_model_line, read_rounds
+    from simulation.research.summary import best_model_line, read_rounds
 
     _with_selection(run_dir, validated=[{}, {}, {}, {}], best=[None] * 4)
     assert best_model_line(read_rounds(run_dir)).startswith("no best model")

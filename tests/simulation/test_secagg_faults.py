@@ -1,18 +1,19 @@
 """Faults under secure aggregation (issue 14, item 6): drop after masking, crash, late site.
 
 The fast tests run the coordinator's real SecAgg+ code (server/secagg.py) against
-virtual sites that are the real simulated site service (client/site/service.py with
-``simulated=True``: request and policy checks, ``faults.*`` injection from
-client/faults.py, ``secagg_mod``, the egress guard, the audit log). Only local training
-is replaced, by a deterministic stand-in (a seeded change of the global model per site
-and round), so the expected global model is computed independently here: the plain
-weighted mean of the surviving sites' trained models, without secure aggregation. Each
-message runs on its own thread, as in Flower's simulation engine (``vce_api.worker``),
-which also turns a ClientApp exception into an error reply the same way. The stage
-deadline passes once every site that is not delayed has answered: the slow site's
-injected ``time.sleep`` (client/faults.py) blocks until then, and its reply, which
-comes after, is lost. So the late site is late by construction, whatever the load on
-the machine, and no test waits for a clock (the slow test uses real seconds).
+virtual sites that are the real simulated site service (client/site/service.py as
+client/site/simulated.py ``simulated_service`` mounts it: request and policy checks,
+``faults.*`` injection from client/faults.py, ``secagg_mod``, the egress guard, the
+audit log). Only local training is replaced, by a deterministic stand-in (a seeded
+change of the global model per site and round), so the expected global model is computed
+independently here: the plain weighted mean of the surviving sites' trained models,
+without secure aggregation. Each message runs on its own thread, as in Flower's
+simulation engine (``vce_api.worker``), which also turns a ClientApp exception into an
+error reply the same way. The stage deadline passes once every site that is not delayed
+has answered: the slow site's injected ``time.sleep`` (client/faults.py) blocks until
+then, and its reply, which comes after, is lost. So the late site is late by
+construction, whatever the load on the machine, and no test waits for a clock (the slow
+test uses real seconds).
 
 The slow tests run ``medfed simulate`` on real data: SecAgg+ with a crash and a drop
 after masking against the same sites without secure aggregation (same global model), and
@@ -52,7 +53,7 @@ from flwr.serverapp.strategy import FedAvg
 import client.faults
 import client.site.service as site_service
 from client.faults import REASON_CRASH, REASON_DROPOUT
-from client.site.simulated import research_policy
+from client.site.simulated import research_policy, simulated_service
 from common.checkpoint import load_checkpoint
 from common.config import RunConfig
 from common.errors import ConfigError
@@ -60,7 +61,7 @@ from common.models import get_model
 from common.records import state_to_record
 from common.secagg.encoding import mean_error_bound
 from common.secagg.errors import SecAggAbortedError
-from common.secagg.params import ADVERTISE, MASKED_INPUT, SHARE_KEYS, UNMASK, SecAggParams
+from common.secagg.params import ADVERTISE, MASKED_INPUT, SHARE_KEYS, UNMASK
 from server.runlog import RecordingStrategy
 from server.secagg import (
     FAULT_DROPPED,
@@ -69,7 +70,7 @@ from server.secagg import (
     SecAggGrid,
     SecAggRound,
 )
-from simulation.report import secagg_fault_rows, write_run_report
+from simulation.research.report import secagg_fault_rows, write_run_report
 from tests.server.messages import new_message
 
 #: The strategy's round timeout (s) and the slow site's injected delay (s); the fast
@@ -147,7 +148,7 @@ class VirtualSites(Grid):
 
     def __init__(self, sites: int, run: RunConfig) -> None:
         self.config = run
-        self.service = site_service.SiteService(policy=research_policy(), simulated=True)
+        self.service = simulated_service(research_policy())  # with the fault mods
         self.contexts = {
             node_of(p): Context(
                 run_id=1,
@@ -207,19 +208,21 @@ class VirtualSites(Grid):
 
 @pytest.fixture
 def sites(monkeypatch, tmp_path) -> Iterator:
-    """``make(n, **run_config_fields) -> VirtualSites``; waits for late sites at the end."""
+    """``make(n, {run-config key: value}) -> VirtualSites``; waits for late sites at the end."""
     monkeypatch.setattr(site_service, "make_handler", lambda policy, **_: fake_training)
     monkeypatch.setattr(client.faults, "time", SimpleNamespace(sleep=injected_sleep))
     made: list[VirtualSites] = []
 
-    def make(n: int, **fields) -> VirtualSites:
-        run = RunConfig(
-            secagg_enabled=True,
-            dp_enabled=False,
-            evaluate_in_train=False,
-            sites_dir=str(tmp_path / "sites"),  # state (audit log): tmp_path/state
-            run_dir=str(tmp_path / "run"),
-            **fields,
+    def make(n: int, keys: dict | None = None) -> VirtualSites:
+        run = RunConfig.from_run_config(
+            {
+                "secagg.enabled": True,
+                "dp.enabled": False,
+                "evaluate-in-train": False,
+                "sites-dir": str(tmp_path / "sites"),  # state (audit log): tmp_path/state
+                "run-dir": str(tmp_path / "run"),
+                **(keys or {}),
+            }
         )
         made.append(VirtualSites(n, run))
         return made[-1]
@@ -243,7 +246,7 @@ def secure_round(grid: VirtualSites, arrays: ArrayRecord, server_round: int = 1)
         }
 
     return SecAggRound(
-        params=SecAggParams.from_run(grid.config),
+        params=grid.config.secagg,
         server_round=server_round,
         global_arrays=arrays,
         transport=transport,
@@ -296,7 +299,7 @@ def faults_by_pid(report_json: dict) -> dict[int, dict]:
 )
 def test_site_that_stops_answering_at_a_stage_leaves_the_right_sum(sites, stage, in_sum):
     # Prepare: 4 virtual sites; site 2 stops answering at `stage`
-    grid = sites(4, faults_drop_site=2, faults_drop_stage=stage)
+    grid = sites(4, {"faults.drop-site": 2, "faults.drop-stage": stage})
     # Execute
     arrays, rnd, result = run_secure_round(grid, range(4))
     # Assert: the model is the plain weighted mean of the sites in the sum
@@ -320,7 +323,7 @@ def test_site_that_stops_answering_at_a_stage_leaves_the_right_sum(sites, stage,
 
 def test_too_many_sites_gone_at_unmask_aborts_loudly(sites):
     # Prepare: 2 sites need both shares (t = 2): nobody may go at unmask
-    grid = sites(2, faults_drop_site=1, faults_drop_stage=UNMASK)
+    grid = sites(2, {"faults.drop-site": 1, "faults.drop-stage": UNMASK})
     arrays = initial_arrays()
     rnd = secure_round(grid, arrays)
     # Execute / Assert
@@ -332,7 +335,7 @@ def test_too_many_sites_gone_at_unmask_aborts_loudly(sites):
 # ---------------------------------------------------------------- (b) crash while training
 def test_site_that_crashes_while_training_is_left_out(sites):
     # Prepare: site 1 trains, then crashes before replying (advertise-keys stage)
-    grid = sites(4, faults_crash_site=1)
+    grid = sites(4, {"faults.crash-site": 1})
     # Execute
     arrays, rnd, result = run_secure_round(grid, range(4))
     # Assert
@@ -345,7 +348,7 @@ def test_site_that_crashes_while_training_is_left_out(sites):
 # --------------------------------------------------------------- (c) slow past the deadline
 def test_site_slower_than_the_deadline_is_left_out(sites):
     # Prepare: site 0 sleeps SLOW s before training, past the stage deadline
-    grid = sites(4, faults_slow_site=0, faults_slow_seconds=SLOW)
+    grid = sites(4, {"faults.slow-site": 0, "faults.slow-seconds": SLOW})
     # Execute
     arrays, rnd, result = run_secure_round(grid, range(4))
     # Assert
@@ -368,17 +371,19 @@ def test_all_three_faults_in_one_run_are_logged_reported_and_the_model_is_right(
     # Prepare: 6 sites; 0 is late, 1 crashes while training, 2 goes away at unmask
     grid = sites(
         6,
-        faults_slow_site=0,
-        faults_slow_seconds=SLOW,
-        faults_crash_site=1,
-        faults_drop_site=2,
-        faults_drop_stage=UNMASK,
+        {
+            "faults.slow-site": 0,
+            "faults.slow-seconds": SLOW,
+            "faults.crash-site": 1,
+            "faults.drop-site": 2,
+            "faults.drop-stage": UNMASK,
+        },
     )
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     run = grid.config
     (run_dir / "config.json").write_text(json.dumps(run.to_run_config()))
-    secure = SecAggGrid(grid, params=SecAggParams.from_run(run), run_dir=run_dir)
+    secure = SecAggGrid(grid, params=run.secagg, run_dir=run_dir)
     strategy = RecordingStrategy(
         FedAvg(min_available_nodes=6, fraction_evaluate=0.0),
         run_dir=run_dir,
@@ -475,7 +480,7 @@ def test_drop_stage_config_names_the_stages():
 
 def test_real_sites_never_inject_a_drop(sites):
     # Prepare: the same drop config at a node with its own dataset dir (a hospital)
-    grid = sites(3, faults_drop_site=1, faults_drop_stage=UNMASK)
+    grid = sites(3, {"faults.drop-site": 1, "faults.drop-stage": UNMASK})
     ctx = grid.contexts[node_of(1)]
     ctx.node_config["dataset-dir"] = "/nonexistent/site"
     from client.faults import stage_fault_injection

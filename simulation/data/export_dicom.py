@@ -278,7 +278,7 @@ def export_sites(
         As in :func:`export_site_dicom`, for the whole dataset.
     site_indices : Sequence[numpy.ndarray]
         int indices into ``images`` for each site (e.g. from
-        ``simulation.partition.iid_partition``).
+        ``simulation.data.partition.iid_partition``).
     out_dir : path
         Parent folder.
     seed : int

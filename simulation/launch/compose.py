@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,9 @@ from typing import Any
 import yaml
 
 from common.errors import ConfigError
-from simulation.processes import free_port
+from simulation.launch.processes import free_port
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = PROJECT_ROOT / "docker-compose.yml"
 
 #: Image (without tag) -> console script it runs (the image's entry point).
@@ -163,6 +163,25 @@ def _role(executable: str) -> str:
     return ROLES.get(executable, executable.removeprefix("flower-"))
 
 
+def _local_argv(raw: list[str], *, port: int | None, substitute: Callable[[str], str]) -> list[str]:
+    """Return a service's command for loopback: ``--host`` 127.0.0.1 and its local ``--port``."""
+    argv: list[str] = []
+    i = 0
+    while i < len(raw):
+        tok = raw[i]
+        if tok == "--host" and i + 1 < len(raw):
+            argv += ["--host", "127.0.0.1"]
+            i += 2
+            continue
+        if tok == "--port" and i + 1 < len(raw):
+            argv += ["--port", str(port)]
+            i += 2
+            continue
+        argv.append(substitute(tok))
+        i += 1
+    return argv
+
+
 def local_plan(
     compose: Mapping[str, Any],
     *,
@@ -249,24 +268,10 @@ def local_plan(
     for name, svc in services.items():
         executable, _tag = image_entrypoint(str(svc.get("image", "")))
         raw = [str(t) for t in (svc.get("command") or [])]
-        argv: list[str] = []
-        i = 0
-        while i < len(raw):
-            tok = raw[i]
-            if tok == "--host" and i + 1 < len(raw):
-                argv += ["--host", "127.0.0.1"]
-                i += 2
-                continue
-            if tok == "--port" and i + 1 < len(raw):
-                argv += ["--port", str(chosen[name])]
-                i += 2
-                continue
-            argv.append(substitute(tok))
-            i += 1
         out[name] = LocalService(
             name=name,
             executable=executable,
-            argv=argv,
+            argv=_local_argv(raw, port=chosen.get(name), substitute=substitute),
             port=chosen.get(name),
             role=_role(executable),
         )

@@ -31,13 +31,14 @@ from common.device import resolve_device
 from common.errors import MedfedError
 from common.explain import ExplainResult, decision_threshold, explain_arrays
 from common.export import IMAGE_TASKS, CheckBatch
+from common.fsutil import sha256_file
 from common.models import get_spec
 from common.site_dataset import SiteDataset
 from common.tasks import get_task
 from server.runlog import ROUNDS_FILE
-from simulation.datasets import load_medmnist_split, to_model_images
-from simulation.sites import GLOBAL_EVAL
-from simulation.summary import read_rounds, site_validation
+from simulation.data.datasets import load_medmnist_split, to_model_images
+from simulation.data.sites import GLOBAL_EVAL
+from simulation.research.summary import read_rounds, site_validation
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def check_batches(
 
     Always: ``n`` synthetic images drawn by ``numpy.random.default_rng(seed)`` as uint8
     in the stored layout (image models; preprocessed with
-    ``simulation.datasets.to_model_images``, the training pipeline's own function) and as
+    ``simulation.data.datasets.to_model_images``, the training pipeline's own function) and as
     float32 ``(N, C, H, W)`` in ``[0, 1]`` (tabular models: standard-normal features).
     With ``data``: its first ``n`` images, raw as stored vs as the model reads them.
     """
@@ -208,14 +209,6 @@ def library_versions() -> dict[str, str | None]:
     return out
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _label_names(
     ckpt: Checkpoint, config: dict[str, Any], data: SplitData | None
 ) -> tuple[list[str], str]:
@@ -266,7 +259,7 @@ def model_card(ckpt: Checkpoint, checkpoint: Path, data: SplitData | None = None
         "format": CARD_FORMAT,
         "version": CARD_VERSION,
         "exported-at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "source-checkpoint": {"file": checkpoint.name, "sha256": _sha256_file(checkpoint)},
+        "source-checkpoint": {"file": checkpoint.name, "sha256": sha256_file(checkpoint)},
         "model": ckpt.model,
         "model-kwargs": dict(ckpt.model_kwargs),
         "task": ckpt.task,

@@ -59,15 +59,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.train import make_optimizer, make_train_loader, train_epochs
 from common.config import RunConfig, load_config_file
 from common.device import resolve_device
 from common.errors import ConfigError, MedfedError
 from common.fsutil import check_replaceable, marker_kind, write_marker
-from common.models import get_model
 from common.site_dataset import SiteDataset, SplitArrays
 from common.tasks import get_task
-from simulation.pooled import pool_splits
+from simulation.research.pooled import pool_splits, train_centralised
 
 log = logging.getLogger(__name__)
 
@@ -233,14 +231,14 @@ def prepare_split(cfg: ExperimentConfig, spec: SplitSpec, out: Path, *, seed: in
     """
     sites_dir = out / "sites"
     if cfg.data_kind == "heart":
-        from simulation.heart import create_heart_sites
+        from simulation.data.heart import create_heart_sites
 
         data_dir = Path(str(cfg.data.get("dir", "../shared/data/tabular/uci_heart_disease_4sites")))
         manifests = create_heart_sites(data_dir, sites_dir)
         sites = [sites_dir / f"site-{i}" for i in range(len(manifests))]
         return PreparedSplit(spec, sites_dir, sites, list(sites), "")
-    from simulation.datasets import MEDMNIST, medmnist_path
-    from simulation.sites import GLOBAL_EVAL, SplitPlan, create_virtual_sites
+    from simulation.data.datasets import MEDMNIST, medmnist_path
+    from simulation.data.sites import GLOBAL_EVAL, SplitPlan, create_virtual_sites
 
     dataset = str(cfg.data.get("dataset", "pneumoniamnist"))
     if dataset not in MEDMNIST:
@@ -261,38 +259,6 @@ def prepare_split(cfg: ExperimentConfig, spec: SplitSpec, out: Path, *, seed: in
 
 
 # ----------------------------------------------------------------------- baselines
-def train_centralised(
-    split: SplitArrays, run: RunConfig, *, epochs: int, seed: int, device: torch.device
-) -> torch.nn.Module:
-    """Train a fresh model on ``split`` for ``epochs`` epochs with the run's optimiser.
-
-    The loop is client/train.py's ``train_epochs`` (no DP: baselines are the non-private
-    reference), the model is initialised with ``torch.manual_seed(seed)`` exactly as the
-    federated run's global model, and batches are drawn with a generator seeded by
-    ``seed``.
-    """
-    torch.manual_seed(seed)
-    model = get_model(run.model, **run.model_kwargs()).to(device)
-    loader = make_train_loader(
-        split, batch_size=run.batch_size, generator=torch.Generator().manual_seed(seed)
-    )
-    optimizer = make_optimizer(
-        model,
-        learning_rate=run.learning_rate,
-        momentum=run.momentum,
-        weight_decay=run.weight_decay,
-    )
-    train_epochs(
-        model,
-        loader,
-        optimizer=optimizer,
-        epochs=epochs,
-        device=device,
-        criterion=get_task(run.task).make_loss(),
-    )
-    return model
-
-
 def score(
     model: torch.nn.Module, eval_sets: list[Path], run: RunConfig, *, device: torch.device
 ) -> dict[str, float]:
@@ -310,7 +276,7 @@ def score(
     for path in eval_sets:
         split = SiteDataset(path).load("val")
         per[path.name] = task.evaluate(
-            model, split.images, split.labels, batch_size=512, device=device
+            model, split.images, split.labels, batch_size=run.evaluation.batch_size, device=device
         )
     out: dict[str, float] = {}
     for key in per[next(iter(per))]:
@@ -341,12 +307,12 @@ def run_federated(
     Raises
     ------
     FederationError
-        If the run fails or times out (simulation/engine.py).
+        If the run fails or times out (simulation/launch/engine.py).
 
     """
     from server.app import RUN_KIND
-    from simulation.engine import run_simulation
-    from simulation.summary import read_rounds
+    from simulation.launch.engine import run_simulation
+    from simulation.research.summary import read_rounds
 
     fresh = not out.exists() or not any(out.iterdir())
     out.mkdir(parents=True, exist_ok=True)
@@ -354,7 +320,7 @@ def run_federated(
         write_marker(out, RUN_KIND)  # the ServerApp refuses an unmarked non-empty dir
     run_simulation(
         run_dir=out,
-        run_config=run.replace(run_dir=str(out)).to_run_config(),
+        run_config=run.override({"run-dir": str(out)}).to_run_config(),
         num_sites=num_sites,
         cpus_per_site=cpus_per_site,
         on_line=on_line,
@@ -402,8 +368,6 @@ def run_experiment(
         for one seed and ``"summary"`` for the mean/std over seeds.
 
     """
-    from common.checkpoint import load_checkpoint
-
     device = device or resolve_device("cpu")
     note = on_progress or (lambda _msg: None)
     # never overwrite: `medfed experiment --force` moves a previous experiment aside first
@@ -418,82 +382,143 @@ def run_experiment(
             prepared = prepare_split(cfg, spec, split_dir, seed=seed)
             n = len(prepared.sites)
             base_run = cfg.run_config_for(cfg.federated[0], seed=seed, num_sites=n)
-            epochs = cfg.rounds * base_run.local_epochs
-            t0 = time.perf_counter()
-            pooled_model = train_centralised(
-                _pooled_train(prepared), base_run, epochs=epochs, seed=seed, device=device
-            )
-            pooled = score(pooled_model, prepared.eval_sets, base_run, device=device)
-            local = {}
-            for site in prepared.sites:
-                model = train_centralised(
-                    SiteDataset(site).load("train"),
-                    base_run,
-                    epochs=epochs,
-                    seed=seed,
-                    device=device,
-                )
-                local[site.name] = score(model, prepared.eval_sets, base_run, device=device)
-            best_site = max(local, key=lambda s: _finite(local[s].get(METRIC)))
-            note(
-                f"{spec.label} seed {seed}: pooled {METRIC} {pooled[METRIC]:.4f}, best local "
-                f"({best_site}) {local[best_site][METRIC]:.4f} [{time.perf_counter() - t0:.1f} s]"
-            )
-            (split_dir / "baselines.json").write_text(
-                json.dumps({"pooled": pooled, "local": local}, indent=2) + "\n"
+            pooled, local, best_site = _run_baselines(
+                spec, prepared, split_dir, base_run, cfg.rounds, seed=seed, device=device, note=note
             )
             for fed in cfg.federated:
-                run = cfg.run_config_for(fed, seed=seed, num_sites=n).replace(
-                    sites_dir=str(prepared.sites_dir),
-                    eval_dataset_dir=prepared.eval_dataset_dir,
+                row = _run_federated_setting(
+                    cfg, spec, fed, prepared, split_dir, (pooled, local, best_site), seed, device
                 )
-                run_dir = split_dir / f"fed-{fed.label}"
-                t1 = time.perf_counter()
-                error = ""
-                try:
-                    history = run_federated(
-                        run_dir,
-                        run,
-                        num_sites=n,
-                        cpus_per_site=cfg.cpus_per_site,
-                        timeout=cfg.timeout,
-                    )
-                    final = load_checkpoint(run_dir / "final_model.pt").build_model()
-                    federated = score(final, prepared.eval_sets, run, device=device)
-                except MedfedError as exc:  # one failed run must not lose the others
-                    log.error("%s / %s / seed %d failed: %s", spec.label, fed.label, seed, exc)
-                    error, history, federated = str(exc), [], {METRIC: math.nan}
-                eps = _max_epsilon(history)
-                row = {
-                    "kind": "run",
-                    "split": spec.label,
-                    "setting": fed.label,
-                    "strategy": run.strategy,
-                    "dp": run.dp_enabled,
-                    "seed": seed,
-                    "rounds": cfg.rounds,
-                    "federated": federated[METRIC],
-                    "pooled": pooled[METRIC],
-                    "best-local": local[best_site][METRIC],
-                    "best-local-site": best_site,
-                    "fed/pooled": _ratio(federated[METRIC], pooled[METRIC]),
-                    "fed/best-local": _ratio(federated[METRIC], local[best_site][METRIC]),
-                    "federated-auroc": federated.get("auroc", math.nan),
-                    "pooled-auroc": pooled.get("auroc", math.nan),
-                    "max-epsilon": eps,
-                    "seconds": round(time.perf_counter() - t1, 1),
-                    "run-dir": str(run_dir),
-                    "error": error,
-                }
                 rows.append(row)
                 note(
                     f"{spec.label} seed {seed} {fed.label}: federated {METRIC} "
-                    f"{federated[METRIC]:.4f} (fed/pooled {row['fed/pooled']:.3f}) "
+                    f"{row['federated']:.4f} (fed/pooled {row['fed/pooled']:.3f}) "
                     f"[{row['seconds']:.0f} s]"
                 )
     rows += summarise(rows)
     write_results(rows, out)
     return rows
+
+
+def _run_baselines(
+    spec: SplitSpec,
+    prepared: PreparedSplit,
+    split_dir: Path,
+    base_run: RunConfig,
+    rounds: int,
+    *,
+    seed: int,
+    device: torch.device,
+    note: Callable[[str], None],
+) -> tuple[dict[str, float], dict[str, dict[str, float]], str]:
+    """Train and score the pooled and per-site local baselines of one split x seed.
+
+    Each baseline trains for ``rounds x local_epochs`` epochs; the scores are written
+    to ``split_dir/baselines.json``.
+
+    Returns
+    -------
+    tuple
+        ``(pooled, local, best_site)``: the pooled model's metrics, each site's local
+        model's metrics, and the site whose local model scored best on ``METRIC``.
+
+    """
+    epochs = rounds * base_run.train.local_epochs
+    t0 = time.perf_counter()
+    pooled_model, _ = train_centralised(
+        _pooled_train(prepared), base_run, epochs=epochs, seed=seed, device=device
+    )
+    pooled = score(pooled_model, prepared.eval_sets, base_run, device=device)
+    local = {}
+    for site in prepared.sites:
+        model, _ = train_centralised(
+            SiteDataset(site).load("train"),
+            base_run,
+            epochs=epochs,
+            seed=seed,
+            device=device,
+        )
+        local[site.name] = score(model, prepared.eval_sets, base_run, device=device)
+    best_site = max(local, key=lambda s: _finite(local[s].get(METRIC)))
+    note(
+        f"{spec.label} seed {seed}: pooled {METRIC} {pooled[METRIC]:.4f}, best local "
+        f"({best_site}) {local[best_site][METRIC]:.4f} [{time.perf_counter() - t0:.1f} s]"
+    )
+    (split_dir / "baselines.json").write_text(
+        json.dumps({"pooled": pooled, "local": local}, indent=2) + "\n"
+    )
+    return pooled, local, best_site
+
+
+def _run_federated_setting(
+    cfg: ExperimentConfig,
+    spec: SplitSpec,
+    fed: FederatedSpec,
+    prepared: PreparedSplit,
+    split_dir: Path,
+    baselines: tuple[dict[str, float], dict[str, dict[str, float]], str],
+    seed: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Run one federated setting on one split x seed and score it against the baselines.
+
+    A failed run (any ``MedfedError``) is logged and gives a row with a NaN score and
+    its ``error``, so that one failure does not lose the other runs.
+
+    Returns
+    -------
+    dict
+        The ``kind`` ``"run"`` results row.
+
+    """
+    from common.checkpoint import load_checkpoint
+
+    pooled, local, best_site = baselines
+    n = len(prepared.sites)
+    run = cfg.run_config_for(fed, seed=seed, num_sites=n).override(
+        {
+            "sites-dir": str(prepared.sites_dir),
+            "eval-dataset-dir": prepared.eval_dataset_dir,
+        }
+    )
+    run_dir = split_dir / f"fed-{fed.label}"
+    t1 = time.perf_counter()
+    error = ""
+    try:
+        history = run_federated(
+            run_dir,
+            run,
+            num_sites=n,
+            cpus_per_site=cfg.cpus_per_site,
+            timeout=cfg.timeout,
+        )
+        final = load_checkpoint(run_dir / "final_model.pt").build_model()
+        federated = score(final, prepared.eval_sets, run, device=device)
+    except MedfedError as exc:  # one failed run must not lose the others
+        log.error("%s / %s / seed %d failed: %s", spec.label, fed.label, seed, exc)
+        error, history, federated = str(exc), [], {METRIC: math.nan}
+    eps = _max_epsilon(history)
+    return {
+        "kind": "run",
+        "split": spec.label,
+        "setting": fed.label,
+        "strategy": run.strategy.name,
+        "dp": run.dp.enabled,
+        "seed": seed,
+        "rounds": cfg.rounds,
+        "federated": federated[METRIC],
+        "pooled": pooled[METRIC],
+        "best-local": local[best_site][METRIC],
+        "best-local-site": best_site,
+        "fed/pooled": _ratio(federated[METRIC], pooled[METRIC]),
+        "fed/best-local": _ratio(federated[METRIC], local[best_site][METRIC]),
+        "federated-auroc": federated.get("auroc", math.nan),
+        "pooled-auroc": pooled.get("auroc", math.nan),
+        "max-epsilon": eps,
+        "seconds": round(time.perf_counter() - t1, 1),
+        "run-dir": str(run_dir),
+        "error": error,
+    }
 
 
 def _pooled_train(prepared: PreparedSplit) -> SplitArrays:

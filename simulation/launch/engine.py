@@ -17,23 +17,23 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from common.errors import FederationError
-from simulation.processes import (
+from simulation.launch.processes import (
     bin_path,
     flower_env,
     free_port,
     sigterm_as_interrupt,
     stop_process,
     stream_command,
-    wait_port,
+    wait_listening,
 )
 
 log = logging.getLogger(__name__)
 
 CONNECTION = "medfed-sim"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
-# Generic process management lives in simulation/processes.py (shared with deploy.py).
+# Generic process management lives in simulation/launch/processes.py (shared with deploy.py).
 
 
 #: Ray reads the address of an existing cluster from this variable when ``ray.init()`` is
@@ -62,7 +62,7 @@ def simulation_settings(
     Parameters
     ----------
     flwr_home : pathlib.Path
-        FLWR_HOME of the run (:func:`simulation.processes.flower_env`).
+        FLWR_HOME of the run (:func:`simulation.launch.processes.flower_env`).
     num_sites, cpus_per_site, gpus_per_site
         See :func:`run_simulation`.
     ray_address : str, optional
@@ -97,7 +97,7 @@ def simulation_superlink(
 
     The connection is written to ``<flwr_home>/config.toml`` as ``[superlink.medfed-sim]``.
     Loopback only and plaintext: it never leaves this machine. ``env`` (default
-    :func:`~simulation.processes.flower_env`) is the SuperLink's environment, inherited
+    :func:`~simulation.launch.processes.flower_env`) is the SuperLink's environment, inherited
     by the Ray driver it starts (``RAY_ADDRESS``, see :func:`simulation_settings`).
     """
     flwr_home.mkdir(parents=True, exist_ok=True)
@@ -133,7 +133,7 @@ def simulation_superlink(
     # SIGTERM (e.g. `timeout`, a CI runner) must unwind through `finally` like Ctrl-C.
     with sigterm_as_interrupt():
         try:
-            wait_port(port, proc, log_file, startup_timeout, name="SuperLink")
+            wait_listening(port, proc, log_file, startup_timeout, name="SuperLink")
             log.info("simulation SuperLink on %s (pid %d, log %s)", address, proc.pid, log_file)
             yield address
         finally:

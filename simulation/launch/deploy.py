@@ -1,7 +1,7 @@
 """A real federation on one machine: SuperLink + SuperExecs + SuperNodes as processes.
 
 ``medfed deploy-local`` (and tests/integration/test_deployment.py) run the services of
-``docker-compose.yml`` (see :mod:`simulation.compose`) as local processes on loopback:
+``docker-compose.yml`` (see :mod:`simulation.launch.compose`) as local processes on loopback:
 TLS on every link, SuperNode authentication with registered EC keys, a persistent
 SuperLink database, one site dataset, state dir and site id per hospital. Every process
 started is stopped by process group when the block ends (normally, on error, Ctrl-C or
@@ -26,7 +26,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,8 @@ from common.tls import (
     write_dev_certificates,
     write_node_keys,
 )
-from simulation.compose import (
+from common.waiting import wait_for_nodes
+from simulation.launch.compose import (
     COMPOSE_FILE,
     LocalPlan,
     LocalService,
@@ -50,24 +50,23 @@ from simulation.compose import (
     local_plan,
     node_config_value,
 )
-from simulation.engine import run_config_args
-from simulation.processes import (
+from simulation.launch.engine import run_config_args
+from simulation.launch.processes import (
     ProcessGroup,
     bin_path,
     flower_env,
     stream_command,
-    wait_port,
-    wait_socket,
+    wait_listening,
 )
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONNECTION = "medfed-local"
 LABEL_NAMES = ("normal", "pneumonia")
 
 #: Which data path builds the hospitals' site datasets: "dicom" (export -> ingest, the
-#: hospital path) or "virtual" (simulation.sites.create_virtual_sites). One line to switch.
+#: hospital path) or "virtual" (simulation.data.sites.create_virtual_sites). One line to switch.
 SITE_SOURCE = "dicom"
 
 
@@ -135,7 +134,7 @@ def prepare_site_datasets(
     """Build one site dataset per hospital under ``<deploy_dir>/data`` (+ ``global-val``).
 
     ``source="virtual"`` partitions the public dataset IID with
-    :func:`simulation.sites.create_virtual_sites`; ``source="dicom"`` writes each
+    :func:`simulation.data.sites.create_virtual_sites`; ``source="dicom"`` writes each
     partition as a DICOM export (``medfed export-dicom``) and ingests it the way a
     hospital would (``medfed ingest``).
 
@@ -145,7 +144,7 @@ def prepare_site_datasets(
         ``data/site-1 .. data/site-N`` (compose's ``MEDFED_SITE_N_DATA``).
 
     """
-    from simulation.sites import SplitPlan, create_virtual_sites
+    from simulation.data.sites import SplitPlan, create_virtual_sites
 
     if source not in ("dicom", "virtual"):
         raise ConfigError(f"source must be 'dicom' or 'virtual', got {source!r}")
@@ -201,7 +200,7 @@ def dicom_path_available() -> bool:
 
     return all(
         importlib.util.find_spec(m) is not None
-        for m in ("simulation.export_dicom", "client.data.ingest")
+        for m in ("simulation.data.export_dicom", "client.data.ingest")
     )
 
 
@@ -305,9 +304,9 @@ class LocalFederation:
         if node_config_value(supernode, "site-worker") is not None:
             worker = self.plan.worker_for(supernode)
             wk = self.group.start(worker.name, [bin_path(worker.executable), *worker.argv])
-            wait_socket(Path(_socket(worker)), wk.proc, wk.log_file, 120.0, name=worker.name)
+            wait_listening(Path(_socket(worker)), wk.proc, wk.log_file, 120.0, name=worker.name)
         sn = self.group.start(supernode.name, [bin_path(supernode.executable), *supernode.argv])
-        wait_port(_port(supernode), sn.proc, sn.log_file, 60.0, name=supernode.name)
+        wait_listening(_port(supernode), sn.proc, sn.log_file, 60.0, name=supernode.name)
         sx = self.plan.superexec_for(supernode)
         self.group.start(sx.name, [bin_path(sx.executable), *sx.argv])
 
@@ -331,14 +330,12 @@ class LocalFederation:
             After ``timeout`` seconds.
 
         """
-        deadline = time.monotonic() + timeout
-        while (n := self.online_nodes()) < count:
-            if time.monotonic() > deadline:
-                raise FederationError(
-                    f"only {n} of {count} SuperNodes came online within {timeout:.0f} s; "
-                    f"see the logs in {self.group.log_dir}"
-                )
-            time.sleep(1.0)
+        n = wait_for_nodes(self.online_nodes, at_least=count, timeout=timeout)
+        if n < count:
+            raise FederationError(
+                f"only {n} of {count} SuperNodes came online within {timeout:.0f} s; "
+                f"see the logs in {self.group.log_dir}"
+            )
 
     def run(
         self,
@@ -460,7 +457,7 @@ def local_federation(
     with ProcessGroup(flwr_home / "logs", env=env, cwd=PROJECT_ROOT) as group:
         fed = LocalFederation(deploy_dir, plan, group, flwr_home, env)
         sl = group.start(link.name, [bin_path(link.executable), *link.argv])
-        wait_port(_port(link), sl.proc, sl.log_file, startup_timeout, name="SuperLink")
+        wait_listening(_port(link), sl.proc, sl.log_file, startup_timeout, name="SuperLink")
         server_sx = plan.superexec_for(link)
         group.start(server_sx.name, [bin_path(server_sx.executable), *server_sx.argv])
         supernodes = plan.by_role("supernode")

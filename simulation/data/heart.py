@@ -42,7 +42,7 @@ from sklearn.model_selection import train_test_split
 
 from common.errors import DataError, DataNotFoundError
 from common.site_dataset import SplitArrays, write_site_dataset
-from simulation.partition import natural_partition
+from simulation.data.partition import natural_partition
 
 log = logging.getLogger(__name__)
 

@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 
 from common.errors import ConfigError, DataError, DataNotFoundError
+from common.metrics import segmentation_metrics
 from common.site_dataset import SplitArrays, write_site_dataset
-from common.tasks import segmentation_metrics
-from simulation.sites import GLOBAL_EVAL
+from simulation.data.sites import GLOBAL_EVAL
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +374,7 @@ def inter_observer_metrics(data_dir: Path, *, plan: ChasePlan) -> dict[str, floa
     """Second observer vs first on the held-out children of ``plan`` (human reference).
 
     Same preprocessing and the same pooled Dice formula as the model's evaluation
-    (:func:`common.tasks.segmentation_metrics`).
+    (:func:`common.metrics.segmentation_metrics`).
     """
     data = load_chase(data_dir, size=plan.size)
     _, held_out = plan.assign(data.children.tolist())

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 import typer
 
-from client.train import make_optimizer, make_train_loader, train_epochs
+from client.train import TrainStats, make_optimizer, make_train_loader, train_epochs
+from common.cli import fail
 from common.config import RunConfig
-from common.evaluation import evaluate_task
 from common.models import get_model
 from common.site_dataset import SiteDataset, SplitArrays
-from common.tasks import get_task
+from common.tasks import evaluate_task, get_task
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,69 @@ def pool_splits(site_dirs: Sequence[Path], split: str = "train") -> SplitArrays:
     )
 
 
+def train_centralised(
+    split: SplitArrays,
+    run: RunConfig,
+    *,
+    epochs: int,
+    seed: int,
+    device: torch.device,
+    amp: bool = False,
+) -> tuple[torch.nn.Module, TrainStats]:
+    """Train a fresh model on ``split`` for ``epochs`` epochs with the run's optimiser.
+
+    The one central-training function of medfed: the pooled baseline (:func:`train_pooled`,
+    ``medfed pooled-baseline``) and the experiment's pooled and local baselines
+    (simulation/research/experiment.py) all train through it. The loop is client/train.py's
+    ``train_epochs`` (no DP: baselines are the non-private reference), the model is
+    initialised with ``torch.manual_seed(seed)`` exactly as the federated run's global
+    model, and batches are drawn with a generator seeded by ``seed``.
+
+    Parameters
+    ----------
+    split : SplitArrays
+        The training examples, images ``(N, C, H, W)``.
+    run : RunConfig
+        Model, task (its loss), batch size, learning rate, momentum, weight decay; DP
+        settings are ignored.
+    epochs : int
+        Passes over ``split``.
+    seed : int
+        Seeds the model's initialisation and the batch order.
+    device : torch.device
+        Where to train.
+    amp : bool
+        Mixed precision (CUDA only), as in :func:`client.train.train_epochs`.
+
+    Returns
+    -------
+    tuple[torch.nn.Module, TrainStats]
+        The trained model and what the loop did (loss, steps, seconds).
+
+    """
+    torch.manual_seed(seed)
+    model = get_model(run.model, **run.model_kwargs()).to(device)
+    loader = make_train_loader(
+        split, batch_size=run.train.batch_size, generator=torch.Generator().manual_seed(seed)
+    )
+    optimizer = make_optimizer(
+        model,
+        learning_rate=run.train.learning_rate,
+        momentum=run.train.momentum,
+        weight_decay=run.train.weight_decay,
+    )
+    stats = train_epochs(
+        model,
+        loader,
+        optimizer=optimizer,
+        epochs=epochs,
+        device=device,
+        criterion=get_task(run.task).make_loss(),
+        amp=amp,
+    )
+    return model, stats
+
+
 def train_pooled(
     site_dirs: Sequence[Path],
     eval_dir: Path,
@@ -82,31 +145,15 @@ def train_pooled(
     PooledResult
 
     """
-    task = get_task(run.task)
     train = pool_splits(site_dirs)
-    torch.manual_seed(run.seed)
-    model = get_model(run.model, **run.model_kwargs()).to(device)
-    loader = make_train_loader(
-        train, batch_size=run.batch_size, generator=torch.Generator().manual_seed(run.seed)
-    )
-    optimizer = make_optimizer(
-        model,
-        learning_rate=run.learning_rate,
-        momentum=run.momentum,
-        weight_decay=run.weight_decay,
-    )
-    epochs = run.num_server_rounds * run.local_epochs
-    stats = train_epochs(
-        model,
-        loader,
-        optimizer=optimizer,
-        epochs=epochs,
-        device=device,
-        criterion=task.make_loss(),
-        amp=run.amp,
+    epochs = run.num_server_rounds * run.train.local_epochs
+    model, stats = train_centralised(
+        train, run, epochs=epochs, seed=run.seed, device=device, amp=run.train.amp
     )
     val = SiteDataset(eval_dir).load("val")
-    metrics = evaluate_task(run.task, model, val.images, val.labels, batch_size=64, device=device)
+    metrics = evaluate_task(
+        run.task, model, val.images, val.labels, batch_size=run.evaluation.batch_size, device=device
+    )
     log.info("pooled %s: %d epochs on %d examples: %s", run.model, epochs, len(train), metrics)
     return PooledResult(metrics, len(train), epochs, stats.seconds)
 
@@ -127,18 +174,16 @@ def pooled_baseline(
     import json
     import sys
 
-    from rich.console import Console
-
     from common.device import resolve_device
     from common.errors import MedfedError
-    from simulation.chase import DATASET as CHASE
-    from simulation.chase import ChasePlan, inter_observer_metrics
-    from simulation.datasets import resolve_data_dir
-    from simulation.sites import GLOBAL_EVAL
+    from simulation.data.chase import DATASET as CHASE
+    from simulation.data.chase import ChasePlan, inter_observer_metrics
+    from simulation.data.datasets import resolve_data_dir
+    from simulation.data.sites import GLOBAL_EVAL
 
     try:
         raw = json.loads((run_dir / "config.json").read_text())
-        run = RunConfig.from_run_config(raw).replace(dp_enabled=False, amp=False)
+        run = RunConfig.from_run_config(raw).override({"dp.enabled": False, "amp": False})
         sites_dir = run_dir / "sites"
         site_dirs = sorted(sites_dir.glob("site-*"), key=lambda p: int(p.name.split("-")[1]))
         result = train_pooled(
@@ -161,6 +206,5 @@ def pooled_baseline(
             )
             out["inter-observer"] = inter_observer_metrics(resolve_data_dir(None), plan=plan)
     except (MedfedError, OSError) as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(code=2) from None
+        raise fail(exc) from None
     sys.stdout.write(json.dumps(out, indent=2) + "\n")

@@ -120,42 +120,37 @@ def _wait_until(
     raise FederationError(f"{name} did not open {what} within {timeout:.0f} s; see {log_file}")
 
 
-def wait_port(
-    port: int, proc: subprocess.Popen[bytes], log_file: Path, timeout: float, *, name: str
+def wait_listening(
+    address: int | Path,
+    proc: subprocess.Popen[bytes],
+    log_file: Path,
+    timeout: float,
+    *,
+    name: str,
 ) -> None:
-    """Wait until ``127.0.0.1:port`` accepts connections or ``proc`` exits.
+    """Wait until ``address`` accepts connections or ``proc`` exits.
+
+    Parameters
+    ----------
+    address : int or pathlib.Path
+        A TCP port on ``127.0.0.1``, or the path of a Unix socket.
 
     Raises
     ------
     FederationError
-        If ``proc`` exits first or the port stays closed for ``timeout`` seconds.
+        If ``proc`` exits first or ``address`` stays closed for ``timeout`` seconds.
 
     """
 
     def ready() -> bool:
+        if isinstance(address, Path):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                return address.exists() and s.connect_ex(str(address)) == 0
         with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
+            return s.connect_ex(("127.0.0.1", address)) == 0
 
-    _wait_until(ready, proc, log_file, timeout, name=name, what=f"port {port}")
-
-
-def wait_socket(
-    path: Path, proc: subprocess.Popen[bytes], log_file: Path, timeout: float, *, name: str
-) -> None:
-    """Wait until the Unix socket ``path`` accepts connections or ``proc`` exits.
-
-    Raises
-    ------
-    FederationError
-        If ``proc`` exits first or the socket stays closed for ``timeout`` seconds.
-
-    """
-
-    def ready() -> bool:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            return path.exists() and s.connect_ex(str(path)) == 0
-
-    _wait_until(ready, proc, log_file, timeout, name=name, what=str(path))
+    what = str(address) if isinstance(address, Path) else f"port {address}"
+    _wait_until(ready, proc, log_file, timeout, name=name, what=what)
 
 
 @dataclass

@@ -14,19 +14,20 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from common.errors import ChecksumError, DataError, DataNotFoundError
+from common.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -163,11 +164,8 @@ def to_model_images(images: np.ndarray) -> np.ndarray:
 
 def md5sum(path: Path) -> str:
     """MD5 of a file (hex), as published for MedMNIST (not used for security)."""
-    h = hashlib.md5(usedforsecurity=False)
     with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
 
 
 def download_medmnist(
@@ -194,14 +192,18 @@ def download_medmnist(
     out = Path(data_dir) / name / f"{name}.npz"
     if out.is_file() and md5sum(out) == info.md5:
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".part")
     log.info("downloading %s from %s", name, info.url)
-    with urllib.request.urlopen(info.url, timeout=timeout) as resp, tmp.open("wb") as fh:
-        shutil.copyfileobj(resp, fh)
-    digest = md5sum(tmp)
-    if digest != info.md5:
-        tmp.unlink()
-        raise ChecksumError(f"{name}: MD5 {digest} != published {info.md5}; download again")
-    tmp.replace(out)
+
+    def fetch(fh: BinaryIO) -> None:
+        digest = hashlib.md5(usedforsecurity=False)
+        with urllib.request.urlopen(info.url, timeout=timeout) as resp:
+            while chunk := resp.read(1 << 20):
+                digest.update(chunk)
+                fh.write(chunk)
+        if digest.hexdigest() != info.md5:  # raising keeps the old file, drops the new one
+            raise ChecksumError(
+                f"{name}: MD5 {digest.hexdigest()} != published {info.md5}; download again"
+            )
+
+    atomic_write(out, fetch, mode=None)
     return out

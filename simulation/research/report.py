@@ -13,7 +13,7 @@ Run directory (``rounds.jsonl``, ``config.json``, ``sites/`` or the run config's
 * ``time.png``: round wall time split into training, evaluation and other (s);
 * ``explain.png`` (+ ``explain.json``), when the run has ``best_model.pt`` or
   ``final_model.pt`` and a held-out site dataset: Grad-CAM / occlusion overlays of 8
-  right and wrong predictions (``simulation.model_tools.report_explain``);
+  right and wrong predictions (``simulation.research.model_tools.report_explain``);
 * ``report.html``: the best model (which round, by which aggregated site validation
   metric), the plots, the per-round table (with each round's model-selection score),
   failures and drops, the secure-aggregation faults (from ``secagg.jsonl``: which site
@@ -31,6 +31,7 @@ from __future__ import annotations
 import html
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ import matplotlib.pyplot as plt
 
 from common.errors import DataNotFoundError
 from server.runlog import DP_NOISE_REPRODUCIBLE
-from simulation.summary import best_model_line, model_selection, site_validation
+from simulation.research.summary import best_model_line, model_selection, site_validation
 
 REPORT_DIR = "report"
 REPORT_HTML = "report.html"
@@ -95,6 +96,27 @@ def _save(fig: Any, path: Path) -> None:
     plt.close(fig)
 
 
+def _save_per_round(fig: Any, axes: Sequence[Any], path: Path, *, grid: bool = False) -> None:
+    """Save a figure whose x axes are round numbers (integer ticks, optional grid)."""
+    for ax in axes:
+        if grid:
+            ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    _save(fig, path)
+
+
+def _stacked_bars(
+    ax: Any, xs: list[int], layers: Sequence[tuple[list[float], str, str | None]]
+) -> None:
+    """Bars stacked bottom-up: ``layers`` of ``(heights, label, colour or None)``."""
+    bottom: list[float] | None = None
+    for heights, label, color in layers:
+        ax.bar(xs, heights, bottom=bottom, color=color, label=label)
+        bottom = (
+            heights if bottom is None else [a + b for a, b in zip(bottom, heights, strict=True)]
+        )
+
+
 def plot_metrics(rounds: list[dict[str, Any]], path: Path, names: dict[str, str]) -> None:
     """Global accuracy/AUROC and per-site local validation accuracy vs round."""
     fig, (left, right) = _new_axes(2, 6.0)
@@ -131,10 +153,7 @@ def plot_metrics(rounds: list[dict[str, Any]], path: Path, names: dict[str, str]
     )
     if right.lines:
         right.legend(loc="lower right", fontsize=8, ncol=2)
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    _save(fig, path)
+    _save_per_round(fig, (left, right), path, grid=True)
 
 
 def plot_participation(rounds: list[dict[str, Any]], path: Path) -> None:
@@ -145,20 +164,16 @@ def plot_participation(rounds: list[dict[str, Any]], path: Path) -> None:
     replied = [len(r["train"].get("replied", [])) for r in rs]
     failed = [len(r["train"].get("failed", {})) for r in rs]
     dropped = [len(r["train"].get("dropped", [])) for r in rs]
-    ax.bar(xs, replied, color="tab:green", label="replied")
-    ax.bar(xs, failed, bottom=replied, color="tab:red", label="failed (error reply)")
-    ax.bar(
-        xs,
-        dropped,
-        bottom=[a + b for a, b in zip(replied, failed, strict=True)],
-        color="tab:orange",
-        label="dropped (no reply)",
-    )
+    layers = [
+        (replied, "replied", "tab:green"),
+        (failed, "failed (error reply)", "tab:red"),
+        (dropped, "dropped (no reply)", "tab:orange"),
+    ]
+    _stacked_bars(ax, xs, layers)
     ax.set(xlabel="round", ylabel="sites (count)", title="Site participation in training")
     ax.legend(fontsize=8, loc="lower right")
     ax.yaxis.get_major_locator().set_params(integer=True)
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    _save(fig, path)
+    _save_per_round(fig, [ax], path)
 
 
 def plot_epsilon(rounds: list[dict[str, Any]], path: Path, names: dict[str, str]) -> None:
@@ -178,9 +193,7 @@ def plot_epsilon(rounds: list[dict[str, Any]], path: Path, names: dict[str, str]
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "DP off: no privacy accounting", ha="center", transform=ax.transAxes)
-    ax.grid(alpha=0.3)
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    _save(fig, path)
+    _save_per_round(fig, [ax], path, grid=True)
 
 
 def plot_bytes(rounds: list[dict[str, Any]], path: Path) -> None:
@@ -208,8 +221,7 @@ def plot_bytes(rounds: list[dict[str, Any]], path: Path) -> None:
     )
     ax.set(xlabel="round", ylabel="model arrays on the wire (MB)", title="Bytes per round")
     ax.legend(fontsize=8)
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    _save(fig, path)
+    _save_per_round(fig, [ax], path)
 
 
 def plot_time(rounds: list[dict[str, Any]], path: Path) -> None:
@@ -223,18 +235,15 @@ def plot_time(rounds: list[dict[str, Any]], path: Path) -> None:
         max(0.0, _num(r.get("wall-seconds", 0)) - t - e)
         for r, t, e in zip(rs, train, ev, strict=True)
     ]
-    ax.bar(xs, train, label="training phase (slowest site)")
-    ax.bar(xs, ev, bottom=train, label="evaluation phase")
-    ax.bar(
-        xs,
-        other,
-        bottom=[t + e for t, e in zip(train, ev, strict=True)],
-        label="other (aggregation, checkpoint, global eval)",
-    )
+    layers = [
+        (train, "training phase (slowest site)", None),
+        (ev, "evaluation phase", None),
+        (other, "other (aggregation, checkpoint, global eval)", None),
+    ]
+    _stacked_bars(ax, xs, layers)
     ax.set(xlabel="round", ylabel="seconds", title="Round time breakdown")
     ax.legend(fontsize=8)
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    _save(fig, path)
+    _save_per_round(fig, [ax], path)
 
 
 # ----------------------------------------------------------------------------- html
@@ -331,35 +340,40 @@ def site_summary(sites_dir: Path | None) -> list[list[Any]]:
     return rows
 
 
-def write_run_report(run_dir: Path) -> Path:
-    """Write ``<run_dir>/report/`` (5 PNGs + report.html) for a finished run.
+def _write_run_plots(
+    rounds: list[dict[str, Any]], run_dir: Path, out: Path, names: dict[str, str]
+) -> list[str]:
+    """Write a run's plots into ``out``.
 
-    Raises
-    ------
-    DataNotFoundError
-        If ``run_dir`` has no ``rounds.jsonl``.
+    Returns
+    -------
+    list[str]
+        File names of the figures, ``explain.png`` last if the model and data allow it.
 
     """
-    run_dir = Path(run_dir)
-    rounds = _read_rounds(run_dir)
-    out = run_dir / REPORT_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    names = _site_names(rounds)
     plot_metrics(rounds, out / "metrics.png", names)
     plot_participation(rounds, out / "participation.png")
     plot_epsilon(rounds, out / "epsilon.png", names)
     plot_bytes(rounds, out / "bytes.png")
     plot_time(rounds, out / "time.png")
-    from simulation.model_tools import report_explain
+    from simulation.research.model_tools import report_explain
 
-    figures = [*RUN_PLOTS, *report_explain(run_dir, out)]  # explain.png if model + data
-    cfg_path = run_dir / "config.json"
-    config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    return [*RUN_PLOTS, *report_explain(run_dir, out)]  # explain.png if model + data
+
+
+def _rounds_table(rounds: list[dict[str, Any]], names: dict[str, str]) -> str:
+    """Return the HTML table of a run's rounds (metrics, replies, failures, timing).
+
+    Returns
+    -------
+    str
+        The ``<table>`` element.
+
+    """
     validated = site_validation(rounds)
     selection = model_selection(rounds)
     scores = selection["scores"] if selection is not None else {}
     best_round = selection["best-round"] if selection is not None else None
-    best_line = best_model_line(rounds)
     per_round = [
         [
             f"{r['round']} (best)" if r["round"] == best_round else r["round"],
@@ -381,10 +395,36 @@ def write_run_report(run_dir: Path) -> Path:
         ]
         for r in rounds
     ]
-    not_private = any(r.get("dp-noise") == DP_NOISE_REPRODUCIBLE for r in rounds)
+    return _table(
+        [
+            "round",
+            "global acc",
+            "global AUROC",
+            "mean site val acc",
+            f"model selection ({selection['metric']})" if selection else "model selection",
+            "train loss",
+            "replied",
+            "failed (reason)",
+            "dropped",
+            "wall s",
+            "error",
+        ],
+        per_round,
+    )
+
+
+def _secagg_section(run_dir: Path, names: dict[str, str]) -> list[str]:
+    """Return the HTML pieces of the secure aggregation faults section.
+
+    Returns
+    -------
+    list[str]
+        Empty if the run has no secure aggregation records.
+
+    """
     secagg = _read_secagg(run_dir)
     secagg_rows = secagg_fault_rows(secagg, names)
-    secagg_section = (
+    return (
         [
             "<h2>Secure aggregation faults</h2>",
             _table(
@@ -396,6 +436,28 @@ def write_run_report(run_dir: Path) -> Path:
         if secagg
         else []
     )
+
+
+def write_run_report(run_dir: Path) -> Path:
+    """Write ``<run_dir>/report/`` (5 PNGs + report.html) for a finished run.
+
+    Raises
+    ------
+    DataNotFoundError
+        If ``run_dir`` has no ``rounds.jsonl``.
+
+    """
+    run_dir = Path(run_dir)
+    rounds = _read_rounds(run_dir)
+    out = run_dir / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    names = _site_names(rounds)
+    figures = _write_run_plots(rounds, run_dir, out, names)
+    cfg_path = run_dir / "config.json"
+    config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    best_line = best_model_line(rounds)
+    not_private = any(r.get("dp-noise") == DP_NOISE_REPRODUCIBLE for r in rounds)
+    secagg_section = _secagg_section(run_dir, names)
     body = [
         f"<h1>medfed run report: {html.escape(run_dir.name)}</h1>",
         *(
@@ -418,22 +480,7 @@ def write_run_report(run_dir: Path) -> Path:
         *[f"<img src='{p}' alt='{p}'>" for p in figures],
         "</div>",
         "<h2>Rounds</h2>",
-        _table(
-            [
-                "round",
-                "global acc",
-                "global AUROC",
-                "mean site val acc",
-                f"model selection ({selection['metric']})" if selection else "model selection",
-                "train loss",
-                "replied",
-                "failed (reason)",
-                "dropped",
-                "wall s",
-                "error",
-            ],
-            per_round,
-        ),
+        _rounds_table(rounds, names),
         *secagg_section,
         "<h2>Site datasets</h2>",
         _table(
@@ -507,24 +554,15 @@ def plot_accuracy(summary: list[dict[str, Any]], path: Path) -> None:
     _save(fig, path)
 
 
-def write_experiment_report(exp_dir: Path) -> Path:
-    """Write ``<exp_dir>/report.html`` (+ PNGs) and a report for each federated run.
+def _write_run_reports(runs: list[dict[str, Any]], exp_dir: Path) -> list[str]:
+    """Write the report of each finished federated run of an experiment.
 
-    Raises
-    ------
-    DataNotFoundError
-        If ``exp_dir`` has no ``results.json``.
+    Returns
+    -------
+    list[str]
+        One HTML ``<li>`` link per report, relative to ``exp_dir`` where possible.
 
     """
-    exp_dir = Path(exp_dir)
-    path = exp_dir / "results.json"
-    if not path.is_file():
-        raise DataNotFoundError(f"{exp_dir} has no results.json: run `medfed experiment` first")
-    rows = json.loads(path.read_text())
-    summary = [r for r in rows if r.get("kind") == "summary"]
-    runs = [r for r in rows if r.get("kind") == "run"]
-    plot_ratios(summary, exp_dir / "ratios.png")
-    plot_accuracy(summary, exp_dir / "accuracy.png")
     links = []
     for r in runs:
         run_dir = Path(r["run-dir"])
@@ -535,11 +573,24 @@ def write_experiment_report(exp_dir: Path) -> Path:
                 f"<li><a href='{html.escape(str(rel))}'>{html.escape(r['split'])} / "
                 f"{html.escape(r['setting'])} / seed {r['seed']}</a></li>"
             )
+    return links
 
-    def pm(r: dict[str, Any], key: str) -> str:
-        return f"{_f(r[key], 3)} ± {_f(r.get(key + '-std'), 3)}"
 
-    table = _table(
+def _pm(r: dict[str, Any], key: str) -> str:
+    """Format ``r[key]`` as ``mean ± std`` (3 digits)."""
+    return f"{_f(r[key], 3)} ± {_f(r.get(key + '-std'), 3)}"
+
+
+def _summary_table(summary: list[dict[str, Any]]) -> str:
+    """Return the HTML table of the experiment's results, mean ± std over seeds.
+
+    Returns
+    -------
+    str
+        The ``<table>`` element.
+
+    """
+    return _table(
         [
             "split",
             "setting",
@@ -558,17 +609,28 @@ def write_experiment_report(exp_dir: Path) -> Path:
                 r["setting"],
                 "on" if r["dp"] else "off",
                 r["seeds"],
-                pm(r, "federated"),
-                pm(r, "pooled"),
-                pm(r, "best-local"),
-                pm(r, "fed/pooled"),
-                pm(r, "fed/best-local"),
+                _pm(r, "federated"),
+                _pm(r, "pooled"),
+                _pm(r, "best-local"),
+                _pm(r, "fed/pooled"),
+                _pm(r, "fed/best-local"),
                 _f(r["max-epsilon"], 2) if r["dp"] else "-",
             ]
             for r in summary
         ],
     )
-    per_seed = _table(
+
+
+def _per_seed_table(runs: list[dict[str, Any]]) -> str:
+    """Return the HTML table of the experiment's results for each seed.
+
+    Returns
+    -------
+    str
+        The ``<table>`` element.
+
+    """
+    return _table(
         [
             "split",
             "setting",
@@ -593,6 +655,29 @@ def write_experiment_report(exp_dir: Path) -> Path:
             for r in runs
         ],
     )
+
+
+def write_experiment_report(exp_dir: Path) -> Path:
+    """Write ``<exp_dir>/report.html`` (+ PNGs) and a report for each federated run.
+
+    Raises
+    ------
+    DataNotFoundError
+        If ``exp_dir`` has no ``results.json``.
+
+    """
+    exp_dir = Path(exp_dir)
+    path = exp_dir / "results.json"
+    if not path.is_file():
+        raise DataNotFoundError(f"{exp_dir} has no results.json: run `medfed experiment` first")
+    rows = json.loads(path.read_text())
+    summary = [r for r in rows if r.get("kind") == "summary"]
+    runs = [r for r in rows if r.get("kind") == "run"]
+    plot_ratios(summary, exp_dir / "ratios.png")
+    plot_accuracy(summary, exp_dir / "accuracy.png")
+    links = _write_run_reports(runs, exp_dir)
+    table = _summary_table(summary)
+    per_seed = _per_seed_table(runs)
     first_sites = Path(runs[0]["run-dir"]).parent / "sites" if runs else None
     exp_cfg = exp_dir / "experiment.json"
     body = [

@@ -18,8 +18,8 @@ import numpy as np
 
 from common.errors import ConfigError, DataError
 from common.site_dataset import SplitArrays, write_site_dataset
-from simulation.datasets import load_medmnist_split, md5sum, to_model_images
-from simulation.partition import (
+from simulation.data.datasets import load_medmnist_split, md5sum, to_model_images
+from simulation.data.partition import (
     dirichlet_partition,
     iid_partition,
     quantity_skew_partition,
@@ -98,7 +98,7 @@ def create_virtual_sites(
     """Write ``site-0 .. site-{N-1}`` and ``global-val`` site datasets under ``out_dir``.
 
     With ``via_dicom``, each site goes through the hospital path instead: its images are
-    written as DICOM files with a labels CSV (``simulation.export_dicom``) under
+    written as DICOM files with a labels CSV (``simulation.data.export_dicom``) under
     ``via_dicom/site_<i>/`` and ingested (``client.data.ingest``) into ``site-<i>``, with
     a patient-level local split; the pixels are the same (``uint8 / 255``).
 
@@ -198,7 +198,7 @@ def _site_via_dicom(
 ) -> dict[str, Any]:
     """Export one site's images as DICOM and ingest them back (the hospital path)."""
     from client.data.ingest import IngestOptions, ingest
-    from simulation.export_dicom import SITE_MANUFACTURERS, export_site_dicom
+    from simulation.data.export_dicom import SITE_MANUFACTURERS, export_site_dicom
 
     exported = export_site_dicom(
         images,
