@@ -425,7 +425,7 @@ def _torchscript_probs(module: torch.jit.ScriptModule, raw: np.ndarray) -> np.nd
 
 
 def _onnx_probs(path: Path, raw: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort  # type: ignore[import-untyped]
+    import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (out,) = sess.run(["probabilities"], {"images": np.ascontiguousarray(raw)})
