@@ -257,11 +257,16 @@ def test_tampered_clientapp_gets_nothing_from_the_site_worker(
             assert got["code"] == code, (i, attempt, got)
             assert got["reason"] == fixed_reason(code, detail), (i, attempt, got)
             assert got["records"] == {}
-        # (e) an evaluation returns allow-listed metrics only, never a withheld one
+        # (e) an evaluation returns allow-listed metrics only, never a withheld one, and
+        # (SecAgg+ off, a binary classifier with an operating point) the site's validation
+        # score histogram, which the egress schema checks (common/secure_sum.py): float32
+        # counts of shape (2, operating-point-bins), nothing else
         evaluations = report["evaluations"]
         for got in evaluations[:MAX_EVALUATIONS]:
-            assert got["code"] == 0 and got["array-bytes"] == 0, (i, got)
-            assert list(got["records"]) == ["metrics"], (i, got)
+            assert got["code"] == 0, (i, got)
+            assert set(got["records"]) == {"metrics", "medfed.secure-sum"}, (i, got)
+            assert got["records"]["medfed.secure-sum"] == ["score-histogram"], (i, got)
+            assert 0 < got["array-bytes"] <= 2 * 100 * 4 + 256, (i, got)
             names = set(got["records"]["metrics"])
             assert "num-examples" in names and names <= set(ALLOWED_METRICS), (i, names)
             assert names.isdisjoint(WITHHELD_METRICS)
@@ -303,7 +308,7 @@ def test_tampered_clientapp_gets_nothing_from_the_site_worker(
         assert refusals == expected, (i, refusals)
         replies = [e for e in entries if e["event"] == "reply"]
         assert [e["message-type"] for e in replies] == ["evaluate"] * MAX_EVALUATIONS
-        assert all(list(e["records"]) == ["metrics"] for e in replies), replies
+        assert all(set(e["records"]) == {"metrics", "medfed.secure-sum"} for e in replies), replies
     for i, (out, rc_verify) in verified.items():
         assert rc_verify == 0, (i, out)
 
