@@ -33,7 +33,26 @@ def new_message(
     return Message(content, metadata=md)
 
 
-class InMemoryGrid(Grid):
+class StubGrid(Grid):
+    """The parts of a test ``Grid`` that do not move messages: nodes ``node_ids``, no run."""
+
+    node_ids: list[int]
+
+    def set_run(self, run_id: int) -> None:
+        pass
+
+    @property
+    def run(self):  # pragma: no cover - not used
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return new_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self):
+        return list(self.node_ids)
+
+
+class InMemoryGrid(StubGrid):
     """A ``Grid`` without a SuperLink: each pushed message is answered at once.
 
     Subclasses implement :meth:`answer`; a pushed message gets a fresh id as a SuperLink
@@ -50,19 +69,6 @@ class InMemoryGrid(Grid):
     def answer(self, msg: Message) -> Message:
         """Return the node's reply to ``msg``."""
         raise NotImplementedError
-
-    def set_run(self, run_id: int) -> None:
-        pass
-
-    @property
-    def run(self):  # pragma: no cover - not used
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return new_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self):
-        return list(self.node_ids)
 
     def push_messages(self, messages):
         ids = []

@@ -9,29 +9,17 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from server.grid import PromptGrid
-from tests.server.messages import new_message
+from tests.server.messages import StubGrid
 
 
-class DelayedReplyGrid(Grid):
+class DelayedReplyGrid(StubGrid):
     """Transport whose reply to node ``n`` becomes pullable ``delays[n]`` seconds after push."""
 
     def __init__(self, delays: dict[int, float]) -> None:
         self.delays = delays
+        self.node_ids = list(delays)
         self.ready_at: dict[str, tuple[float, Message]] = {}
         self.pulls = 0
-
-    def set_run(self, run_id: int) -> None:
-        pass
-
-    @property
-    def run(self):  # pragma: no cover - not used
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return new_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self):
-        return list(self.delays)
 
     def get_nodes(self):
         return list(self.delays)

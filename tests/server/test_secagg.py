@@ -45,7 +45,7 @@ from server.secagg import (
     SecAggGrid,
     SecAggRound,
 )
-from tests.server.messages import new_message
+from tests.server.messages import StubGrid
 
 Handler = Callable[[Message, Context], Message]
 
@@ -74,7 +74,7 @@ def train_handler(*, steps: int = 2, lr: float = 0.05) -> Handler:
     return handler
 
 
-class InProcessGrid(Grid):
+class InProcessGrid(StubGrid):
     """Deliver messages to in-process sites through ``secagg_mod``; drop on request."""
 
     def __init__(
@@ -91,24 +91,12 @@ class InProcessGrid(Grid):
             n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config=cfg)
             for n in node_ids
         }
+        self.node_ids = list(self.contexts)
         self.handler = handler
         self.drop = drop or (lambda stage, node: False)
         self.tamper = tamper
         self.sent: list[Message] = []
         self.replies: list[Message] = []
-
-    def set_run(self, run_id: int) -> None:
-        pass
-
-    @property
-    def run(self):  # pragma: no cover - not used
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return new_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self):
-        return list(self.contexts)
 
     def push_messages(self, messages):  # pragma: no cover - not used
         raise NotImplementedError
