@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import logging
 
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client.relay import WORKER_KEY, relay
-from common.replies import ReplyCode, fixed_reason
+from client.replies import error_message
+from common.replies import ReplyCode
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def dispatch(msg: Message, context: Context) -> Message:
         WORKER_KEY,
     )
     code = ReplyCode.WORKER_UNAVAILABLE
-    return Message(Error(code=int(code), reason=fixed_reason(code)), reply_to=msg)
+    return error_message(msg, code)
 
 
 @app.train()

@@ -534,7 +534,7 @@ class PrivacyLedger:
         Raises
         ------
         PrivacyError
-            If the current ledger fails verification; nothing is written.
+            As :meth:`write`.
         """
         with self.lock():
             seq, entries = self._load()

@@ -16,8 +16,9 @@ from collections.abc import Mapping
 import grpc
 from flwr.app import Error, Message, MessageType
 
+from client.replies import error_message
 from client.site import api
-from common.replies import ReplyCode, fixed_reason
+from common.replies import ReplyCode
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,6 @@ def _timeout(run_config: Mapping[str, object]) -> float:
     if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
         return float(value) + 60.0
     return DEFAULT_TIMEOUT
-
-
-def _error(msg: Message, code: ReplyCode, detail: str = "") -> Message:
-    return Message(Error(code=int(code), reason=fixed_reason(code, detail)), reply_to=msg)
 
 
 def call_worker(socket: str, method: str, request: bytes, *, timeout: float) -> bytes:
@@ -70,7 +67,7 @@ def relay(msg: Message, run_config: Mapping[str, object], *, socket: str) -> Mes
     methods = {MessageType.TRAIN: api.TRAIN, MessageType.EVALUATE: api.EVALUATE}
     method = methods.get(msg.metadata.message_type)
     if method is None:
-        return _error(msg, ReplyCode.BAD_REQUEST, "message-type")
+        return error_message(msg, ReplyCode.BAD_REQUEST, "message-type")
     try:
         data = call_worker(
             socket, method, api.encode_request(msg, run_config), timeout=_timeout(run_config)
@@ -80,8 +77,8 @@ def relay(msg: Message, run_config: Mapping[str, object], *, socket: str) -> Mes
         status = exc.code() if isinstance(exc, grpc.Call) else None
         log.error("site worker at %s: %s", socket, status)
         if status == grpc.StatusCode.INVALID_ARGUMENT:
-            return _error(msg, ReplyCode.BAD_REQUEST, "decode")
-        return _error(msg, ReplyCode.WORKER_UNAVAILABLE)
+            return error_message(msg, ReplyCode.BAD_REQUEST, "decode")
+        return error_message(msg, ReplyCode.WORKER_UNAVAILABLE)
     if reply.has_error():
         return Message(Error(code=reply.error.code, reason=reply.error.reason), reply_to=msg)
     return Message(reply.content, reply_to=msg)

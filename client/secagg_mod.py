@@ -55,34 +55,10 @@ from common import secure_sum
 from common.config import SecAggConfig
 from common.errors import ConfigError, DataError
 from common.replies import ReplyCode
-from common.secagg import crypto
-from common.secagg.encoding import (
-    Layout,
-    check_clip_range,
-    encode,
-    flat_delta,
-    quantisation_step,
-)
+from common.secagg import crypto, schema
+from common.secagg.encoding import Layout, check_clip_range, encode, flat_delta, quantisation_step
 from common.secagg.errors import SecAggError, SecAggProtocolError
-from common.secagg.params import (
-    ADVERTISE,
-    MASKED_INPUT,
-    RECORD,
-    SHARE_KEYS,
-    UNMASK,
-    WEIGHT_KEY,
-)
-from common.secagg.schema import (
-    AdvertiseReply,
-    Ciphertexts,
-    Header,
-    ShareKeysRequest,
-    UnmaskReply,
-    UnmaskRequest,
-    masked_input_reply,
-    share_keys_reply,
-    stage_of,
-)
+from common.secagg.params import ADVERTISE, MASKED_INPUT, RECORD, SHARE_KEYS, UNMASK, WEIGHT_KEY
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +149,7 @@ def _empty_list(v: Any) -> bool:
     return isinstance(v, list) and not v
 
 
-def _check_step(state: SiteSecAggState, header: Header, *, expected: str) -> None:
+def _check_step(state: SiteSecAggState, header: schema.Header, *, expected: str) -> None:
     if state.stage != expected:
         raise SecAggProtocolError(
             f"secagg stage {header.stage!r} arrived after {state.stage or 'nothing'!r}; "
@@ -187,7 +163,7 @@ def _check_step(state: SiteSecAggState, header: Header, *, expected: str) -> Non
 def advertise_keys(
     *,
     node_id: int,
-    header: Header,
+    header: schema.Header,
     train_reply: RecordDict,
     global_arrays: ArrayRecord,
     params: SecAggConfig,
@@ -198,7 +174,7 @@ def advertise_keys(
     ----------
     node_id : int
         This site's Flower node id.
-    header : Header
+    header : schema.Header
         The request header (round, session nonce).
     train_reply : RecordDict
         The train handler's reply: one ``ArrayRecord`` (trained state) and one
@@ -263,7 +239,7 @@ def advertise_keys(
         weight=float(weight),
         delta=delta,
     )
-    reply = AdvertiseReply(
+    reply = schema.AdvertiseReply(
         enc_pk=crypto.public_key(state.enc_sk),
         mask_pk=crypto.public_key(state.mask_sk),
         seed_commit=crypto.commit(state.seed),
@@ -273,7 +249,11 @@ def advertise_keys(
 
 
 def share_keys(
-    state: SiteSecAggState, *, header: Header, request: ShareKeysRequest, params: SecAggConfig
+    state: SiteSecAggState,
+    *,
+    header: schema.Header,
+    request: schema.ShareKeysRequest,
+    params: SecAggConfig,
 ) -> RecordDict:
     """Stage 1: Shamir-share ``mask_sk`` and ``seed``; encrypt each neighbour's shares.
 
@@ -327,7 +307,7 @@ def share_keys(
     state.threshold = expected_t
     state.step = quantisation_step(clip_range=params.clip_range, total_weight=request.total_weight)
     state.stage = SHARE_KEYS
-    return RecordDict({RECORD: share_keys_reply(Ciphertexts(dst, cts))})
+    return RecordDict({RECORD: schema.share_keys_reply(schema.Ciphertexts(dst, cts))})
 
 
 def _share_key(state: SiteSecAggState, peer: int, peer_enc_pk: bytes) -> bytes:
@@ -345,8 +325,8 @@ def _share_key(state: SiteSecAggState, peer: int, peer_enc_pk: bytes) -> bytes:
 def masked_input(
     state: SiteSecAggState,
     *,
-    header: Header,
-    request: Ciphertexts,
+    header: schema.Header,
+    request: schema.Ciphertexts,
     params: SecAggConfig,
     rng: np.random.Generator | None = None,
 ) -> RecordDict:
@@ -414,10 +394,12 @@ def masked_input(
         )
     state.delta = None  # the plaintext update is no longer needed
     state.stage = MASKED_INPUT
-    return masked_input_reply(vector, active=sorted(active), rejected=sorted(rejected))
+    return schema.masked_input_reply(vector, active=sorted(active), rejected=sorted(rejected))
 
 
-def unmask(state: SiteSecAggState, *, header: Header, request: UnmaskRequest) -> RecordDict:
+def unmask(
+    state: SiteSecAggState, *, header: schema.Header, request: schema.UnmaskRequest
+) -> RecordDict:
     """Stage 3: reveal seed shares of survivors and mask-key shares of dropped sites.
 
     Raises
@@ -442,7 +424,7 @@ def unmask(state: SiteSecAggState, *, header: Header, request: UnmaskRequest) ->
     held[state.node_id] = (state.own_key_share, state.own_seed_share)
     seed_nodes = [u for u in request.survivors if u in held]
     key_nodes = [u for u in request.dropped if u in held and u != state.node_id]
-    reply = UnmaskReply(
+    reply = schema.UnmaskReply(
         seed_nodes=seed_nodes,
         seed_shares=[held[u][1] for u in seed_nodes],
         key_nodes=key_nodes,
@@ -457,8 +439,8 @@ def _without_secagg(content: RecordDict) -> RecordDict:
 
 
 def _handle(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    stage = stage_of(msg.content)
-    header = Header.parse(msg.content.config_records[RECORD])
+    stage = schema.stage_of(msg.content)
+    header = schema.Header.parse(msg.content.config_records[RECORD])
     params = job_of(context).run.secagg
     if stage == ADVERTISE:
         arrays = msg.content.array_records
@@ -484,14 +466,14 @@ def _handle(msg: Message, context: Context, call_next: ClientAppCallable) -> Mes
         rec = msg.content.config_records[RECORD]
         if stage == SHARE_KEYS:
             content = share_keys(
-                state, header=header, request=ShareKeysRequest.parse(rec), params=params
+                state, header=header, request=schema.ShareKeysRequest.parse(rec), params=params
             )
         elif stage == MASKED_INPUT:
             content = masked_input(
-                state, header=header, request=Ciphertexts.parse(rec, "src"), params=params
+                state, header=header, request=schema.Ciphertexts.parse(rec, "src"), params=params
             )
         else:
-            content = unmask(state, header=header, request=UnmaskRequest.parse(rec))
+            content = unmask(state, header=header, request=schema.UnmaskRequest.parse(rec))
             state = SiteSecAggState()  # the round is over: wipe its secrets
     state.save(context, drop_delta=stage in (MASKED_INPUT, UNMASK))
     return Message(content, reply_to=msg)

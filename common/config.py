@@ -26,8 +26,9 @@ ConfigScalar = bool | int | float | str | bytes
 Check = Callable[[Any], str | None]
 
 
-def _key(name: str, help_: str, check: Check | None = None) -> dict[str, Any]:
-    return {"key": name, "help": help_, "check": check}
+def _option(default: Any, key: str, help_: str, check: Check | None = None) -> Any:
+    """Declare a dataclass field for the flat config ``key`` (its help and value check)."""
+    return field(default=default, metadata={"key": key, "help": help_, "check": check})
 
 
 def _positive(v: Any) -> str | None:
@@ -38,8 +39,13 @@ def _fraction(v: Any) -> str | None:
     return None if 0.0 <= v <= 1.0 else "must be in [0, 1]"
 
 
-def _unit_interval_open(v: Any) -> str | None:
-    return None if 0.0 <= v < 1.0 else "must be in [0, 1)"
+def _half_open(low: float, high: float) -> Check:
+    """Check that a value lies in ``[low, high)``."""
+
+    def check(v: Any) -> str | None:
+        return None if low <= v < high else f"must be in [{low:g}, {high:g})"
+
+    return check
 
 
 def _non_negative(v: Any) -> str | None:
@@ -188,53 +194,34 @@ class _Group:
 class TrainConfig(_Group):
     """Local training at every site (``run.train``; top-level keys)."""
 
-    local_epochs: int = field(
-        default=1, metadata=_key("local-epochs", "local epochs per round", _positive)
+    local_epochs: int = _option(1, "local-epochs", "local epochs per round", _positive)
+    batch_size: int = _option(32, "batch-size", "local (logical) batch size", _positive)
+    learning_rate: float = _option(0.05, "learning-rate", "local SGD learning rate", _positive)
+    momentum: float = _option(0.9, "momentum", "local SGD momentum", _half_open(0.0, 1.0))
+    weight_decay: float = _option(0.0, "weight-decay", "local SGD L2 penalty", _non_negative)
+    amp: bool = _option(
+        False,
+        "amp",
+        "mixed precision (bfloat16 autocast) for local training; only with dp.enabled=false",
     )
-    batch_size: int = field(
-        default=32, metadata=_key("batch-size", "local (logical) batch size", _positive)
+    class_weighting: str = _option(
+        "auto",
+        "class-weighting",
+        "class-weighted cross-entropy: 'auto' ('site' for classification, 'none' for "
+        "segmentation), 'none', 'site' (inverse frequency of the site's own training "
+        "labels) or 'federation' (of the federation's label counts, summed before round "
+        "1 without any site revealing its own: under SecAgg+ when it is on)",
+        _one_of(*CLASS_WEIGHTINGS),
     )
-    learning_rate: float = field(
-        default=0.05, metadata=_key("learning-rate", "local SGD learning rate", _positive)
+    class_weight_max: float = _option(
+        10.0, "class-weight-max", "cap on any class weight (rare classes), >= 1", _max_weight
     )
-    momentum: float = field(
-        default=0.9, metadata=_key("momentum", "local SGD momentum", _unit_interval_open)
-    )
-    weight_decay: float = field(
-        default=0.0, metadata=_key("weight-decay", "local SGD L2 penalty", _non_negative)
-    )
-    amp: bool = field(
-        default=False,
-        metadata=_key(
-            "amp",
-            "mixed precision (bfloat16 autocast) for local training; only with dp.enabled=false",
-        ),
-    )
-    class_weighting: str = field(
-        default="auto",
-        metadata=_key(
-            "class-weighting",
-            "class-weighted cross-entropy: 'auto' ('site' for classification, 'none' for "
-            "segmentation), 'none', 'site' (inverse frequency of the site's own training "
-            "labels) or 'federation' (of the federation's label counts, summed before round "
-            "1 without any site revealing its own: under SecAgg+ when it is on)",
-            _one_of(*CLASS_WEIGHTINGS),
-        ),
-    )
-    class_weight_max: float = field(
-        default=10.0,
-        metadata=_key(
-            "class-weight-max", "cap on any class weight (rare classes), >= 1", _max_weight
-        ),
-    )
-    augment: str = field(
-        default="none",
-        metadata=_key(
-            "augment",
-            "training-time image augmentation at each site (MONAI affine, intensity, "
-            "noise): 'none', 'light' or 'medium'",
-            _one_of(*AUGMENTATIONS),
-        ),
+    augment: str = _option(
+        "none",
+        "augment",
+        "training-time image augmentation at each site (MONAI affine, intensity, "
+        "noise): 'none', 'light' or 'medium'",
+        _one_of(*AUGMENTATIONS),
     )
 
 
@@ -242,33 +229,27 @@ class TrainConfig(_Group):
 class EvaluationConfig(_Group):
     """How global models are evaluated and the best one picked (``run.evaluation``)."""
 
-    in_train: bool = field(
-        default=True,
-        metadata=_key(
-            "evaluate-in-train",
-            "sites evaluate the received global model on their validation split inside the "
-            "train message (no separate evaluate exchange per round); the evaluate message "
-            "then runs only for the final model",
-        ),
+    in_train: bool = _option(
+        True,
+        "evaluate-in-train",
+        "sites evaluate the received global model on their validation split inside the "
+        "train message (no separate evaluate exchange per round); the evaluate message "
+        "then runs only for the final model",
     )
-    selection_metric: str = field(
-        default=AUTO_SELECTION,
-        metadata=_key(
-            "model-selection-metric",
-            "aggregated site validation metric that picks best_model.pt: 'auto' "
-            "(val-balanced-accuracy for classification, the task's headline metric "
-            "otherwise) or val-<metric> of the run's task; a metric ending in 'loss' is "
-            "minimised, any other maximised",
-        ),
+    selection_metric: str = _option(
+        AUTO_SELECTION,
+        "model-selection-metric",
+        "aggregated site validation metric that picks best_model.pt: 'auto' "
+        "(val-balanced-accuracy for classification, the task's headline metric "
+        "otherwise) or val-<metric> of the run's task; a metric ending in 'loss' is "
+        "minimised, any other maximised",
     )
-    batch_size: int = field(
-        default=EVAL_BATCH_SIZE,
-        metadata=_key(
-            "eval-batch-size",
-            "images per forward pass when a model is only evaluated (site validation, "
-            "server-side and baseline evaluation); memory only, never a metric",
-            _positive,
-        ),
+    batch_size: int = _option(
+        EVAL_BATCH_SIZE,
+        "eval-batch-size",
+        "images per forward pass when a model is only evaluated (site validation, "
+        "server-side and baseline evaluation); memory only, never a metric",
+        _positive,
     )
 
 
@@ -276,32 +257,26 @@ class EvaluationConfig(_Group):
 class OperatingPointConfig(_Group):
     """Decision threshold of a binary classifier (``run.operating_point``)."""
 
-    method: str = field(
-        default="youden",
-        metadata=_key(
-            "operating-point",
-            "decision threshold of a binary classifier, chosen on the pooled ROC of the "
-            "sites' securely summed validation score histograms: 'youden' (max "
-            "sensitivity + specificity - 1), 'sensitivity' (the highest threshold reaching "
-            "operating-point-sensitivity) or 'none' (argmax, 0.5)",
-            _one_of("youden", "sensitivity", "none"),
-        ),
+    method: str = _option(
+        "youden",
+        "operating-point",
+        "decision threshold of a binary classifier, chosen on the pooled ROC of the "
+        "sites' securely summed validation score histograms: 'youden' (max "
+        "sensitivity + specificity - 1), 'sensitivity' (the highest threshold reaching "
+        "operating-point-sensitivity) or 'none' (argmax, 0.5)",
+        _one_of("youden", "sensitivity", "none"),
     )
-    sensitivity: float = field(
-        default=0.9,
-        metadata=_key(
-            "operating-point-sensitivity",
-            "target sensitivity of operating-point='sensitivity', in (0, 1]",
-            lambda v: None if 0.0 < v <= 1.0 else "must be in (0, 1]",
-        ),
+    sensitivity: float = _option(
+        0.9,
+        "operating-point-sensitivity",
+        "target sensitivity of operating-point='sensitivity', in (0, 1]",
+        lambda v: None if 0.0 < v <= 1.0 else "must be in (0, 1]",
     )
-    bins: int = field(
-        default=100,
-        metadata=_key(
-            "operating-point-bins",
-            "score histogram bins per class (threshold resolution 1/bins), 2..1000",
-            lambda v: None if 2 <= v <= 1000 else "must be in 2..1000",
-        ),
+    bins: int = _option(
+        100,
+        "operating-point-bins",
+        "score histogram bins per class (threshold resolution 1/bins), 2..1000",
+        lambda v: None if 2 <= v <= 1000 else "must be in 2..1000",
     )
 
 
@@ -309,41 +284,32 @@ class OperatingPointConfig(_Group):
 class FederationConfig(_Group):
     """Who takes part in a round and how long the coordinator waits (``run.federation``)."""
 
-    min_sites: int = field(
-        default=3, metadata=_key("min-sites", "sites that must connect before round 1", _positive)
+    min_sites: int = _option(3, "min-sites", "sites that must connect before round 1", _positive)
+    fraction_train: float = _option(
+        1.0, "fraction-train", "fraction of sites per train round", _fraction
     )
-    fraction_train: float = field(
-        default=1.0, metadata=_key("fraction-train", "fraction of sites per train round", _fraction)
+    fraction_evaluate: float = _option(
+        1.0, "fraction-evaluate", "fraction of sites per evaluate round", _fraction
     )
-    fraction_evaluate: float = field(
-        default=1.0,
-        metadata=_key("fraction-evaluate", "fraction of sites per evaluate round", _fraction),
+    connect_timeout: float = _option(
+        120.0, "connect-timeout", "seconds to wait for min-sites to connect", _positive
     )
-    connect_timeout: float = field(
-        default=120.0,
-        metadata=_key("connect-timeout", "seconds to wait for min-sites to connect", _positive),
+    round_timeout: float = _option(
+        300.0, "round-timeout", "seconds a round waits for site replies", _positive
     )
-    round_timeout: float = field(
-        default=300.0,
-        metadata=_key("round-timeout", "seconds a round waits for site replies", _positive),
+    min_replies: int = _option(
+        1,
+        "min-replies",
+        "quorum: sites that must reply for a round to aggregate (else the run fails)",
+        _positive,
     )
-    min_replies: int = field(
-        default=1,
-        metadata=_key(
-            "min-replies",
-            "quorum: sites that must reply for a round to aggregate (else the run fails)",
-            _positive,
-        ),
-    )
-    max_site_examples: int = field(
-        default=1_000_000,
-        metadata=_key(
-            "max-site-examples",
-            "largest num-examples a site may claim (its FedAvg weight); a site's first "
-            "accepted claim is its registered count for the run and later claims may not "
-            "exceed it (server/claims.py)",
-            _positive,
-        ),
+    max_site_examples: int = _option(
+        1_000_000,
+        "max-site-examples",
+        "largest num-examples a site may claim (its FedAvg weight); a site's first "
+        "accepted claim is its registered count for the run and later claims may not "
+        "exceed it (server/claims.py)",
+        _positive,
     )
 
     def __post_init__(self) -> None:
@@ -365,37 +331,24 @@ class StrategyConfig(_Group):
     cannot make ``strategy`` a value and a table).
     """
 
-    name: str = field(
-        default="fedavg",
-        metadata=_key("strategy", "aggregation strategy", _one_of(*STRATEGIES)),
+    name: str = _option("fedavg", "strategy", "aggregation strategy", _one_of(*STRATEGIES))
+    proximal_mu: float = _option(
+        0.01, "strategy-args.proximal-mu", "FedProx: weight mu of the proximal term", _non_negative
     )
-    proximal_mu: float = field(
-        default=0.01,
-        metadata=_key(
-            "strategy-args.proximal-mu", "FedProx: weight mu of the proximal term", _non_negative
-        ),
+    server_lr: float = _option(
+        0.1, "strategy-args.server-lr", "FedAdam/FedYogi: server learning rate", _positive
     )
-    server_lr: float = field(
-        default=0.1,
-        metadata=_key(
-            "strategy-args.server-lr", "FedAdam/FedYogi: server learning rate", _positive
-        ),
+    trim_beta: float = _option(
+        0.2,
+        "strategy-args.trim-beta",
+        "FedTrimmedAvg: fraction cut from each end",
+        _half_open(0.0, 0.5),
     )
-    trim_beta: float = field(
-        default=0.2,
-        metadata=_key(
-            "strategy-args.trim-beta",
-            "FedTrimmedAvg: fraction cut from each end",
-            lambda v: None if 0.0 <= v < 0.5 else "must be in [0, 0.5)",
-        ),
-    )
-    krum_byzantine: int = field(
-        default=0,
-        metadata=_key(
-            "strategy-args.krum-byzantine",
-            "Krum: number of malicious sites tolerated",
-            _non_negative,
-        ),
+    krum_byzantine: int = _option(
+        0,
+        "strategy-args.krum-byzantine",
+        "Krum: number of malicious sites tolerated",
+        _non_negative,
     )
 
 
@@ -403,42 +356,25 @@ class StrategyConfig(_Group):
 class DPConfig(_Group):
     """Differential privacy at every site, Opacus DP-SGD (``run.dp``; keys ``dp.*``)."""
 
-    enabled: bool = field(
-        default=True, metadata=_key("dp.enabled", "DP-SGD (Opacus) at every site")
+    enabled: bool = _option(True, "dp.enabled", "DP-SGD (Opacus) at every site")
+    target_epsilon: float = _option(
+        8.0, "dp.target-epsilon", "epsilon each site reaches after all planned rounds", _positive
     )
-    target_epsilon: float = field(
-        default=8.0,
-        metadata=_key(
-            "dp.target-epsilon", "epsilon each site reaches after all planned rounds", _positive
-        ),
+    noise_multiplier: float = _option(
+        0.0, "dp.noise-multiplier", "fixed noise multiplier; 0 = derive from target", _non_negative
     )
-    noise_multiplier: float = field(
-        default=0.0,
-        metadata=_key(
-            "dp.noise-multiplier", "fixed noise multiplier; 0 = derive from target", _non_negative
-        ),
+    max_grad_norm: float = _option(
+        1.0, "dp.max-grad-norm", "per-sample gradient clipping norm C", _positive
     )
-    max_grad_norm: float = field(
-        default=1.0,
-        metadata=_key("dp.max-grad-norm", "per-sample gradient clipping norm C", _positive),
+    accountant: str = _option("rdp", "dp.accountant", "Opacus accountant", _one_of(*ACCOUNTANTS))
+    reproducible_noise: bool = _option(
+        False,
+        "dp.reproducible-noise",
+        "simulation only, NOT PRIVATE: seed DP noise and sampling from 'seed' so a run "
+        "repeats exactly; refused by every site outside simulation",
     )
-    accountant: str = field(
-        default="rdp",
-        metadata=_key("dp.accountant", "Opacus accountant", _one_of(*ACCOUNTANTS)),
-    )
-    reproducible_noise: bool = field(
-        default=False,
-        metadata=_key(
-            "dp.reproducible-noise",
-            "simulation only, NOT PRIVATE: seed DP noise and sampling from 'seed' so a run "
-            "repeats exactly; refused by every site outside simulation",
-        ),
-    )
-    max_physical_batch_size: int = field(
-        default=128,
-        metadata=_key(
-            "dp.max-physical-batch-size", "memory cap per forward/backward pass", _positive
-        ),
+    max_physical_batch_size: int = _option(
+        128, "dp.max-physical-batch-size", "memory cap per forward/backward pass", _positive
     )
 
 
@@ -480,31 +416,23 @@ class SecAggConfig(_Group):
 
     """
 
-    enabled: bool = field(
-        default=True,
-        metadata=_key("secagg.enabled", "secure aggregation: the server sees only the sum"),
+    enabled: bool = _option(
+        True, "secagg.enabled", "secure aggregation: the server sees only the sum"
     )
-    neighbours: int = field(
-        default=0,
-        metadata=_key(
-            "secagg.neighbours", "neighbours per site in SecAgg+; 0 = all", _non_negative
-        ),
+    neighbours: int = _option(
+        0, "secagg.neighbours", "neighbours per site in SecAgg+; 0 = all", _non_negative
     )
-    threshold: float = field(
-        default=0.5,
-        metadata=_key(
-            "secagg.threshold",
-            "fraction of a neighbourhood (> it) needed to unmask",
-            lambda v: None if 0.5 <= v < 1.0 else "must be in [0.5, 1)",
-        ),
+    threshold: float = _option(
+        0.5,
+        "secagg.threshold",
+        "fraction of a neighbourhood (> it) needed to unmask",
+        _half_open(0.5, 1.0),
     )
-    clip_range: float = field(
-        default=4.0,
-        metadata=_key("secagg.clip-range", "largest |weight change| per round", _positive),
+    clip_range: float = _option(
+        4.0, "secagg.clip-range", "largest |weight change| per round", _positive
     )
-    quantisation: str = field(
-        default="deterministic",
-        metadata=_key("secagg.quantisation", "fixed-point rounding", _one_of(*QUANTISATIONS)),
+    quantisation: str = _option(
+        "deterministic", "secagg.quantisation", "fixed-point rounding", _one_of(*QUANTISATIONS)
     )
     sum_spec: dict[str, tuple[int, ...]] = field(default_factory=dict, compare=False)
 
@@ -533,59 +461,37 @@ class SecAggConfig(_Group):
 class FaultsConfig(_Group):
     """Injected faults, honoured in simulation only (``run.faults``; keys ``faults.*``)."""
 
-    dropout: float = field(
-        default=0.0,
-        metadata=_key(
-            "faults.dropout",
-            "simulation only: probability a site drops out of a round",
-            _unit_interval_open,
-        ),
+    dropout: float = _option(
+        0.0,
+        "faults.dropout",
+        "simulation only: probability a site drops out of a round",
+        _half_open(0.0, 1.0),
     )
-    slow_site: int = field(
-        default=-1,
-        metadata=_key("faults.slow-site", "simulation only: partition-id of a slow site; -1 none"),
+    slow_site: int = _option(
+        -1, "faults.slow-site", "simulation only: partition-id of a slow site; -1 none"
     )
-    slow_seconds: float = field(
-        default=0.0,
-        metadata=_key(
-            "faults.slow-seconds", "simulation only: extra seconds per round", _non_negative
-        ),
+    slow_seconds: float = _option(
+        0.0, "faults.slow-seconds", "simulation only: extra seconds per round", _non_negative
     )
-    slow_round: int = field(
-        default=1,
-        metadata=_key(
-            "faults.slow-round",
-            "simulation only: round from which the slow site is slow",
-            _positive,
-        ),
+    slow_round: int = _option(
+        1, "faults.slow-round", "simulation only: round from which the slow site is slow", _positive
     )
-    crash_site: int = field(
-        default=-1,
-        metadata=_key(
-            "faults.crash-site", "simulation only: partition-id of a site that crashes; -1 none"
-        ),
+    crash_site: int = _option(
+        -1, "faults.crash-site", "simulation only: partition-id of a site that crashes; -1 none"
     )
-    crash_round: int = field(
-        default=1,
-        metadata=_key(
-            "faults.crash-round", "simulation only: round from which it crashes", _positive
-        ),
+    crash_round: int = _option(
+        1, "faults.crash-round", "simulation only: round from which it crashes", _positive
     )
-    drop_site: int = field(
-        default=-1,
-        metadata=_key(
-            "faults.drop-site",
-            "simulation only: partition-id of a site that stops answering at a SecAgg+ stage; "
-            "-1 none",
-        ),
+    drop_site: int = _option(
+        -1,
+        "faults.drop-site",
+        "simulation only: partition-id of a site that stops answering at a SecAgg+ stage; -1 none",
     )
-    drop_stage: str = field(
-        default="unmask",
-        metadata=_key(
-            "faults.drop-stage",
-            "simulation only: the SecAgg+ stage at which faults.drop-site stops answering",
-            _one_of("advertise-keys", "share-keys", "masked-input", "unmask"),
-        ),
+    drop_stage: str = _option(
+        "unmask",
+        "faults.drop-stage",
+        "simulation only: the SecAgg+ stage at which faults.drop-site stops answering",
+        _one_of("advertise-keys", "share-keys", "masked-input", "unmask"),
     )
 
 
@@ -593,32 +499,24 @@ class FaultsConfig(_Group):
 class PathsConfig(_Group):
     """Where the run reads and writes (``run.paths``; top-level keys)."""
 
-    run_dir: str = field(
-        default="", metadata=_key("run-dir", "where the server writes logs and checkpoints")
+    run_dir: str = _option("", "run-dir", "where the server writes logs and checkpoints")
+    sites_dir: str = _option(
+        "", "sites-dir", "simulation only: folder of site-<partition-id> datasets"
     )
-    sites_dir: str = field(
-        default="",
-        metadata=_key("sites-dir", "simulation only: folder of site-<partition-id> datasets"),
+    eval_dataset_dir: str = _option(
+        "", "eval-dataset-dir", "optional server-side held-out site dataset"
     )
-    eval_dataset_dir: str = field(
-        default="",
-        metadata=_key("eval-dataset-dir", "optional server-side held-out site dataset"),
+    site_policy: str = _option(
+        "",
+        "site-policy",
+        "simulation only: site policy TOML every virtual site applies (a real site "
+        "uses its own worker's policy and ignores this key)",
     )
-    site_policy: str = field(
-        default="",
-        metadata=_key(
-            "site-policy",
-            "simulation only: site policy TOML every virtual site applies (a real site "
-            "uses its own worker's policy and ignores this key)",
-        ),
-    )
-    resume_from: str = field(
-        default="",
-        metadata=_key(
-            "resume-from",
-            "a run directory the ServerApp can read: resume that run after its last "
-            "finished round (server/resume.py); `medfed simulate --resume` sets it",
-        ),
+    resume_from: str = _option(
+        "",
+        "resume-from",
+        "a run directory the ServerApp can read: resume that run after its last "
+        "finished round (server/resume.py); `medfed simulate --resume` sets it",
     )
 
 
@@ -674,33 +572,23 @@ class RunConfig:
 
     """
 
-    task: str = field(
-        default="classification",
-        metadata=_key("task", "learning task of the site datasets", _one_of(*TASKS)),
+    task: str = _option(
+        "classification", "task", "learning task of the site datasets", _one_of(*TASKS)
     )
-    model: str = field(default="cnn", metadata=_key("model", "registered model name"))
-    num_classes: int = field(
-        default=2,
-        metadata=_key(
-            "num-classes",
-            "classes the model predicts (segmentation: incl. background; 2 = background/vessel)",
-            _num_classes,
-        ),
+    model: str = _option("cnn", "model", "registered model name")
+    num_classes: int = _option(
+        2,
+        "num-classes",
+        "classes the model predicts (segmentation: incl. background; 2 = background/vessel)",
+        _num_classes,
     )
-    num_server_rounds: int = field(
-        default=10, metadata=_key("num-server-rounds", "federated rounds", _positive)
-    )
-    seed: int = field(
-        default=42,
-        metadata=_key("seed", f"seed for model init and sampling, 0..{MAX_SEED}", _seed),
-    )
-    project: str = field(
-        default="medfed-demo",
-        metadata=_key(
-            "project",
-            "study name (letters, digits, '.', '_', '-'); sites allow-list it in their policy",
-            _project,
-        ),
+    num_server_rounds: int = _option(10, "num-server-rounds", "federated rounds", _positive)
+    seed: int = _option(42, "seed", f"seed for model init and sampling, 0..{MAX_SEED}", _seed)
+    project: str = _option(
+        "medfed-demo",
+        "project",
+        "study name (letters, digits, '.', '_', '-'); sites allow-list it in their policy",
+        _project,
     )
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"group": TrainConfig})
     evaluation: EvaluationConfig = field(

@@ -3,7 +3,7 @@
 Shared by the ClientApp (local validation), the ServerApp (optional held-out evaluation)
 and ``medfed evaluate``, so every number in a report comes from the same code. The metric
 definitions are in :mod:`common.metrics`; the per-task dispatch
-(:func:`common.tasks.evaluate_task`) is in :mod:`common.tasks`, which imports this module
+(:meth:`common.tasks.Task.evaluate`) is in :mod:`common.tasks`, which imports this module
 (never the other way round).
 """
 
@@ -55,42 +55,8 @@ def predict_proba(
     return np.concatenate(out) if out else np.zeros((0, k))
 
 
-def evaluate_arrays(
-    model: nn.Module,
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    batch_size: int = EVAL_BATCH_SIZE,
-    device: torch.device,
-) -> dict[str, float]:
-    """Evaluate a classifier: cross-entropy ``loss`` plus :func:`classification_metrics`.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        A classifier (see :func:`predict_proba`).
-    images : numpy.ndarray
-        float32 ``(N, C, H, W)``.
-    labels : numpy.ndarray
-        int ``(N,)``.
-    batch_size : int
-        Images per forward pass (run config ``eval-batch-size``).
-    device : torch.device
-        Where to run the model.
-
-    Returns
-    -------
-    dict[str, float]
-        ``loss`` (mean cross-entropy, nats) and the metrics of
-        :func:`common.metrics.classification_metrics`.
-
-    """
-    probs = predict_proba(model, images, batch_size=batch_size, device=device)
-    return metrics_from_proba(labels, probs)
-
-
 def metrics_from_proba(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """:func:`evaluate_arrays` from already predicted probabilities.
+    """Score a classifier from its predicted probabilities: ``loss`` plus the metrics.
 
     Parameters
     ----------
@@ -102,7 +68,8 @@ def metrics_from_proba(labels: np.ndarray, probs: np.ndarray) -> dict[str, float
     Returns
     -------
     dict[str, float]
-        As :func:`evaluate_arrays`.
+        ``loss`` (mean cross-entropy, nats) and the metrics of
+        :func:`common.metrics.classification_metrics`.
 
     """
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
@@ -135,10 +102,8 @@ def evaluate_segmentation(
         float32 ``(N, C, H, W)`` in ``[0, 1]`` (may be memory-mapped).
     masks : numpy.ndarray
         int ``(N, H, W)`` class indices.
-    batch_size : int
-        Images per forward pass (run config ``eval-batch-size``).
-    device : torch.device
-        Where to run the model.
+    batch_size, device
+        As :func:`predict_proba`.
     loss : torch.nn.Module
         The task's training loss (batch mean of a per-image loss).
 
@@ -195,10 +160,8 @@ def evaluate_binary_at(
         int ``(N,)`` in ``{0, 1}``.
     thresholds : dict[str, float]
         ``{name: t}``: predict class 1 when ``P(class 1) >= t``.
-    batch_size : int
-        Images per forward pass (run config ``eval-batch-size``).
-    device : torch.device
-        Where to run the model.
+    batch_size, device
+        As :func:`predict_proba`.
 
     Returns
     -------

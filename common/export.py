@@ -657,7 +657,7 @@ class ExportedLogits(nn.Module):
     """Adapter: an exported module as a model of the training pipeline.
 
     ``forward(x)`` with float32 ``(N, C, H, W)`` in ``[0, 1]`` returns the exported
-    module's ``logits(x)``, so :func:`common.tasks.evaluate_task` (which applies the
+    module's ``logits(x)``, so :meth:`common.tasks.Task.evaluate` (which applies the
     softmax and the task's loss itself) scores the exported graph, preprocessing
     included.
     """

@@ -6,7 +6,7 @@ only one class is present. Segmentation: Dice and pixel accuracy from per-class 
 counts that sum over batches (:func:`dice_counts`, :func:`metrics_from_counts`).
 
 Layering: ``common.metrics`` <- ``common.evaluation`` (batched inference) <-
-``common.tasks`` (the task registry and :func:`common.tasks.evaluate_task`); no module
+``common.tasks`` (the task registry and :meth:`common.tasks.Task.evaluate`); no module
 imports one above it.
 """
 

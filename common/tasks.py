@@ -42,7 +42,7 @@ from torch import nn
 
 from common.config import EVAL_BATCH_SIZE
 from common.errors import ConfigError, DataError, did_you_mean
-from common.evaluation import evaluate_arrays, evaluate_segmentation
+from common.evaluation import evaluate_segmentation, metrics_from_proba, predict_proba
 
 if TYPE_CHECKING:
     from common.site_dataset import SiteDataset
@@ -89,10 +89,23 @@ class Task(ABC):
         images: np.ndarray,
         labels: np.ndarray,
         *,
-        batch_size: int,
+        batch_size: int = EVAL_BATCH_SIZE,
         device: torch.device,
     ) -> dict[str, float]:
         """Score ``model`` on arrays of one split.
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            Maps float32 ``(B, C, H, W)`` to logits (``(B, K)``, or ``(B, K, H, W)``
+            for segmentation); put in eval mode here.
+        images : numpy.ndarray
+            float32 ``(N, C, H, W)`` in ``[0, 1]`` (may be memory-mapped).
+        labels : numpy.ndarray
+            int ``(N,)`` class indices, or ``(N, H, W)`` masks for segmentation.
+        batch_size, device
+            Images per forward pass (run config ``eval-batch-size``) and where to run the
+            model, as in :func:`common.evaluation.predict_proba`.
 
         Returns
         -------
@@ -169,11 +182,16 @@ class ClassificationTask(Task):
         images: np.ndarray,
         labels: np.ndarray,
         *,
-        batch_size: int,
+        batch_size: int = EVAL_BATCH_SIZE,
         device: torch.device,
     ) -> dict[str, float]:
-        """:func:`common.evaluation.evaluate_arrays`."""
-        return evaluate_arrays(model, images, labels, batch_size=batch_size, device=device)
+        """Cross-entropy ``loss`` and :func:`common.metrics.classification_metrics`.
+
+        Probabilities from :func:`common.evaluation.predict_proba`, scored by
+        :func:`common.evaluation.metrics_from_proba`.
+        """
+        probs = predict_proba(model, images, batch_size=batch_size, device=device)
+        return metrics_from_proba(labels, probs)
 
 
 class SegmentationTask(Task):
@@ -228,7 +246,7 @@ class SegmentationTask(Task):
         images: np.ndarray,
         labels: np.ndarray,
         *,
-        batch_size: int,
+        batch_size: int = EVAL_BATCH_SIZE,
         device: torch.device,
     ) -> dict[str, float]:
         """:func:`common.evaluation.evaluate_segmentation`."""
@@ -318,23 +336,3 @@ def get_task(name: str) -> Task:
             f"unknown task {name!r}.{did_you_mean(name, _TASKS)} Registered tasks: {list_tasks()}."
         )
     return _TASKS[name]
-
-
-def evaluate_task(
-    task: str,
-    model: nn.Module,
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    batch_size: int = EVAL_BATCH_SIZE,
-    device: torch.device,
-) -> dict[str, float]:
-    """Evaluate ``model`` with the metrics of ``task`` (:meth:`Task.evaluate` of :func:`get_task`).
-
-    Raises
-    ------
-    ConfigError
-        If ``task`` is not registered.
-
-    """
-    return get_task(task).evaluate(model, images, labels, batch_size=batch_size, device=device)

@@ -43,7 +43,7 @@ from common.fsutil import marker_kind, write_marker
 from common.models import get_model
 from common.records import state_to_record
 from common.site_dataset import SiteDataset
-from common.tasks import evaluate_task, get_task
+from common.tasks import get_task
 from common.waiting import wait_for_nodes
 from server.census import run_census
 from server.claims import ClaimRegistry
@@ -125,8 +125,7 @@ def _central_evaluation(run: RunConfig) -> EvaluateFn | None:
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
-        metrics = evaluate_task(
-            run.task,
+        metrics = get_task(run.task).evaluate(
             model,
             split.images,
             split.labels,

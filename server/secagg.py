@@ -73,34 +73,11 @@ from numpy.typing import NDArray
 from common import secure_sum
 from common.config import SecAggConfig
 from common.replies import ReplyCode
-from common.secagg import crypto
-from common.secagg.encoding import (
-    Layout,
-    apply_mean_delta,
-    decode_mean,
-    quantisation_step,
-)
+from common.secagg import crypto, schema
+from common.secagg.encoding import Layout, apply_mean_delta, decode_mean, quantisation_step
 from common.secagg.errors import SecAggAbortedError, SecAggProtocolError
 from common.secagg.graph import neighbourhoods
-from common.secagg.params import (
-    ADVERTISE,
-    MASKED_INPUT,
-    RECORD,
-    SHARE_KEYS,
-    UNMASK,
-    WEIGHT_KEY,
-)
-from common.secagg.schema import (
-    SESSION_BYTES,
-    AdvertiseReply,
-    Ciphertexts,
-    Header,
-    ShareKeysRequest,
-    UnmaskReply,
-    UnmaskRequest,
-    parse_masked_input_reply,
-    parse_share_keys_reply,
-)
+from common.secagg.params import ADVERTISE, MASKED_INPUT, RECORD, SHARE_KEYS, UNMASK, WEIGHT_KEY
 from common.wire import VAL_COUNT
 from server.claims import ClaimRegistry
 from server.grid import DelegatingGrid
@@ -274,7 +251,7 @@ class RoundState:
 
     """
 
-    adverts: dict[int, AdvertiseReply] = field(default_factory=dict)
+    adverts: dict[int, schema.AdvertiseReply] = field(default_factory=dict)
     weights: dict[int, float] = field(default_factory=dict)
     metrics: dict[int, MetricRecord] = field(default_factory=dict)
     graph: dict[int, list[int]] = field(default_factory=dict)
@@ -325,12 +302,12 @@ class SecAggRound:
         self.sum_spec = params.sum_spec
         self.length = self.layout.length + secure_sum.length(self.sum_spec)
         self.transport = transport
-        self.session = secrets.token_bytes(SESSION_BYTES)
+        self.session = secrets.token_bytes(schema.SESSION_BYTES)
         self.report = RoundReport(server_round=server_round)
 
     # ---------------------------------------------------------------- plumbing
-    def _header(self, stage: str) -> Header:
-        return Header(stage=stage, server_round=self.server_round, session=self.session)
+    def _header(self, stage: str) -> schema.Header:
+        return schema.Header(stage=stage, server_round=self.server_round, session=self.session)
 
     def _send(self, stage: str, contents: dict[int, RecordDict]) -> dict[int, RecordDict]:
         t0 = time.perf_counter()
@@ -451,7 +428,7 @@ class SecAggRound:
 
     def _parse_advert(
         self, node: int, reply: RecordDict
-    ) -> tuple[AdvertiseReply, float, MetricRecord]:
+    ) -> tuple[schema.AdvertiseReply, float, MetricRecord]:
         """Return a site's advertisement, its weight and its train metrics.
 
         Raises
@@ -461,7 +438,7 @@ class SecAggRound:
             registry refuses (checked before any mask depends on it).
 
         """
-        advert = AdvertiseReply.parse(_record(reply))
+        advert = schema.AdvertiseReply.parse(_record(reply))
         if len(reply.metric_records) != 1:
             raise SecAggProtocolError("advertise reply needs exactly one MetricRecord")
         m = next(iter(reply.metric_records.values()))
@@ -484,7 +461,7 @@ class SecAggRound:
         requests = {}
         for u in sorted(state.adverts):
             nb = state.graph[u]
-            req = ShareKeysRequest(
+            req = schema.ShareKeysRequest(
                 nodes=nb,
                 enc_pks=[state.adverts[v].enc_pk for v in nb],
                 mask_pks=[state.adverts[v].mask_pk for v in nb],
@@ -494,7 +471,7 @@ class SecAggRound:
             requests[u] = RecordDict({RECORD: hdr.record(**req.fields())})
         for u, reply in self._send(SHARE_KEYS, requests).items():
             try:
-                ct = parse_share_keys_reply(_record(reply))
+                ct = schema.parse_share_keys_reply(_record(reply))
                 if sorted(ct.peers) != [v for v in state.graph[u] if v != u]:
                     raise SecAggProtocolError("shares must go to exactly the neighbours")
             except SecAggProtocolError as exc:
@@ -526,13 +503,13 @@ class SecAggRound:
         for v in state.shared:
             srcs = sorted(u for u in state.outbox.get(v, {}) if u in shared)
             sent_src[v] = srcs
-            cts = Ciphertexts(srcs, [state.outbox[v][u] for u in srcs])
+            cts = schema.Ciphertexts(srcs, [state.outbox[v][u] for u in srcs])
             requests[v] = RecordDict({RECORD: hdr.record(**cts.fields("src"))})
         vectors: dict[int, NDArray[np.uint32]] = {}
         rejected_by: dict[int, int] = {}
         for v, reply in self._send(MASKED_INPUT, requests).items():
             try:
-                vec, act, rej = parse_masked_input_reply(reply, length=self.length)
+                vec, act, rej = schema.parse_masked_input_reply(reply, length=self.length)
                 if sorted(act + rej) != sent_src[v]:
                     raise SecAggProtocolError("active + rejected must be the senders it was sent")
             except SecAggProtocolError as exc:
@@ -610,7 +587,7 @@ class SecAggRound:
         hdr = self._header(UNMASK)
         requests = {}
         for w in sorted(state.survivors):
-            req = UnmaskRequest(
+            req = schema.UnmaskRequest(
                 survivors=[u for u in state.graph[w] if u in state.survivors],
                 dropped=[u for u in state.graph[w] if u in state.gone],
                 num_survivors=len(state.survivors),
@@ -620,8 +597,8 @@ class SecAggRound:
         key_shares: _Shares = {}
         for w, reply in self._send(UNMASK, requests).items():
             try:
-                un = UnmaskReply.parse(_record(reply))
-                asked = UnmaskRequest.parse(requests[w].config_records[RECORD])
+                un = schema.UnmaskReply.parse(_record(reply))
+                asked = schema.UnmaskRequest.parse(requests[w].config_records[RECORD])
                 if not set(un.seed_nodes) <= set(asked.survivors) or not set(un.key_nodes) <= set(
                     asked.dropped
                 ):

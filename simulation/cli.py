@@ -839,11 +839,11 @@ def _score(
     """
     from common.device import resolve_device
     from common.evaluation import evaluate_binary_at
-    from common.tasks import evaluate_task
+    from common.tasks import get_task
 
     binary = ckpt.task != "segmentation" and int(ckpt.model_kwargs.get("num_classes", 0)) == 2
     if not binary:
-        metrics = evaluate_task(ckpt.task, model, images, labels, device=resolve_device(device))
+        metrics = get_task(ckpt.task).evaluate(model, images, labels, device=resolve_device(device))
         return metrics, None, None
     t, source = _decision_threshold(ckpt, threshold)
     wanted = {"chosen": t} | ({"default": 0.5} if at_default else {})

@@ -59,12 +59,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
-from pydicom.uid import (
-    UID,
-    JPEG2000TransferSyntaxes,
-    JPEGLSTransferSyntaxes,
-    JPEGTransferSyntaxes,
-)
+from pydicom.uid import UID, JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
 
 from common.errors import ConfigError
 
@@ -1271,7 +1266,7 @@ def dataset_facts(ds: Dataset) -> dict[str, str]:
     Parameters
     ----------
     ds : pydicom.dataset.Dataset
-        A parsed data set.
+        A parsed data set (its file meta gives the transfer syntax).
 
     Returns
     -------
@@ -1300,7 +1295,7 @@ def dataset_identifiers(ds: Dataset) -> dict[str, str]:
     Parameters
     ----------
     ds : pydicom.dataset.Dataset
-        A parsed data set.
+        A parsed data set; only the attributes named below are read.
 
     Returns
     -------

@@ -25,7 +25,6 @@ from flwr.app import (
     Array,
     ArrayRecord,
     Context,
-    Error,
     Message,
     MessageType,
     MetricRecord,
@@ -45,6 +44,7 @@ from client.privacy import (
     private_training,
 )
 from client.proximal import ProximalLoss
+from client.replies import error_message
 from client.scaffold import DELTA_RECORD as SCAFFOLD_DELTA_RECORD
 from client.scaffold import SERVER_RECORD as SCAFFOLD_SERVER_RECORD
 from client.scaffold import ScaffoldRound, variate_path
@@ -59,9 +59,9 @@ from common.evaluation import metrics_from_proba, predict_proba
 from common.imbalance import balanced_class_weights, class_counts
 from common.operating_point import POSITIVE, score_histogram
 from common.records import load_record, record_to_state_dict, state_to_record
-from common.replies import ReplyCode, fixed_reason
+from common.replies import ReplyCode
 from common.site_dataset import SiteDataset
-from common.tasks import evaluate_task, get_task
+from common.tasks import get_task
 from common.wire import VAL_COUNT
 
 log = logging.getLogger(__name__)
@@ -336,8 +336,7 @@ def local_validation(job: Job) -> Validation:
         hist = score_histogram(probs[:, POSITIVE], labels, bins=job.run.operating_point.bins)
         sums: dict[str, np.ndarray] | None = {secure_sum.SCORE_HISTOGRAM: hist}
     else:
-        metrics = evaluate_task(
-            job.run.task,
+        metrics = get_task(job.run.task).evaluate(
             job.model,
             split.images,
             split.labels,
@@ -657,7 +656,7 @@ def error_reply(msg: Message, exc: BaseException) -> Message:
         log.error("%s message failed", msg.metadata.message_type, exc_info=exc)
     else:
         log.warning("refusing a %s message: %s", msg.metadata.message_type, exc)
-    return Message(Error(code=int(code), reason=fixed_reason(code, detail)), reply_to=msg)
+    return error_message(msg, code, detail)
 
 
 def make_handler(

@@ -573,6 +573,7 @@ class SitePolicy:
         Returns
         -------
         SitePolicy
+            The validated policy (frozen).
 
         Raises
         ------
@@ -639,6 +640,7 @@ class SitePolicy:
         Returns
         -------
         SitePolicy
+            The file's policy, validated as :meth:`from_dict` does.
 
         Raises
         ------

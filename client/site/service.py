@@ -40,18 +40,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flwr.app import (
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Error,
-    Message,
-    MessageType,
-    RecordDict,
-)
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 
 from client.egress import EgressRefused, check_reply
+from client.replies import error_message
 from client.secagg_mod import ERROR_CODE as SECAGG_ERROR_CODE
 from client.secagg_mod import secagg_mod
 from client.site.audit import AuditLog
@@ -59,7 +52,7 @@ from client.site.handlers import Job, error_reply, make_handler
 from client.site.job import JobContext, MessageJob
 from client.site.policy import PolicyRefusal, SitePolicy
 from common.errors import ConfigError, MedfedError
-from common.replies import ReplyCode, fixed_reason, is_site_refusal, parse_reason
+from common.replies import ReplyCode, is_site_refusal, parse_reason
 from common.secagg.errors import SecAggError
 from common.secagg.params import RECORD as SECAGG_RECORD
 from common.secagg.params import SHARE_KEYS
@@ -398,10 +391,10 @@ class SiteService:
     @staticmethod
     def _refuse(msg: Message, code: ReplyCode, detail: str) -> _Outcome:
         try:
-            reason = fixed_reason(code, detail)
+            reply = error_message(msg, code, detail)
         except ValueError:
-            detail, reason = "", fixed_reason(code)
-        return _Outcome(Message(Error(code=int(code), reason=reason), reply_to=msg), code, detail)
+            detail, reply = "", error_message(msg, code)
+        return _Outcome(reply, code, detail)
 
 
 def _evaluations(audit: AuditLog | None, run_id: int) -> int:

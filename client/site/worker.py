@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
+from client.replies import error_message
 from client.site import api
 from client.site.audit import AuditLog
 from client.site.policy import SitePolicy
@@ -159,10 +160,10 @@ class SiteWorker:
             raise UndecodableRequestError("undecodable request") from exc
         expected = {api.TRAIN: MessageType.TRAIN, api.EVALUATE: MessageType.EVALUATE}
         if expected.get(method) != msg.metadata.message_type or not msg.has_content():
-            return api.encode_message(_error(msg, ReplyCode.BAD_REQUEST, "message-type"))
+            return api.encode_message(error_message(msg, ReplyCode.BAD_REQUEST, "message-type"))
         record = msg.content.config_records.get(api.RUN_CONFIG_RECORD)
         if record is None:
-            return api.encode_message(_error(msg, ReplyCode.BAD_REQUEST, "run-config"))
+            return api.encode_message(error_message(msg, ReplyCode.BAD_REQUEST, "run-config"))
         run_config = dict(record.items())
         del msg.content[api.RUN_CONFIG_RECORD]
         with self._lock:
@@ -171,7 +172,7 @@ class SiteWorker:
                 reply = self.service.handle(msg, context)
             except Exception:  # pragma: no cover - the service maps every failure
                 log.exception("site service failed")
-                reply = _error(msg, ReplyCode.INTERNAL, "")
+                reply = error_message(msg, ReplyCode.INTERNAL, "")
         return api.encode_message(reply)
 
     def describe(self) -> bytes:
@@ -183,10 +184,6 @@ class SiteWorker:
 def _bare(content: RecordDict) -> Message:
     """Build a message that answers no coordinator message (the ``Describe`` reply)."""
     return Message(content, dst_node_id=0, message_type=MessageType.QUERY)
-
-
-def _error(msg: Message, code: ReplyCode, detail: str) -> Message:
-    return Message(Error(code=int(code), reason=fixed_reason(code, detail)), reply_to=msg)
 
 
 class UndecodableRequestError(MedfedError, ValueError):

@@ -56,15 +56,22 @@ EXPORT_KIND = "dicom-export"
 _EXPORT_FILE = re.compile(r"^img_\d{5}\.dcm$")
 
 #: Manufacturer of virtual site ``i`` (cycled); plainly fictitious names.
-SITE_MANUFACTURERS: tuple[str, ...] = (
-    "Medfed Virtual Imaging A",
-    "Medfed Virtual Imaging B",
-    "Medfed Virtual Imaging C",
-    "Medfed Virtual Imaging D",
-    "Medfed Virtual Imaging E",
-    "Medfed Virtual Imaging F",
-    "Medfed Virtual Imaging G",
-    "Medfed Virtual Imaging H",
+SITE_MANUFACTURERS: tuple[str, ...] = tuple(f"Medfed Virtual Imaging {c}" for c in "ABCDEFGH")
+
+#: Type 2 attributes of the modules below that are present and empty (PS3.3: Patient
+#: C.7.1.1, General Study C.7.2.1, General Image C.7.6.1): required, and after
+#: de-identification there is nothing to put in them.
+_EMPTY_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "PatientOrientation",
 )
 
 #: UID root of generated UIDs (pydicom's registered root; suffix = SHA-512 of the seed).
@@ -114,20 +121,13 @@ def _image_dataset(
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.SOPClassUID = SecondaryCaptureImageStorage
     ds.SOPInstanceUID = sop_uid
-    # Patient (C.7.1.1): Type 2, present and empty after de-identification
-    ds.PatientName = ""
-    ds.PatientID = ""
-    ds.PatientBirthDate = ""
-    ds.PatientSex = ""
+    for keyword in _EMPTY_TYPE2:
+        setattr(ds, keyword, "")
+    # Patient (C.7.1.1)
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = "medfed export-dicom: synthetic headers, no source identifiers"
     # General Study (C.7.2.1)
     ds.StudyInstanceUID = study_uid
-    ds.StudyDate = ""
-    ds.StudyTime = ""
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = ""
-    ds.AccessionNumber = ""
     # General Series (C.7.3.1)
     ds.Modality = "CR"
     ds.SeriesInstanceUID = series_uid
@@ -137,7 +137,6 @@ def _image_dataset(
     ds.ConversionType = "WSD"
     # General Image (C.7.6.1)
     ds.InstanceNumber = number
-    ds.PatientOrientation = ""
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "00"
     # Image Pixel (C.7.6.3): 8-bit unsigned greyscale, no Modality / VOI LUT

@@ -19,11 +19,7 @@ import numpy as np
 from common.errors import ConfigError, DataError
 from common.site_dataset import SplitArrays, write_site_dataset
 from simulation.data.datasets import load_medmnist_split, md5sum, to_model_images
-from simulation.data.partition import (
-    dirichlet_partition,
-    iid_partition,
-    quantity_skew_partition,
-)
+from simulation.data.partition import dirichlet_partition, iid_partition, quantity_skew_partition
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from common.cli import fail
 from common.config import RunConfig
 from common.models import get_model
 from common.site_dataset import SiteDataset, SplitArrays
-from common.tasks import evaluate_task, get_task
+from common.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +151,8 @@ def train_pooled(
         train, run, epochs=epochs, seed=run.seed, device=device, amp=run.train.amp
     )
     val = SiteDataset(eval_dir).load("val")
-    metrics = evaluate_task(
-        run.task, model, val.images, val.labels, batch_size=run.evaluation.batch_size, device=device
+    metrics = get_task(run.task).evaluate(
+        model, val.images, val.labels, batch_size=run.evaluation.batch_size, device=device
     )
     log.info("pooled %s: %d epochs on %d examples: %s", run.model, epochs, len(train), metrics)
     return PooledResult(metrics, len(train), epochs, stats.seconds)

@@ -441,6 +441,11 @@ def _secagg_section(run_dir: Path, names: dict[str, str]) -> list[str]:
 def write_run_report(run_dir: Path) -> Path:
     """Write ``<run_dir>/report/`` (5 PNGs + report.html) for a finished run.
 
+    Returns
+    -------
+    pathlib.Path
+        ``<run_dir>/report/report.html``.
+
     Raises
     ------
     DataNotFoundError
@@ -582,14 +587,7 @@ def _pm(r: dict[str, Any], key: str) -> str:
 
 
 def _summary_table(summary: list[dict[str, Any]]) -> str:
-    """Return the HTML table of the experiment's results, mean ± std over seeds.
-
-    Returns
-    -------
-    str
-        The ``<table>`` element.
-
-    """
+    """Return the ``<table>`` of the experiment's results, mean ± std over seeds."""
     return _table(
         [
             "split",
@@ -622,14 +620,7 @@ def _summary_table(summary: list[dict[str, Any]]) -> str:
 
 
 def _per_seed_table(runs: list[dict[str, Any]]) -> str:
-    """Return the HTML table of the experiment's results for each seed.
-
-    Returns
-    -------
-    str
-        The ``<table>`` element.
-
-    """
+    """Return the ``<table>`` of the experiment's results for each seed."""
     return _table(
         [
             "split",
@@ -659,6 +650,11 @@ def _per_seed_table(runs: list[dict[str, Any]]) -> str:
 
 def write_experiment_report(exp_dir: Path) -> Path:
     """Write ``<exp_dir>/report.html`` (+ PNGs) and a report for each federated run.
+
+    Returns
+    -------
+    pathlib.Path
+        The experiment's page, which links each run's own report.
 
     Raises
     ------

@@ -21,7 +21,7 @@ from common.export import (
     load_model_file,
     onnx_available,
 )
-from common.tasks import evaluate_task
+from common.tasks import get_task
 from simulation.data.datasets import load_medmnist_split, to_model_images
 from simulation.research.model_tools import check_batches, load_split
 from tests.checkpoints import tiny_checkpoint
@@ -98,8 +98,8 @@ def test_evaluate_scores_the_export_like_the_checkpoint(exported):
     meta, model = load_model_file(result.torchscript)
     assert (meta.model, meta.task, meta.round) == ("cnn", "classification", ckpt.round)
     images, labels = data.images[:128], data.labels[:128]
-    from_export = evaluate_task(meta.task, model, images, labels, device=CPU)
-    from_ckpt = evaluate_task(ckpt.task, ckpt.build_model(), images, labels, device=CPU)
+    from_export = get_task(meta.task).evaluate(model, images, labels, device=CPU)
+    from_ckpt = get_task(ckpt.task).evaluate(ckpt.build_model(), images, labels, device=CPU)
     assert from_export == pytest.approx(from_ckpt, abs=1e-6)
     # a plain checkpoint still loads through the same function
     meta2, _ = load_model_file(result.torchscript.parent.parent / "final_model.pt")

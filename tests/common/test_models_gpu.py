@@ -9,7 +9,7 @@ from client.train import make_optimizer, make_train_loader, train_epochs
 from common.device import resolve_device
 from common.models import get_model
 from common.site_dataset import SplitArrays
-from common.tasks import evaluate_task, get_task
+from common.tasks import get_task
 
 pytestmark = [
     pytest.mark.gpu,
@@ -60,11 +60,11 @@ def test_segmentation_metrics_are_the_same_on_cuda_and_cpu():
     torch.manual_seed(0)
     model = get_model("unet")
     split = _masks_split(n=4, size=48)
-    cpu = evaluate_task(
-        "segmentation", model, split.images, split.labels, device=torch.device("cpu")
+    cpu = get_task("segmentation").evaluate(
+        model, split.images, split.labels, device=torch.device("cpu")
     )
-    gpu = evaluate_task(
-        "segmentation", model, split.images, split.labels, device=torch.device("cuda")
+    gpu = get_task("segmentation").evaluate(
+        model, split.images, split.labels, device=torch.device("cuda")
     )
     assert gpu["pixel-accuracy"] == pytest.approx(cpu["pixel-accuracy"], abs=1e-3)
     assert gpu["loss"] == pytest.approx(cpu["loss"], rel=1e-3)
