@@ -102,8 +102,9 @@ MAX_RESUME_BYTES = 4 * 2**30
 #: trained by the same strategy.
 IDENTITY_KEYS = ("task", "model", "num-classes", "strategy")
 IDENTITY_PREFIXES = ("strategy-args.",)
-#: Keys the resuming config sets: how long to wait, now.
-OPERATIONAL_KEYS = ("connect-timeout", "round-timeout")
+#: Keys the resuming config sets: how long to wait, and how many images one evaluation
+#: pass holds (memory only, never a metric: a run resumed on a smaller GPU may lower it).
+OPERATIONAL_KEYS = ("connect-timeout", "round-timeout", "eval-batch-size")
 #: Data paths the resuming config sets when it gives them (data that moved).
 PATH_KEYS = ("sites-dir", "eval-dataset-dir")
 #: Set to the resumed directory itself.

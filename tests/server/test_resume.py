@@ -287,7 +287,12 @@ def test_a_resumed_run_keeps_its_own_settings_and_takes_the_new_timeouts(tmp_pat
         {"min-sites": 3, "min-replies": 2, "secagg.threshold": 0.6, "round-timeout": 60.0}
     )
     now = RunConfig.from_run_config(
-        {"min-replies": 1, "round-timeout": 900.0, "sites-dir": "/data/sites"}
+        {
+            "min-replies": 1,
+            "round-timeout": 900.0,
+            "eval-batch-size": 16,
+            "sites-dir": "/data/sites",
+        }
     )
     run = resumed_config(saved.to_run_config(), now, run_dir=tmp_path)
     assert (run.federation.min_sites, run.federation.min_replies, run.secagg.threshold) == (
@@ -296,6 +301,7 @@ def test_a_resumed_run_keeps_its_own_settings_and_takes_the_new_timeouts(tmp_pat
         0.6,
     )
     assert (run.federation.round_timeout, run.paths.sites_dir) == (900.0, "/data/sites")
+    assert run.evaluation.batch_size == 16  # memory only: the resuming machine's choice
     assert run.paths.run_dir == run.paths.resume_from == str(tmp_path)
     assert "keeps its own values of min-replies" in caplog.text
 
