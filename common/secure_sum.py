@@ -43,6 +43,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
+from flwr.app import Array, ArrayRecord
 from numpy.typing import NDArray
 
 from common.errors import DataError
@@ -89,6 +90,23 @@ def spec(run: RunConfig) -> Spec:
     if run.class_weight_source() == "federation":
         out[CLASS_COUNTS] = (run.num_classes,)
     return out
+
+
+def to_record(sums: Mapping[str, NDArray[np.generic]]) -> ArrayRecord:
+    """Return the reply record :data:`RECORD` of ``sums`` (one site's counts or their sum).
+
+    Parameters
+    ----------
+    sums : Mapping[str, numpy.ndarray]
+        Array name (:data:`SCORE_HISTOGRAM`, :data:`CLASS_COUNTS`) to counts, any real
+        dtype, shapes as in :func:`spec`.
+
+    Returns
+    -------
+    flwr.app.ArrayRecord
+        The same arrays as :data:`DTYPE` (float32: counts up to 2**24 are exact).
+    """
+    return ArrayRecord({k: Array(np.asarray(v, dtype=np.dtype(DTYPE))) for k, v in sums.items()})
 
 
 def complete(

@@ -778,7 +778,7 @@ class SecAggGrid(DelegatingGrid):
             if result.sums and not sums_attached:
                 # The round's secure sum rides on the first survivor's reply only:
                 # the strategy adds what replies carry, so it counts once.
-                content[secure_sum.RECORD] = _sum_record(result.sums)
+                content[secure_sum.RECORD] = secure_sum.to_record(result.sums)
                 sums_attached = True
             replies.append(Message(content, reply_to=sent))
         return replies
@@ -827,7 +827,7 @@ class SecAggGrid(DelegatingGrid):
             )
             content = RecordDict({"metrics": metrics})
             if histogram:
-                content[secure_sum.RECORD] = _sum_record(histogram)
+                content[secure_sum.RECORD] = secure_sum.to_record(histogram)
                 histogram = {}
             replies.append(Message(content, reply_to=sent))
         return replies
@@ -903,11 +903,6 @@ class SecAggGrid(DelegatingGrid):
         if self.run_dir is not None:
             with (self.run_dir / SECAGG_LOG).open("a") as fh:
                 fh.write(json.dumps(report.as_json(), sort_keys=True) + "\n")
-
-
-def _sum_record(sums: Mapping[str, NDArray[np.float64]]) -> ArrayRecord:
-    """Return the :mod:`common.secure_sum` reply record of already summed counts."""
-    return ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in sums.items()})
 
 
 def _failure(report: RoundReport, node: int, default: str) -> Error:

@@ -898,13 +898,15 @@ def _decision_threshold(ckpt: Any, override: float | None) -> tuple[float, str]:
     if override is not None:
         return float(override), "--threshold"
     decision = decision_threshold(ckpt, 2)
+    # None means argmax, which decision_threshold gives only for more than two classes
+    threshold = 0.5 if decision.threshold is None else float(decision.threshold)
     op = ckpt.operating_point
     if decision.source == "checkpoint" and op:
-        return float(decision.threshold), (
+        return threshold, (
             f"checkpoint operating point ({op['method']}, pooled site validation of round "
             f"{op.get('round', '?')})"
         )
-    return float(decision.threshold), "default 0.5 (the checkpoint has no operating point)"
+    return threshold, "default 0.5 (the checkpoint has no operating point)"
 
 
 def download(

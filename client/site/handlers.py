@@ -22,8 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import (
-    Array,
-    ArrayRecord,
     Context,
     Message,
     MessageType,
@@ -397,19 +395,12 @@ def untrained_content(job: Job, *, validate: bool = False) -> RecordDict:
         }
     )
     if sums is not None:
-        reply[secure_sum.RECORD] = secure_sum_record(sums)
+        reply[secure_sum.RECORD] = secure_sum.to_record(sums)
     if job.census:
         log.info("census: sent this site's label counts into the secure sum")
     else:
         log.info("round %d: validated the received model without training", job.server_round)
     return reply
-
-
-def secure_sum_record(sums: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """Return the reply record of :mod:`common.secure_sum` (float32 counts)."""
-    return ArrayRecord(
-        {k: Array(np.asarray(v, dtype=np.dtype(secure_sum.DTYPE))) for k, v in sums.items()}
-    )
 
 
 def folded_validation(job: Job) -> tuple[dict[str, int | float], dict[str, np.ndarray] | None]:
@@ -524,7 +515,7 @@ def train_content(job: Job, *, evaluate_first: bool = False) -> RecordDict:
     if sums is not None:
         # summed over sites by the coordinator, or inside SecAgg+'s masked vector
         # (client/secagg_mod.py), never read one site at a time under SecAgg+
-        reply[secure_sum.RECORD] = secure_sum_record(sums)
+        reply[secure_sum.RECORD] = secure_sum.to_record(sums)
     if scaffold is not None:
         reply[SCAFFOLD_DELTA_RECORD] = scaffold.finish(
             job.model, steps=stats.steps, learning_rate=job.run.train.learning_rate
@@ -570,7 +561,7 @@ def evaluate_content(job: Job) -> RecordDict:
     if validation.secure_sum is not None and not job.run.secagg.enabled:
         # Plain evaluate replies are not securely summed: under SecAgg+ the histogram
         # travels only inside train replies' masked vectors.
-        content[secure_sum.RECORD] = secure_sum_record(validation.secure_sum)
+        content[secure_sum.RECORD] = secure_sum.to_record(validation.secure_sum)
     return content
 
 

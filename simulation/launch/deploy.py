@@ -29,6 +29,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -389,7 +390,7 @@ def policy_path(deploy_dir: Path, site: int) -> Path:
 
 
 def prepare_policies(
-    deploy_dir: Path, *, num_sites: int, overrides: Mapping[str, object] | None = None
+    deploy_dir: Path, *, num_sites: int, overrides: Mapping[str, Any] | None = None
 ) -> list[Path]:
     """Write each hospital's site policy (as ``medfed site policy init``) if it has none.
 

@@ -106,14 +106,16 @@ def _save_per_round(fig: Any, axes: Sequence[Any], path: Path, *, grid: bool = F
 
 
 def _stacked_bars(
-    ax: Any, xs: list[int], layers: Sequence[tuple[list[float], str, str | None]]
+    ax: Any, xs: list[int], layers: Sequence[tuple[Sequence[float], str, str | None]]
 ) -> None:
     """Bars stacked bottom-up: ``layers`` of ``(heights, label, colour or None)``."""
     bottom: list[float] | None = None
     for heights, label, color in layers:
         ax.bar(xs, heights, bottom=bottom, color=color, label=label)
         bottom = (
-            heights if bottom is None else [a + b for a, b in zip(bottom, heights, strict=True)]
+            list(heights)
+            if bottom is None
+            else [a + b for a, b in zip(bottom, heights, strict=True)]
         )
 
 
