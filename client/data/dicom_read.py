@@ -16,8 +16,9 @@ Pipeline for one file (:func:`read_dicom`):
    decoded pixel data is over the per-file byte budget (:class:`ByteBudget`), and a
    greyscale file whose LUT parameters (rescale slope/intercept, window centre/width, LUT
    descriptors) are not finite or out of a sane range (:func:`check_lut_values`);
-5. decode with pydicom's pixel backends (numpy, pylibjpeg + openjpeg/libjpeg, gdcm), so
-   RLE, JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000 and HTJ2K decode;
+5. decode with pydicom's pixel backends (numpy, its RLE decoder, pylibjpeg +
+   openjpeg/libjpeg, Pillow; never GDCM, see :data:`DECODING_PLUGINS`), so RLE, JPEG
+   baseline/extended/lossless, JPEG-LS, JPEG 2000 and HTJ2K decode;
 6. stored values to physical values with the Modality LUT / rescale (PS3.3 C.11.1; CT in
    Hounsfield units); every frame resized to ``(size, size)`` (linear, so it commutes
    with the rescale; skipped when the size already matches); then the VOI LUT or window
@@ -186,6 +187,7 @@ class Reason(StrEnum):
     NON_FINITE_PIXELS = "non_finite_pixels"
     UNLABELLED = "unlabelled"
     DUPLICATE = "duplicate"
+    DECODER_CRASHED = "decoder_crashed"
     UNEXPECTED_ERROR = "unexpected_error"
 
 
@@ -220,6 +222,10 @@ REASON_HELP: dict[Reason, str] = {
     Reason.NON_FINITE_PIXELS: "the preprocessed image holds NaN or infinite values",
     Reason.UNLABELLED: "no row of the labels CSV matches the file",
     Reason.DUPLICATE: "byte-identical to a file already ingested",
+    Reason.DECODER_CRASHED: (
+        "decoding ended the worker process (a native decoder abort, crash or the "
+        "out-of-memory killer); the other files were not affected"
+    ),
     Reason.UNEXPECTED_ERROR: "an unexpected error (the exception type is recorded)",
 }
 
@@ -377,7 +383,7 @@ class Preprocessing:
         out = asdict(self)
         out["window"] = list(self.window) if self.window else None
         out["steps"] = [
-            "decode: pydicom pixel backends (numpy, pylibjpeg, openjpeg, libjpeg, gdcm)",
+            "decode: pydicom pixel backends (numpy, RLE, pylibjpeg: openjpeg/libjpeg, Pillow)",
             "palette colour: PS3.3 C.7.6.3.1.5 (pydicom apply_color_lut)",
             "modality LUT / rescale: PS3.3 C.11.1 (pydicom apply_modality_lut; CT in HU)",
             f"resize physical values to {self.size}x{self.size}: Pillow bilinear "
@@ -901,10 +907,52 @@ def check_codestream_sizes(ds: Dataset) -> None:
         return
 
 
+#: Decoder plugins of pydicom for compressed (encapsulated) Pixel Data, in the order they
+#: are tried. pydicom's own (RLE Lossless), pylibjpeg (libjpeg, OpenJPEG) and Pillow
+#: report a bad codestream as a Python exception. GDCM is never used, even where it is
+#: installed (medfed does not install it): on some headers its SWIG wrapper lets a C++
+#: exception escape and the whole process aborts, which no ``except`` can catch (e.g.
+#: JPEG Lossless RGB with Bits Stored 1 of Bits Allocated 8: ``gdcmImageCodec.cxx``,
+#: "PF.GetBitsAllocated() == PF.GetBitsStored()"). Every transfer syntax GDCM decodes,
+#: pylibjpeg decodes too (pydicom 3's decoder registry).
+DECODING_PLUGINS = ("pydicom", "pylibjpeg", "pillow")
+
+
+def _pixel_array(ds: Dataset) -> np.ndarray:
+    """``ds.pixel_array`` through :data:`DECODING_PLUGINS`, in order, for compressed data.
+
+    Native (uncompressed) Pixel Data is decoded by pydicom itself. For encapsulated data
+    each installed plugin of :data:`DECODING_PLUGINS` is tried until one decodes; the last
+    plugin's exception propagates when none does.
+
+    Raises
+    ------
+    NotImplementedError
+        No plugin of :data:`DECODING_PLUGINS` is installed for the transfer syntax.
+    Exception
+        Whatever the last plugin raised on the data (classified by :func:`_decode`).
+    """
+    ts = UID(str(ds.file_meta.TransferSyntaxUID))
+    if not ts.is_compressed:
+        return ds.pixel_array
+    available = get_decoder(ts).available_plugins
+    plugins = [p for p in DECODING_PLUGINS if p in available]
+    if not plugins:
+        raise NotImplementedError(f"no decoding plugin of {DECODING_PLUGINS} is installed")
+    for plugin in plugins[:-1]:
+        ds.pixel_array_options(decoding_plugin=plugin)
+        try:
+            return ds.pixel_array
+        except Exception:  # the next plugin may read it; the last one's error is reported
+            continue
+    ds.pixel_array_options(decoding_plugin=plugins[-1])
+    return ds.pixel_array
+
+
 def _decode(ds: Dataset) -> np.ndarray:
     """Decode stored values, ``(F, R, C)`` or ``(F, R, C, S)``; YBR becomes RGB."""
     try:
-        arr = ds.pixel_array
+        arr = _pixel_array(ds)
     except AttributeError as exc:
         msg = str(exc)
         if "Transfer Syntax" in msg or "file_meta" in msg:

@@ -32,7 +32,8 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -449,32 +450,6 @@ def _lookup(
     return key, (_within_budget(hit, limit) if hit is not None else None)
 
 
-def _serial(
-    path: Path,
-    prep_json: str,
-    prep: Preprocessing,
-    salt: bytes,
-    cache_dir: Path | None,
-    writer: ThreadPoolExecutor,
-    limit: int,
-) -> _FileResult:
-    """Cache lookup, else processing, of one file in this process (one read)."""
-    raw = _read(path, limit)
-    if isinstance(raw, _FileResult):
-        return raw
-    content_hash = hashlib.sha256(raw).hexdigest()
-    key = _cache_key(content_hash, prep_json, salt)
-    if cache_dir is not None:
-        hit = _cache_load(cache_dir, key, content_hash)
-        usable = _within_budget(hit, limit) if hit is not None else None
-        if usable is not None:
-            return usable
-    res = _process_bytes(raw, content_hash, prep, salt, limit)
-    if cache_dir is not None:
-        writer.submit(_cache_store, cache_dir, key, res)
-    return res
-
-
 def _work(
     path: str, key: str, prep: Preprocessing, salt: bytes, cache_dir: str | None, limit: int
 ) -> _FileResult:
@@ -520,7 +495,8 @@ class IngestOptions:
         The site's secret salt; default ``<cache_dir>/site-salt`` (or a fresh random
         salt, not saved, when there is no cache).
     workers : int
-        Worker processes (1 = in this process).
+        Worker processes that read and decode files (at least one; a decoder that ends
+        its process costs only its own file, quarantined as ``decoder_crashed``).
     overwrite : bool
         Replace an existing site dataset.
     max_file_bytes : int, optional
@@ -708,6 +684,56 @@ def ingest(
         return _ingest(root, table, out_dir, opts, salt, cache_dir, progress, t0)
 
 
+def _contained(
+    indices: Sequence[int],
+    job: Callable[[int], tuple[Any, ...]],
+    workers: int,
+    done_with: Callable[[int, _FileResult], None],
+) -> None:
+    """Run :func:`_work` on ``job(i)`` for each index in worker processes, crash-contained.
+
+    A native decoder can end its process in ways no ``except`` catches (an ``abort`` from
+    a C++ exception, a segmentation fault, the kernel's out-of-memory killer). Files go to
+    a pool of ``workers`` processes in batches; when a worker dies, the pool breaks and
+    the batch's unfinished files run again one at a time, each in a process of its own,
+    so the file that kills its process is known and quarantined as ``decoder_crashed``
+    while every other file gets its own outcome. ``done_with(i, result)`` is called once
+    per index, in completion order.
+    """
+    pending = list(indices)
+    batch = 4 * max(1, workers)
+    pool: ProcessPoolExecutor | None = None
+    try:
+        while pending:
+            chunk, pending = pending[:batch], pending[batch:]
+            pool = pool or ProcessPoolExecutor(max_workers=max(1, min(workers, len(chunk))))
+            futures = {pool.submit(_work, *job(i)): i for i in chunk}
+            broken: list[int] = []
+            for fut in as_completed(futures):
+                try:
+                    done_with(futures[fut], fut.result())
+                except BrokenProcessPool:
+                    broken.append(futures[fut])
+            if broken:
+                pool.shutdown(wait=True)
+                pool = None
+                for i in sorted(broken):
+                    done_with(i, _alone(job(i)))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
+def _alone(args: tuple[Any, ...]) -> _FileResult:
+    """:func:`_work` in a process of its own; a dead process means ``decoder_crashed``."""
+    with ProcessPoolExecutor(max_workers=1) as solo:
+        try:
+            return solo.submit(_work, *args).result()
+        except BrokenProcessPool:
+            log.warning("a decoder ended its worker process; the file is quarantined")
+            return _FileResult(content_hash="", reason=Reason.DECODER_CRASHED.value)
+
+
 def _process_files(
     paths: Sequence[Path],
     opts: IngestOptions,
@@ -728,37 +754,24 @@ def _process_files(
         if progress:
             progress(done, total)
 
-    if opts.workers == 1 or total < 8:
-        # One pass, one read per file; cache entries are written by a thread meanwhile.
-        with ThreadPoolExecutor(max_workers=1) as writer:
-            for i, p in enumerate(paths):
-                found[i] = _serial(p, prep_json, opts.prep, salt, cache_dir, writer, limit)
-                tick()
-    else:
-        # Cache hits are served here; only misses go to the worker processes.
-        keys: list[str] = []
-        for i, p in enumerate(paths):
-            key, hit = _lookup(p, prep_json, salt, cache_dir, limit)
-            keys.append(key)
-            if hit is not None:
-                found[i] = hit
-                tick()
-        misses = [i for i, r in enumerate(found) if r is None]
-        cache_arg = str(cache_dir) if cache_dir is not None else None
-        with ProcessPoolExecutor(max_workers=min(opts.workers, max(1, len(misses)))) as pool:
-            it = pool.map(
-                _work,
-                [str(paths[i]) for i in misses],
-                [keys[i] for i in misses],
-                [opts.prep] * len(misses),
-                [salt] * len(misses),
-                [cache_arg] * len(misses),
-                [limit] * len(misses),
-                chunksize=4,
-            )
-            for i, r in zip(misses, it, strict=True):
-                found[i] = r
-                tick()
+    # Cache hits are served here; only misses go to the worker processes.
+    keys: list[str] = []
+    for i, p in enumerate(paths):
+        key, hit = _lookup(p, prep_json, salt, cache_dir, limit)
+        keys.append(key)
+        if hit is not None:
+            found[i] = hit
+            tick()
+    cache_arg = str(cache_dir) if cache_dir is not None else None
+
+    def job(i: int) -> tuple[str, str, Preprocessing, bytes, str | None, int]:
+        return (str(paths[i]), keys[i], opts.prep, salt, cache_arg, limit)
+
+    def done_with(i: int, result: _FileResult) -> None:
+        found[i] = result
+        tick()
+
+    _contained([i for i, r in enumerate(found) if r is None], job, opts.workers, done_with)
     # Every miss was computed above; the fallback only keeps the types honest.
     return [
         r if r is not None else _FileResult(content_hash="", reason=Reason.UNEXPECTED_ERROR.value)

@@ -6,6 +6,7 @@ import csv
 import gzip
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -182,6 +183,41 @@ def test_two_workers_match_one(tmp_path: Path) -> None:
     assert [o.reason for o in one.outcomes] == [o.reason for o in two.outcomes]
     a, b = SiteDataset(tmp_path / "s1").load("train"), SiteDataset(tmp_path / "s2").load("train")
     assert np.array_equal(a.images, b.images)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_decoder_that_kills_its_worker_costs_only_its_own_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    # Prepare: 10 images; the bytes of one make decoding abort its process, as a native
+    # decoder does on some hostile headers (SIGABRT: no except clause can catch it)
+    import client.data.ingest as ingest_module
+
+    d = tmp_path / "dicom"
+    d.mkdir()
+    rows = []
+    for i in range(10):
+        uid, data = image(20 * i)
+        (d / f"{i:02d}.dcm").write_bytes(data)
+        rows.append((uid, i % 2))
+    poison = (d / "03.dcm").read_bytes()
+    decode = ingest_module._process_bytes
+
+    def aborting(data: bytes, *args: object) -> object:
+        if data == poison:
+            os.abort()
+        return decode(data, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ingest_module, "_process_bytes", aborting)  # inherited by fork
+    labels = write_labels(tmp_path / "labels.csv", rows)
+    # Execute
+    report = ingest(
+        d, labels, tmp_path / "site", options=opts(tmp_path, cache_dir=None, workers=workers)
+    )
+    # Assert: that file is quarantined with its reason, every other file is ingested
+    reasons = [o.reason for o in report.outcomes]
+    assert reasons.count("decoder_crashed") == 1, reasons
+    assert report.ingested == 9 and len(SiteDataset(tmp_path / "site").load("train")) == 9
 
 
 def test_labels_csv_keys_and_errors(tmp_path: Path) -> None:

@@ -367,14 +367,15 @@ def test_an_honest_image_over_the_budget_is_too_large_in_ingest(
         "big.dcm.gz": gzip.compress(to_bytes(big), compresslevel=1),
         "good.dcm": ct_file.read_bytes(),
     }
-    decoded_rows: list[int] = []
+    decoded = tmp_path / "decoded-rows.txt"  # a file: decoding runs in worker processes
     real_decode = dicom_read._decode
 
     def spy(ds: Dataset) -> np.ndarray:
-        decoded_rows.append(int(ds.Rows))
+        with decoded.open("a") as fh:
+            fh.write(f"{int(ds.Rows)}\n")
         return real_decode(ds)
 
-    monkeypatch.setattr(dicom_read, "_decode", spy)
+    monkeypatch.setattr(dicom_read, "_decode", spy)  # inherited by the forked workers
     # Execute
     report = ingest_files(tmp_path, files, max_file_bytes=12 * MIB)
     # Assert: the big file is refused from its header; only the good one is decoded
@@ -383,7 +384,7 @@ def test_an_honest_image_over_the_budget_is_too_large_in_ingest(
         "big.dcm.gz": (Reason.TOO_LARGE.value, "declared pixel data over the per-file budget"),
         "good.dcm": (None, ""),
     }
-    assert decoded_rows == [int(pydicom.dcmread(ct_file).Rows)]
+    assert decoded.read_text().split() == [str(int(pydicom.dcmread(ct_file).Rows))]
 
 
 def _refused_with_peak(fn: Any) -> tuple[Any, int]:

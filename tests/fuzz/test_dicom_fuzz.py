@@ -17,6 +17,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
+import os
 import time
 import tracemalloc
 import warnings
@@ -36,7 +38,7 @@ from client.data.dicom_read import (
     read_dicom,
 )
 from client.data.ingest import IngestOptions, _process_bytes, ingest
-from tests.fuzz.dicom_mutations import Mutated, Seed, load_seeds, mutated_files
+from tests.fuzz.dicom_mutations import SEED_FILES, Mutated, Seed, load_seeds, mutated_files
 
 MIB = 1024**2
 #: Per-file byte budget of these tests: small, so "bounded memory" is a sharp check.
@@ -171,6 +173,53 @@ def test_absurd_dimensions_are_quarantined_before_allocating(
     # Assert: the reason fits; memory stays far below what the header declares
     assert reason in reasons, reason
     assert peak <= PEAK
+
+
+def _outcome_in_child(data: bytes) -> tuple[str | None, int]:
+    """``(reason, signal)`` of the ingest step run in a forked child (0: it exited).
+
+    A native decoder that aborts kills only the child, so the test reports it instead of
+    dying with it.
+    """
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: run the step, send the reason back, never return to pytest
+        code = 1
+        try:
+            os.close(read_fd)
+            reason, *_ = _outcome(data)
+            os.write(write_fd, json.dumps(reason).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as fh:
+        sent = fh.read()
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        return None, os.WTERMSIG(status)
+    assert os.WEXITSTATUS(status) == 0, "the ingest step failed in the child"
+    return json.loads(sent), 0
+
+
+@pytest.mark.parametrize(
+    "elements",
+    [{"BitsStored": 1, "HighBit": 7}, {"BitsStored": 1, "HighBit": 0}],
+    ids=["bits-stored-1-high-bit-7", "bits-stored-1-high-bit-0"],
+)
+def test_a_header_that_aborts_gdcm_is_ingested_or_quarantined(
+    seeds: tuple[Seed, ...], elements: dict[str, object]
+) -> None:
+    # Prepare: the JPEG Lossless RGB seed with Bits Stored 1 of Bits Allocated 8, which
+    # made GDCM abort the whole process (a C++ exception through its SWIG wrapper),
+    # found by test_mutated_files_large_corpus
+    seed = next(s for s in seeds if SEED_FILES[s.number].endswith("SC_rgb_jpeg_gdcm.dcm"))
+    m = _crafted(seed, **elements)
+    # Execute: in a child, so an abort fails this test instead of killing the run
+    reason, signal_number = _outcome_in_child(m.data)
+    # Assert
+    assert signal_number == 0, f"{m!r}: the ingest step died of signal {signal_number}"
+    assert reason is None or reason in REASONS, reason
 
 
 def test_deeply_nested_sequences_are_ingested_or_quarantined(seeds: tuple[Seed, ...]) -> None:
