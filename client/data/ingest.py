@@ -30,9 +30,9 @@ import logging
 import os
 import secrets
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -684,6 +684,10 @@ def ingest(
         return _ingest(root, table, out_dir, opts, salt, cache_dir, progress, t0)
 
 
+#: Files per task sent to a worker process (the round trip costs about a millisecond).
+_CHUNK = 4
+
+
 def _contained(
     indices: Sequence[int],
     job: Callable[[int], tuple[Any, ...]],
@@ -694,34 +698,48 @@ def _contained(
 
     A native decoder can end its process in ways no ``except`` catches (an ``abort`` from
     a C++ exception, a segmentation fault, the kernel's out-of-memory killer). Files go to
-    a pool of ``workers`` processes in batches; when a worker dies, the pool breaks and
-    the batch's unfinished files run again one at a time, each in a process of its own,
-    so the file that kills its process is known and quarantined as ``decoder_crashed``
-    while every other file gets its own outcome. ``done_with(i, result)`` is called once
-    per index, in completion order.
+    a pool of ``workers`` processes in chunks of :data:`_CHUNK`, at most ``2 * workers``
+    chunks in flight. When a worker dies the pool breaks; the files in flight then run
+    again one at a time, each in a process of its own, so the file that kills its process
+    is known and quarantined as ``decoder_crashed`` while every other file gets its own
+    outcome. ``done_with(i, result)`` is called once per index, in completion order.
     """
-    pending = list(indices)
-    batch = 4 * max(1, workers)
+    chunks = deque(list(indices[k : k + _CHUNK]) for k in range(0, len(indices), _CHUNK))
+    window = 2 * max(1, workers)  # chunks in flight
+    in_flight: dict[Future[list[_FileResult]], list[int]] = {}
     pool: ProcessPoolExecutor | None = None
     try:
-        while pending:
-            chunk, pending = pending[:batch], pending[batch:]
-            pool = pool or ProcessPoolExecutor(max_workers=max(1, min(workers, len(chunk))))
-            futures = {pool.submit(_work, *job(i)): i for i in chunk}
-            broken: list[int] = []
-            for fut in as_completed(futures):
-                try:
-                    done_with(futures[fut], fut.result())
-                except BrokenProcessPool:
-                    broken.append(futures[fut])
-            if broken:
+        while chunks or in_flight:
+            if pool is None:
+                pool = ProcessPoolExecutor(max_workers=max(1, min(workers, len(chunks))))
+            while chunks and len(in_flight) < window:
+                chunk = chunks.popleft()
+                in_flight[pool.submit(_work_chunk, [job(i) for i in chunk])] = chunk
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            if any(isinstance(f.exception(), BrokenProcessPool) for f in done):
+                wait(in_flight)  # the pool is dead: everything in flight ends now
+                done = set(in_flight)
+            suspects: list[int] = []
+            for fut in done:
+                chunk = in_flight.pop(fut)
+                if isinstance(fut.exception(), BrokenProcessPool):
+                    suspects.extend(chunk)
+                else:
+                    for i, result in zip(chunk, fut.result(), strict=True):
+                        done_with(i, result)
+            if suspects:
                 pool.shutdown(wait=True)
                 pool = None
-                for i in sorted(broken):
+                for i in sorted(suspects):
                     done_with(i, _alone(job(i)))
     finally:
         if pool is not None:
             pool.shutdown(wait=True)
+
+
+def _work_chunk(jobs: list[tuple[Any, ...]]) -> list[_FileResult]:
+    """:func:`_work` on a few files in one worker call (fewer round trips)."""
+    return [_work(*args) for args in jobs]
 
 
 def _alone(args: tuple[Any, ...]) -> _FileResult:
