@@ -52,6 +52,18 @@ def image(value: int, **attrs: object) -> tuple[str, bytes]:
     return uid, to_bytes(ds)
 
 
+def export(tmp_path: Path, n: int, step: int) -> tuple[Path, Path]:
+    """Write ``n`` single-valued images (value ``step * i``, label ``i % 2``) and labels."""
+    d = tmp_path / "dicom"
+    d.mkdir()
+    rows = []
+    for i in range(n):
+        uid, data = image(step * i)
+        (d / f"{i:02d}.dcm").write_bytes(data)
+        rows.append((uid, i % 2))
+    return d, write_labels(tmp_path / "labels.csv", rows)
+
+
 def test_labels_by_sop_uid_and_split_by_patient(tmp_path: Path) -> None:
     # Prepare: 12 patients x 3 images; label = patient parity
     rows = []
@@ -144,14 +156,7 @@ def test_nothing_usable_raises_and_cli_exits_1(tmp_path: Path) -> None:
 
 
 def test_cached_rerun_reuses_work_and_gives_identical_arrays(tmp_path: Path) -> None:
-    d = tmp_path / "dicom"
-    d.mkdir()
-    rows = []
-    for i in range(6):
-        uid, data = image(40 * i)
-        (d / f"{i}.dcm").write_bytes(data)
-        rows.append((uid, i % 2))
-    labels = write_labels(tmp_path / "labels.csv", rows)
+    d, labels = export(tmp_path, 6, 40)
     first = ingest(d, labels, tmp_path / "s1", options=opts(tmp_path))
     second = ingest(d, labels, tmp_path / "s2", options=opts(tmp_path))
     assert first.cache_hits == 0 and second.cache_hits == 6
@@ -170,14 +175,7 @@ def test_cached_rerun_reuses_work_and_gives_identical_arrays(tmp_path: Path) -> 
 
 
 def test_two_workers_match_one(tmp_path: Path) -> None:
-    d = tmp_path / "dicom"
-    d.mkdir()
-    rows = []
-    for i in range(10):
-        uid, data = image(20 * i)
-        (d / f"{i:02d}.dcm").write_bytes(data)
-        rows.append((uid, i % 2))
-    labels = write_labels(tmp_path / "labels.csv", rows)
+    d, labels = export(tmp_path, 10, 20)
     one = ingest(d, labels, tmp_path / "s1", options=opts(tmp_path, cache_dir=None, workers=1))
     two = ingest(d, labels, tmp_path / "s2", options=opts(tmp_path, cache_dir=None, workers=2))
     assert [o.reason for o in one.outcomes] == [o.reason for o in two.outcomes]
@@ -193,13 +191,7 @@ def test_a_decoder_that_kills_its_worker_costs_only_its_own_file(
     # decoder does on some hostile headers (SIGABRT: no except clause can catch it)
     import client.data.ingest as ingest_module
 
-    d = tmp_path / "dicom"
-    d.mkdir()
-    rows = []
-    for i in range(10):
-        uid, data = image(20 * i)
-        (d / f"{i:02d}.dcm").write_bytes(data)
-        rows.append((uid, i % 2))
+    d, labels = export(tmp_path, 10, 20)
     poison = (d / "03.dcm").read_bytes()
     decode = ingest_module._process_bytes
 
@@ -209,7 +201,6 @@ def test_a_decoder_that_kills_its_worker_costs_only_its_own_file(
         return decode(data, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(ingest_module, "_process_bytes", aborting)  # inherited by fork
-    labels = write_labels(tmp_path / "labels.csv", rows)
     # Execute
     report = ingest(
         d, labels, tmp_path / "site", options=opts(tmp_path, cache_dir=None, workers=workers)
