@@ -948,6 +948,21 @@ def read_toml_file(path: Path, *, name: str, max_bytes: int, hint: str) -> dict[
         raise ConfigError(f"{name} {path}: cannot read it ({exc.strerror}).") from None
 
 
+def flatten_tables(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested TOML tables as dotted run-config keys.
+
+    ``{"dp": {"enabled": False}}`` -> ``{"dp.enabled": False}`` (TOML reads the dotted key
+    ``dp.enabled = false`` as that nested table, TOML 1.0 "Keys").
+    """
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            out |= flatten_tables(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def load_config_file(path: Path, *, option: str = "--config") -> dict[str, Any]:
     """Read a TOML file of run-config keys given on the command line.
 

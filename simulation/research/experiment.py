@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.config import RunConfig, load_config_file
+from common.config import RunConfig, flatten_tables, load_config_file
 from common.device import resolve_device
 from common.errors import ConfigError, MedfedError
 from common.fsutil import check_replaceable, marker_kind, write_marker
@@ -156,10 +156,10 @@ class ExperimentConfig:
             raise ConfigError("experiment [data] splits must list at least one split")
         if kind == "heart" and any(s.partition != "natural" for s in splits):
             raise ConfigError("the heart data has a natural split only: splits = [natural]")
-        run_config = _flatten(doc.get("run-config", {}))
+        run_config = flatten_tables(doc.get("run-config", {}))
         feds = []
         for i, entry in enumerate(doc.get("federated", [])):
-            entry = _flatten(entry)
+            entry = flatten_tables(entry)
             label = str(entry.pop("label", entry.get("strategy", f"setting-{i}")))
             feds.append(FederatedSpec(label, entry))
         if not feds:
@@ -197,17 +197,6 @@ class ExperimentConfig:
             }
         )
         return RunConfig.from_run_config(values)
-
-
-def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"dp": {"enabled": false}}`` -> ``{"dp.enabled": false}``."""
-    out: dict[str, Any] = {}
-    for k, v in table.items():
-        if isinstance(v, Mapping):
-            out |= _flatten(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 # --------------------------------------------------------------------------- data

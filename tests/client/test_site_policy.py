@@ -23,7 +23,7 @@ from client.site.policy import (
     write_default_policy,
 )
 from common import cli
-from common.config import RunConfig
+from common.config import RunConfig, flatten_tables
 from common.errors import ConfigError, MedfedError
 from common.models import list_models
 from common.replies import ReplyCode, fixed_reason
@@ -34,21 +34,11 @@ runner = CliRunner()
 cli._register_plugins()
 
 
-def _flat(table: dict[str, object], prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            out |= _flat(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _demo_run() -> RunConfig:
     """The project's default run config: pyproject.toml [tool.flwr.app.config]."""
     with (ROOT / "pyproject.toml").open("rb") as fh:
         table = tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
-    return RunConfig.from_run_config(_flat(table))  # type: ignore[arg-type]
+    return RunConfig.from_run_config(flatten_tables(table))  # type: ignore[arg-type]
 
 
 def _write(tmp_path: Path, text: str) -> Path:
